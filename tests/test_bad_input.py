@@ -1,0 +1,80 @@
+"""Bad input stops federated.py before any training, with one clear last line, and leaves saved rounds alone."""
+
+import hashlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from utils.datasets import check_dataset, check_federation
+
+
+def _copy_client(tiny_fed, tmp_path, name="client"):
+    """A writable copy of one demo client; returns its data.yaml."""
+    src = tiny_fed[0][0].parent
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    (dst / "data.yaml").write_text((src / "data.yaml").read_text().replace(str(src), str(dst)))
+    return dst / "data.yaml"
+
+
+def _edit(yaml_path, old, new):
+    yaml_path.write_text(yaml_path.read_text().replace(old, new))
+    return yaml_path
+
+
+CASES = {
+    "missing_dataset": (lambda y: y.parent / "nope.yaml", "nope.yaml does not exist"),
+    "missing_split": (lambda y: _edit(y, "val: images/val\n", ""), "has no 'val' split"),
+    "split_path_missing": (lambda y: _edit(y, "val: images/val", "val: images/gone"), "images/gone does not exist"),
+    "nc_mismatch": (lambda y: _edit(y, "names:", "nc: 7\nnames:"), "'nc: 7' does not match the 4 entries"),
+    "download_key": (
+        lambda y: _edit(y, "names:", "download: |\n  open('PWNED', 'w').write('x')\nnames:"),
+        "has a 'download:' key",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_dataset_is_named_before_training(case, tiny_fed, tmp_path):
+    make, words = CASES[case]
+    bad = make(_copy_client(tiny_fed, tmp_path))
+    with pytest.raises(ValueError, match=words):
+        check_federation([str(tiny_fed[0][1]), str(bad)])
+    assert not (tmp_path / "PWNED").exists() and not (ROOT / "PWNED").exists()
+
+
+def test_clients_with_different_classes_name_the_client(tiny_fed, tmp_path):
+    other = _edit(_copy_client(tiny_fed, tmp_path), "3: cross", "3: star")
+    with pytest.raises(ValueError, match=f"dataset {other} has classes .*star"):
+        check_federation([str(tiny_fed[0][0]), str(other)])
+
+
+def test_dataset_path_relative_to_yaml_folder(tiny_fed, tmp_path):
+    y = _copy_client(tiny_fed, tmp_path)
+    _edit(y, f"path: {y.parent}", "path: .")
+    assert check_dataset(y)["train_images"] == 8
+
+
+def test_cli_refuses_bad_input_and_keeps_earlier_rounds(tiny_fed, tmp_path):
+    save = tmp_path / "run"
+    save.mkdir()
+    (save / "round1.npz").write_bytes(b"earlier round")
+    digest = hashlib.sha256((save / "round1.npz").read_bytes()).hexdigest()
+    bad = _edit(_copy_client(tiny_fed, tmp_path), "names:", "download: bash get.sh\nnames:")
+    cmd = [sys.executable, str(ROOT / "federated.py"), "--save-dir", str(save), "--exist-ok"]
+
+    r = subprocess.run([*cmd, "--datasets", str(tiny_fed[0][0]), str(bad)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1].startswith(f"federated.py: dataset {bad} has a 'download:' key")
+
+    r = subprocess.run([*cmd[:-1], "--datasets", str(tiny_fed[0][0])], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "already holds 1 round file" in r.stderr.strip().splitlines()[-1]
+
+    r = subprocess.run([*cmd, "--epochs", "two"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "setting epochs: expected int" in r.stderr.strip().splitlines()[-1]
+
+    assert hashlib.sha256((save / "round1.npz").read_bytes()).hexdigest() == digest
+    assert sorted(p.name for p in save.iterdir()) == ["round1.npz"]

@@ -1,0 +1,89 @@
+"""Export of a round npz to an Ultralytics .pt, and its refusals."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from utils.model import build_model
+from utils.params import get_weights, save_npz
+
+EXPORT = [sys.executable, str(ROOT / "utils" / "export_federated.py")]
+
+
+@pytest.fixture()
+def round_file(tiny_model, tmp_path):
+    """A round npz of trained-looking weights with the run's config.json beside it, and the in-memory model."""
+    cfg, names = tiny_model
+    model = build_model(cfg, names, seed=4)
+    g = np.random.default_rng(0)
+    arrays = [a + g.normal(0, 0.01, a.shape).astype(a.dtype) if a.dtype.kind == "f" else a for a in get_weights(model)]
+    model.load_state_dict({k: torch.as_tensor(a) for k, a in zip(model.state_dict(), arrays)})
+    save_npz(tmp_path / "round3.npz", arrays)
+    (tmp_path / "config.json").write_text(json.dumps({"names": names, "hyp": {"imgsz": 32}}))
+    return tmp_path / "round3.npz", model.eval()
+
+
+def test_export_round_trip_predicts_like_the_in_memory_model(round_file, tiny_fed):
+    from ultralytics import YOLO
+
+    npz, model = round_file
+    r = subprocess.run([*EXPORT, "yolov8n.yaml", str(npz)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = npz.with_suffix(".pt")
+    assert out.is_file()
+
+    yolo = YOLO(str(out))
+    assert list(yolo.names.values()) == ["circle", "square", "triangle", "cross"]
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        np.testing.assert_allclose(yolo.model.eval()(x)[0].numpy(), model(x)[0].numpy(), rtol=1e-5, atol=1e-5)
+    res = yolo.predict(str(next((tiny_fed[1].parent / "images" / "test").iterdir())), imgsz=64, verbose=False)
+    assert res[0].names == dict(enumerate(["circle", "square", "triangle", "cross"]))
+    metrics = yolo.val(data=str(tiny_fed[1]), imgsz=32, batch=8, workers=0, plots=False, verbose=False)
+    assert 0.0 <= metrics.box.map <= 1.0
+
+
+def test_export_custom_output_path(round_file, tmp_path):
+    npz, _ = round_file
+    out = tmp_path / "sub" / "model.pt"
+    r = subprocess.run([*EXPORT, "yolov8n.yaml", str(npz), "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0 and out.is_file() and not npz.with_suffix(".pt").exists()
+
+
+def test_export_refuses_npz_of_another_model(round_file, tiny_model, tmp_path):
+    cfg, names = tiny_model
+    npz = tmp_path / "other.npz"
+    save_npz(npz, get_weights(build_model(cfg, names + ["extra"])))  # five classes, config.json says four
+
+    r = subprocess.run([*EXPORT, "yolov8n.yaml", str(npz)], capture_output=True, text=True)
+
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "other.npz" in last and "model.22.cv3.0.2.weight" in last and "shape" in last
+    assert not npz.with_suffix(".pt").exists()
+
+
+def test_export_refuses_wrong_dtype_and_count(round_file, tmp_path):
+    npz, model = round_file
+    arrays = get_weights(model)
+    bad = tmp_path / "dtype.npz"
+    save_npz(bad, [a.astype(np.float32) for a in arrays])  # integer buffers turned into floats
+    short = tmp_path / "short.npz"
+    save_npz(short, arrays[:-1])
+    for f, words in ((bad, "dtype"), (short, "354 arrays")):
+        r = subprocess.run([*EXPORT, "yolov8n.yaml", str(f)], capture_output=True, text=True)
+        assert r.returncode != 0 and words in r.stderr.strip().splitlines()[-1]
+        assert not f.with_suffix(".pt").exists()
+
+
+def test_export_refuses_truncated_npz(round_file):
+    npz, _ = round_file
+    npz.write_bytes(npz.read_bytes()[:1000])
+    r = subprocess.run([*EXPORT, "yolov8n.yaml", str(npz)], capture_output=True, text=True)
+    assert r.returncode != 0 and "round3.npz" in r.stderr.strip().splitlines()[-1]
+    assert not npz.with_suffix(".pt").exists()

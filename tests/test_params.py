@@ -1,0 +1,87 @@
+"""Parameter round trip, npz format and the weighted aggregate."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+from utils.aggregate import check_update, weighted_average
+from utils.model import build_model
+from utils.params import get_weights, load_npz, save_npz, set_weights
+
+
+def test_round_trip_keeps_dtypes_and_0d_buffers(tiny_model):
+    cfg, names = tiny_model
+    model = build_model(cfg, names, seed=1)
+    arrays = get_weights(model)
+    assert len(arrays) == len(model.state_dict()) == 355
+    nbt = [a for a in arrays if a.dtype == np.int64]
+    assert nbt and all(a.shape == () for a in nbt)
+    assert {a.dtype for a in arrays} == {np.dtype(np.float32), np.dtype(np.int64)}
+
+    other = build_model(cfg, names, seed=2)
+    set_weights(other, arrays)
+    for (k, a), b in zip(other.state_dict().items(), model.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b), k
+
+
+def test_npz_is_positional_and_loads_with_seed_recipe(tiny_model, tmp_path):
+    cfg, names = tiny_model
+    model = build_model(cfg, names)
+    arrays = get_weights(model)
+    path = tmp_path / "round1.npz"
+    save_npz(path, arrays)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round1.npz"]  # no temp file left
+    with np.load(path) as z:
+        assert z.files == [f"arr_{i}" for i in range(len(arrays))]
+        loaded = [z[k] for k in z.files]
+    # the seed README's export recipe, with torch.as_tensor as PITFALLS 11 requires
+    sd = {k: torch.as_tensor(v) for k, v in zip(model.state_dict().keys(), loaded)}
+    fresh = build_model(cfg, names, seed=3)
+    fresh.load_state_dict(sd, strict=True)
+    assert all(np.array_equal(a, b) for a, b in zip(get_weights(fresh), arrays))
+
+
+def test_load_npz_refuses_truncated_file(tiny_model, tmp_path):
+    cfg, names = tiny_model
+    path = tmp_path / "round1.npz"
+    save_npz(path, get_weights(build_model(cfg, names)))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="round1.npz"):
+        load_npz(path)
+
+
+def test_set_weights_names_first_mismatch(tiny_model):
+    cfg, names = tiny_model
+    model = build_model(cfg, names)
+    arrays = get_weights(build_model(cfg, names + ["extra"]))  # another class count
+    with pytest.raises(ValueError, match=r"entry \d+ \(model\.22\.cv3\.0\.2\.weight\) has shape"):
+        set_weights(model, arrays)
+
+
+def _fit_res(arrays, n):
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, {})
+
+
+def test_weighted_average_with_real_fitres():
+    ref = [np.zeros((2, 2), np.float32), np.array(0, np.int64)]
+    a = [np.ones((2, 2), np.float32), np.array(10, np.int64)]
+    b = [np.full((2, 2), 4.0, np.float32), np.array(20, np.int64)]
+    from flwr.common import parameters_to_ndarrays
+
+    results = [_fit_res(a, 30), _fit_res(b, 10)]
+    updates = [(parameters_to_ndarrays(r.parameters), r.num_examples) for r in results]
+    out = weighted_average(updates, ref)
+    np.testing.assert_allclose(out[0], np.full((2, 2), (1 * 30 + 4 * 10) / 40))
+    assert out[0].dtype == np.float32
+    assert out[1].dtype == np.int64 and out[1].shape == () and int(out[1]) == 12  # round(12.5) to even
+
+
+def test_check_update_rejects_bad_updates():
+    ref = [np.zeros((2, 2), np.float32), np.array(0, np.int64)]
+    good = [np.ones((2, 2), np.float32), np.array(1, np.int64)]
+    assert check_update(good, ref, 5) is None
+    assert "positive" in check_update(good, ref, 0)
+    assert "sent 3 arrays" in check_update(good[:1] + good, ref, 5)
+    assert "entry 0" in check_update([np.ones((3, 2), np.float32), good[1]], ref, 5)
+    assert "NaN" in check_update([np.full((2, 2), np.nan, np.float32), good[1]], ref, 5)

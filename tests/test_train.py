@@ -1,0 +1,88 @@
+"""Weight handoff into the Ultralytics trainer and the one continuing schedule across rounds."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import TINY
+from utils.datasets import check_dataset, write_resolved
+from utils.model import build_model, read_base
+from utils.params import get_weights, set_weights
+from utils.train import train_round
+
+
+def _random_weights(model, seed):
+    """Arrays for `model` that no initialisation would produce (so a reinit cannot pass for them)."""
+    g = np.random.default_rng(seed)
+    return [(g.normal(0, 0.05, a.shape).astype(a.dtype) if a.dtype.kind == "f" else a + 7) for a in get_weights(model)]
+
+
+def _run(model, data_yaml, start, epochs, total, **hyp):
+    """Train one round and record what the trainer held at its start and end."""
+    seen = {}
+
+    def at_start(tr):
+        seen["start"] = get_weights(tr.model)
+        seen["start_epoch"] = tr.epoch if hasattr(tr, "epoch") else None
+
+    def at_epoch_end(tr):
+        seen.setdefault("epochs", []).append(tr.epoch)
+        seen["lr"] = [g["lr"] for g in tr.optimizer.param_groups]
+        seen["lf"] = tr.lf(tr.epoch)
+
+    def at_end(tr):
+        seen["fitness"], seen["saved"] = tr.fitness, tr.last.exists() or tr.best.exists()
+        seen["lr0"] = tr.args.lr0
+
+    cbs = {"on_train_start": at_start, "on_train_epoch_end": at_epoch_end, "on_train_end": at_end}
+    out = train_round(model, data_yaml, start, epochs, total, {**TINY, **hyp}, callbacks=cbs)
+    return out, seen
+
+
+@pytest.fixture()
+def data_yaml(tiny_fed, tmp_path):
+    return write_resolved(check_dataset(tiny_fed[0][0]), tmp_path)
+
+
+@pytest.mark.parametrize("base", ["yaml", "pt"])
+def test_trainer_starts_from_exactly_the_sent_weights(base, data_yaml, tiny_model, tmp_path):
+    cfg, names = tiny_model
+    if base == "pt":  # a checkpoint trained on 80 other classes, adapted to the 4 demo classes
+        src = build_model(cfg, [f"c{i}" for i in range(80)], seed=5)
+        pt = tmp_path / "base80.pt"
+        torch.save({"model": src, "train_args": {"task": "detect"}}, pt)
+        cfg, weights = read_base(pt)
+        model = build_model(cfg, names, weights=weights)
+        moved = [k for k, v in model.state_dict().items() if torch.equal(v, src.state_dict()[k])]
+        assert len(moved) > 300  # everything but the class outputs came from the .pt
+    else:
+        model = build_model(cfg, names)
+    sent = _random_weights(model, seed=11)
+    set_weights(model, sent)
+
+    out, seen = _run(model, data_yaml, 0, 1, 3)
+
+    assert all(np.array_equal(a, b) for a, b in zip(seen["start"], sent))  # bit for bit, PITFALLS 1
+    back = get_weights(model)
+    assert all(a.dtype == b.dtype and a.shape == b.shape for a, b in zip(back, sent))
+    assert any(not np.array_equal(a, b) for a, b in zip(back, sent) if a.dtype.kind == "f")  # it trained
+    assert out["train_images"] == 8 and np.isfinite(out["box_loss"])
+
+
+def test_round_continues_the_runs_schedule_without_local_validation(data_yaml, tiny_model):
+    cfg, names = tiny_model
+    model = build_model(cfg, names)
+
+    out, seen = _run(model, data_yaml, 2, 1, 4, warmup_epochs=1.0)
+
+    assert seen["epochs"] == [2]  # epoch 3 of 4 of the run, not epoch 1 of a new run
+    # linear decay over the whole run: lr0 * lf(2) = lr0 * ((1 - 2/4) * 0.99 + 0.01); no warmup ramp any more
+    assert seen["lf"] == pytest.approx(0.505)
+    assert seen["lr"] == pytest.approx([TINY["lr0"] * 0.505] * 3)
+    assert seen["fitness"] is None and not seen["saved"]  # no local validation, no best.pt (PITFALLS 2, 5)
+
+
+def test_last_round_of_the_run_skips_final_validation(data_yaml, tiny_model):
+    cfg, names = tiny_model
+    out, seen = _run(build_model(cfg, names), data_yaml, 1, 1, 2)
+    assert seen["epochs"] == [1] and seen["fitness"] is None and not seen["saved"]

@@ -1,0 +1,39 @@
+"""Server-side checks and the weighted average of client updates."""
+
+import numpy as np
+
+
+def check_update(arrays, reference, num_examples):
+    """Return None if a client update fits the global model, else one sentence saying what is wrong with it."""
+    if not isinstance(num_examples, int) or num_examples <= 0:
+        return f"it reported {num_examples!r} train images (must be a positive integer)"
+    if len(arrays) != len(reference):
+        return f"it sent {len(arrays)} arrays, the global model has {len(reference)}"
+    for i, (a, r) in enumerate(zip(arrays, reference)):
+        if a.shape != r.shape or a.dtype.kind != r.dtype.kind:
+            return f"entry {i} is {a.dtype}{list(a.shape)}, the global model's is {r.dtype}{list(r.shape)}"
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            return f"entry {i} holds NaN or Inf values"
+    return None
+
+
+def weighted_average(updates, reference):
+    """Average client updates weighted by their train images (FedAvg), keeping the global model's dtypes.
+
+    Every entry is averaged, BatchNorm running statistics included (each client's statistics weighted by its
+    images); integer buffers (BatchNorm `num_batches_tracked`, unused by YOLO's momentum BatchNorm) get the
+    rounded weighted mean in their own integer dtype and shape.
+
+    Args:
+        updates (list[tuple[list[np.ndarray], int]]): each client's arrays and train image count.
+        reference (list[np.ndarray]): the current global arrays (dtypes and shapes to keep).
+
+    Returns:
+        (list[np.ndarray]): the new global arrays.
+    """
+    total = float(sum(n for _, n in updates))
+    out = []
+    for i, ref in enumerate(reference):
+        acc = sum(arrays[i].astype(np.float64) * (n / total) for arrays, n in updates)
+        out.append(np.rint(acc).astype(ref.dtype) if ref.dtype.kind in "iub" else acc.astype(ref.dtype))
+    return out

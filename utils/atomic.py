@@ -1,0 +1,28 @@
+"""Files that appear whole or not at all: write a temp file in the same folder, then rename it into place."""
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_open(path):
+    """Yield a binary file that replaces `path` only when the block ends without an exception."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text):
+    """Write `text` to `path` atomically."""
+    with atomic_open(path) as f:
+        f.write(text.encode())

@@ -1,0 +1,94 @@
+"""Rebuild an ordinary Ultralytics .pt from the base model a run started from and one of its round npz files.
+
+Usage:
+    python3 utils/export_federated.py BASE NPZ [-o OUT.pt] [--names a b c]
+
+BASE is the .pt or .yaml the run started from. The class names come from --names, else from the run's
+config.json beside NPZ, else from BASE itself. The output loads with YOLO(OUT) and works with `yolo val`,
+`yolo predict` and `yolo export`; its weights are the npz's, stored in float32.
+"""
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+if __package__ in {None, ""}:  # run as a script: make `utils` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def run_names(npz):
+    """Return (names, train settings) from the run's config.json beside `npz`, or (None, {}) if there is none."""
+    cfg = Path(npz).parent / "config.json"
+    if not cfg.is_file():
+        return None, {}
+    try:
+        info = json.loads(cfg.read_text())
+        return list(info["names"]), dict(info.get("hyp", {}))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{cfg} is not a federated.py config.json: {e}") from None
+
+
+def export(base, npz, out=None, names=None):
+    """Write the Ultralytics checkpoint for round file `npz` of a run that started from `base`; return its path.
+
+    Raises:
+        ValueError: one sentence naming the file and the first entry that does not fit; no output is written.
+    """
+    import torch
+
+    import ultralytics
+    from utils.atomic import atomic_open
+    from utils.model import build_model, read_base
+    from utils.params import load_npz, set_weights
+
+    npz = Path(npz)
+    if not npz.is_file():
+        raise ValueError(f"{npz} does not exist")
+    arrays = load_npz(npz)
+    run_cls, hyp = run_names(npz)
+    arch, base_model = read_base(base)
+    if names is None:
+        names = run_cls or (list(base_model.names.values()) if base_model is not None else None)
+    if names is None:
+        names = [f"class{i}" for i in range(arch.get("nc", 80))]
+    model = build_model(arch, names)
+    set_weights(model, arrays, source=str(npz))
+    out = Path(out) if out else npz.with_suffix(".pt")
+    train_args = {"task": "detect", "model": str(base), **{k: hyp[k] for k in ("imgsz", "batch") if k in hyp}}
+    ckpt = {
+        "date": datetime.now().isoformat(),
+        "version": ultralytics.__version__,
+        "model": model.eval(),
+        "train_args": train_args,
+        "federated": {"npz": str(npz.resolve()), "base": str(base)},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out) as f:
+        torch.save(ckpt, f)
+    return out
+
+
+def get_args_parser():
+    """Return the exporter's argument parser."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("base", help="the .pt or .yaml the federated run started from (its BASE_MODEL)")
+    p.add_argument("npz", help="a round file, e.g. runs/federated/round10.npz")
+    p.add_argument("-o", "--out", help="output .pt (default: the npz path with .pt)")
+    p.add_argument("--names", nargs="+", help="class names (default: the run's config.json beside the npz)")
+    return p
+
+
+def main(argv=None):
+    """Export from the command line; exit non-zero with one sentence on bad input."""
+    args = get_args_parser().parse_args(argv)
+    try:
+        out = export(args.base, args.npz, args.out, args.names)
+    except ValueError as e:
+        sys.exit(f"export_federated.py: {e}")
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Build the federation's detection model from a base .pt or .yaml, adapted to the federation's classes."""
+
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+
+from ultralytics.nn.tasks import DetectionModel, guess_model_task, load_checkpoint, yaml_model_load
+
+
+def read_base(base):
+    """Read a base model file without downloading anything.
+
+    Args:
+        base (str | Path): a detection model `.pt` checkpoint or an architecture `.yaml`
+            (a bare name such as `yolov8n.yaml` resolves to the copy that ships with Ultralytics).
+
+    Returns:
+        (tuple[dict, torch.nn.Module | None]): the architecture dict and, for a `.pt`, its fp32 model.
+    """
+    base = str(base)
+    suffix = Path(base).suffix.lower()
+    if suffix == ".pt":
+        if not Path(base).is_file():
+            raise ValueError(f"base model {base} does not exist (a .pt base must be a local file; nothing is downloaded)")
+        try:
+            model, _ = load_checkpoint(base)
+        except Exception as e:
+            raise ValueError(f"base model {base} cannot be loaded as an Ultralytics checkpoint: {e}") from None
+        cfg = deepcopy(model.yaml)
+    elif suffix in {".yaml", ".yml"}:
+        try:
+            cfg = yaml_model_load(base)  # local file, else the Ultralytics bundled cfg/models copy
+        except Exception as e:
+            raise ValueError(f"base model {base} is not a readable model .yaml: {e}") from None
+        model = None
+    else:
+        raise ValueError(f"base model {base} must be a .pt checkpoint or a model .yaml")
+    task = guess_model_task(model if model is not None else cfg)
+    if task != "detect":
+        raise ValueError(f"base model {base} is a '{task}' model; federated.py trains detection models only")
+    cfg.pop("yaml_file", None)  # the architecture alone; it travels to clients, so no local path in it
+    return cfg, model
+
+
+def build_model(cfg, names, weights=None, seed=0):
+    """Return a DetectionModel for `names` built from architecture `cfg`.
+
+    With `weights` (a base model) every entry whose shape fits is copied, as `YOLO(pt).train(data=...)` does
+    for a checkpoint trained on other classes; the rest (the class outputs then) get a seeded random init.
+    """
+    torch.manual_seed(seed)
+    cfg = {**deepcopy(cfg), "nc": len(names)}
+    model = DetectionModel(cfg, nc=len(names), verbose=False)
+    if weights is not None:
+        model.load(weights, verbose=False)
+    model.names = dict(enumerate(names))
+    return model

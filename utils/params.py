@@ -1,0 +1,56 @@
+"""The one parameter-order contract: a model's state_dict, in order, as numpy arrays (client, server, exporter)."""
+
+import zipfile
+from collections import OrderedDict
+import numpy as np
+import torch
+
+from utils.atomic import atomic_open
+
+
+def get_weights(model):
+    """Return the model's state_dict as numpy arrays in state_dict order: floats as float32, integers as they are."""
+    out = []
+    for v in model.state_dict().values():
+        v = v.detach().cpu()
+        out.append((v.float() if v.is_floating_point() else v).numpy().copy())
+    return out
+
+
+def check_weights(model, arrays, source="parameters"):
+    """Raise ValueError naming the first entry of `arrays` whose count, shape or dtype kind does not fit `model`."""
+    sd = model.state_dict()
+    if len(arrays) != len(sd):
+        raise ValueError(f"{source} holds {len(arrays)} arrays but the model has {len(sd)} state_dict entries")
+    for i, ((k, t), a) in enumerate(zip(sd.items(), arrays)):
+        if tuple(a.shape) != tuple(t.shape):
+            raise ValueError(f"{source} entry {i} ({k}) has shape {tuple(a.shape)}, the model expects {tuple(t.shape)}")
+        if t.is_floating_point() != np.issubdtype(a.dtype, np.floating) or a.dtype == object:
+            raise ValueError(f"{source} entry {i} ({k}) has dtype {a.dtype}, the model expects {t.dtype}")
+
+
+def set_weights(model, arrays, source="parameters"):
+    """Load arrays (state_dict order) into the model exactly, casting each to its tensor's dtype."""
+    check_weights(model, arrays, source)
+    sd = model.state_dict()
+    new = OrderedDict((k, torch.as_tensor(np.asarray(a)).to(t.dtype)) for (k, t), a in zip(sd.items(), arrays))
+    model.load_state_dict(new, strict=True)
+
+
+def save_npz(path, arrays):
+    """Write arrays as arr_0..arr_{n-1} to path atomically (temp file in the same folder, then rename)."""
+    with atomic_open(path) as f:  # a file object, so np.savez does not append '.npz' to the temp name
+        np.savez(f, *arrays)
+
+
+def load_npz(path):
+    """Return the positional arrays of an npz written by save_npz; ValueError on a damaged or foreign file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z.files)
+            expected = [f"arr_{i}" for i in range(len(names))]
+            if names != expected:
+                raise ValueError(f"{path} is not a round file: its arrays are not named arr_0..arr_{len(names) - 1}")
+            return [z[k] for k in names]
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(f"{path} cannot be read as an npz file (truncated or damaged?): {e}") from None
