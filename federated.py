@@ -11,13 +11,6 @@ import os
 os.environ.setdefault("YOLO_VERBOSE", "false")  # Ultralytics' per-batch output; set YOLO_VERBOSE=true to see it
 os.environ.setdefault("YOLO_OFFLINE", "1")  # no Ultralytics network checks or analytics events
 
-import json
-import math
-import sys
-import time
-from logging import INFO, WARNING
-from pathlib import Path
-
 # -----------------------------------------------------------------------------------------------------------------
 # Settings: each one is also a command line flag (NUM_ROUNDS -> --num-rounds) and a Flower run-config key (num-rounds)
 NUM_ROUNDS = 15  # (int) federated rounds
@@ -28,12 +21,13 @@ BASE_MODEL = "yolov8n.yaml"  # (str) model .yaml (random init) or .pt (its weigh
 DATASETS = []  # (list[str]) one Ultralytics data.yaml per client; empty: generate the demo federation in DEMO_DIR
 DEMO_DIR = "datasets/demo"  # (str) where the demo federation is generated when DATASETS is empty
 STRATEGY = "fedavg"  # (str) aggregation strategy: fedavg (weighted by train images)
+SERVER_LR = 1.0  # (float) server learning rate: trainable weights move SERVER_LR x the averaged client update
 CLIENT_RESOURCES = {"num_cpus": 1, "num_gpus": 0.0}  # (dict) Ray resources per simulated client (num_cpus, num_gpus)
 EVALUATE = True  # (bool) evaluate the new global model on every client's val split after each round
 # Training (Ultralytics train arguments, the same on every client)
 IMGSZ = 64  # (int) train and val image size
-BATCH = 16  # (int) batch size per client
-NBS = 64  # (int) nominal batch size: gradients are accumulated over NBS / BATCH batches per optimizer step
+BATCH = 8  # (int) batch size per client
+NBS = 8  # (int) nominal batch size: one optimizer step per NBS images (NBS / BATCH batches accumulated)
 DEVICE = ""  # (str) "" picks cuda:0 when present, else cpu; or "cpu", "0", "cuda:1"
 WORKERS = 0  # (int) dataloader worker processes per client
 OPTIMIZER = "auto"  # (str) SGD, AdamW, ... or auto (resolved once on the server for the whole run)
@@ -44,7 +38,14 @@ CLOSE_MOSAIC = 10  # (int) turn mosaic off for the last CLOSE_MOSAIC epochs of t
 AMP = True  # (bool) mixed precision on CUDA
 SEED = 0  # (int) seed for the initial weights, the demo data and each round's augmentation
 # -----------------------------------------------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in dict(globals()).items() if k.isupper()}
+DEFAULTS = {k: v for k, v in dict(globals()).items() if k.isupper()}  # only the settings are upper case up to here
+
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from logging import INFO, WARNING  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 from flwr.client import ClientApp, NumPyClient  # noqa: E402
@@ -52,7 +53,7 @@ from flwr.common import Context, log, ndarrays_to_parameters, parameters_to_ndar
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig  # noqa: E402
 from flwr.server.strategy import FedAvg  # noqa: E402
 
-from utils.aggregate import check_update, weighted_average  # noqa: E402
+from utils.aggregate import check_update, server_step, weighted_average  # noqa: E402
 from utils.config import get_args_parser, resolve  # noqa: E402
 from utils.datasets import check_dataset, check_federation, write_resolved  # noqa: E402
 from utils.params import get_weights, save_npz, set_weights  # noqa: E402
@@ -144,9 +145,9 @@ def client_fn(context: Context):
 class SaveFedAvg(FedAvg):
     """FedAvg weighted by train images that checks every update and saves SAVE_DIR/round{N}.npz after each round."""
 
-    def __init__(self, cfg, initial, spec, **kwargs):
-        """Keep the run's settings, the initial global arrays and the spec every client receives."""
-        self.cfg, self.spec, self.current = cfg, json.dumps(spec), initial
+    def __init__(self, cfg, initial, spec, trainable, **kwargs):
+        """Keep the run's settings, the initial global arrays, the spec every client receives, the trainable mask."""
+        self.cfg, self.spec, self.current, self.trainable = cfg, json.dumps(spec), initial, trainable
         self.save_dir, self.t0, self.best = Path(cfg["SAVE_DIR"]), time.time(), None
         self.train_metrics = {}
         super().__init__(initial_parameters=ndarrays_to_parameters(initial), **kwargs)
@@ -182,7 +183,8 @@ class SaveFedAvg(FedAvg):
         if not updates:
             log(WARNING, "round %d: no valid client update; the global model is unchanged", server_round)
             return None, {}
-        self.current = weighted_average([(a, n) for a, n, _ in updates], self.current)
+        avg = weighted_average([(a, n) for a, n, _ in updates], self.current)
+        self.current = server_step(self.current, avg, self.trainable, self.cfg["SERVER_LR"])
         save_npz(self.save_dir / f"round{server_round}.npz", self.current)
         total = sum(n for _, n, _ in updates)
         keys = set.intersection(*(set(m) for _, _, m in updates))
@@ -222,7 +224,8 @@ def prepare(cfg):
     """Check every input and build the initial global model; raise ValueError with one sentence if anything is off.
 
     Returns:
-        (tuple[list[np.ndarray], dict]): the initial global arrays and the spec every client receives.
+        (tuple[list[np.ndarray], dict, list[bool]]): the initial global arrays, the spec every client receives and
+            which state_dict entries are trainable parameters (not buffers).
     """
     from utils.model import build_model, read_base
 
@@ -251,7 +254,8 @@ def prepare(cfg):
     hyp["device"] = pick_device(cfg["DEVICE"])
     hyp.update(resolve_optimizer(cfg, len(names), sum(c["train_images"] for c in checks)))
     spec = {"model": arch, "names": names, "hyp": hyp, "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]]}
-    return get_weights(model), spec
+    params = {k for k, _ in model.named_parameters()}
+    return get_weights(model), spec, [k in params for k in model.state_dict()]
 
 
 def write_config(cfg, spec):
@@ -269,12 +273,12 @@ def write_config(cfg, spec):
     atomic_write_text(save_dir / "config.json", json.dumps(info, indent=2, default=str))
 
 
-def make_strategy(cfg, initial, spec):
+def make_strategy(cfg, initial, spec, trainable):
     """Write config.json and return the strategy of a run; every client takes part in every round."""
     write_config(cfg, spec)
     n = len(spec["datasets"])
     return SaveFedAvg(
-        cfg, initial, spec,
+        cfg, initial, spec, trainable,
         fraction_fit=1.0, fraction_evaluate=1.0 if cfg["EVALUATE"] else 0.0,
         min_fit_clients=n, min_evaluate_clients=n if cfg["EVALUATE"] else 0, min_available_clients=n,
     )
@@ -296,18 +300,19 @@ def main(argv=None):
     args = get_args_parser(DEFAULTS, __doc__.splitlines()[0]).parse_args(argv)
     try:
         cfg = resolve(DEFAULTS, vars(args))
-        initial, spec = prepare(cfg)  # every check before Ray starts
+        initial, spec, trainable = prepare(cfg)  # every check before Ray starts
     except ValueError as e:
         sys.exit(f"federated.py: {e}")
     from flwr.simulation import run_simulation
 
     n = len(spec["datasets"])
     log(INFO, "%d clients: %s", n, ", ".join(spec["datasets"]))
-    strategy = make_strategy(cfg, initial, spec)
+    strategy = make_strategy(cfg, initial, spec, trainable)
     root = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)  # Ray workers
+    rounds = ServerConfig(num_rounds=cfg["NUM_ROUNDS"])
     run_simulation(
-        server_app=ServerApp(config=ServerConfig(num_rounds=cfg["NUM_ROUNDS"]), strategy=strategy),
+        server_app=ServerApp(server_fn=lambda _: ServerAppComponents(strategy=strategy, config=rounds)),
         client_app=client_app,
         num_supernodes=n,
         backend_config={"client_resources": cfg["CLIENT_RESOURCES"], "init_args": {"num_cpus": os.cpu_count()}},

@@ -34,6 +34,7 @@ from utils.params import get_weights, save_npz  # noqa: E402
 
 def test_map(weights, test_yaml, args):
     """Return mAP50-95 and mAP50 of a .pt on the test split."""
+    args = {k: v for k, v in args.items() if k != "nbs"}
     m = YOLO(str(weights)).val(data=str(test_yaml), split="test", plots=False, verbose=False, **args)
     return float(m.box.map), float(m.box.map50)
 
@@ -52,12 +53,13 @@ def centralized(clients, test_yaml, epochs, base, work, args):
     return test_map(Path(model.trainer.last), test_yaml, args), seconds
 
 
-def federated(clients, test_yaml, rounds, epochs, base, work, args):
-    """Run federated.py on the clients; return (test mAP of the last round, seconds)."""
-    save = work / "federated"
+def federated(clients, test_yaml, rounds, epochs, base, work, args, name="federated", extra=()):
+    """Run federated.py on the clients (with `extra` flags); return (test mAP of the last round, seconds)."""
+    save = work / name
     cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", *map(str, clients), "--num-rounds", str(rounds),
            "--epochs", str(epochs), "--base-model", base, "--save-dir", str(save), "--exist-ok", "--evaluate", "false",
-           "--imgsz", str(args["imgsz"]), "--batch", str(args["batch"]), "--device", args["device"]]
+           "--imgsz", str(args["imgsz"]), "--batch", str(args["batch"]), "--nbs", str(args["nbs"]),
+           "--device", args["device"], *extra]
     t = time.time()
     subprocess.run(cmd, check=True, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.time() - t
@@ -97,7 +99,7 @@ def main():
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     clients, test_yaml = make_demo(work / "demo")
-    args = {"imgsz": 64, "batch": 16, "workers": 0, "device": "cpu"}
+    args = {"imgsz": 64, "batch": 8, "nbs": 8, "workers": 0, "device": "cpu"}  # federated.py's defaults, for all
     total = a.rounds * a.epochs
     rows = {"centralized": centralized(clients, test_yaml, total, a.base_model, work, args),
             "federated": federated(clients, test_yaml, a.rounds, a.epochs, a.base_model, work, args)}

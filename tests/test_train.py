@@ -86,3 +86,27 @@ def test_last_round_of_the_run_skips_final_validation(data_yaml, tiny_model):
     cfg, names = tiny_model
     out, seen = _run(build_model(cfg, names), data_yaml, 1, 1, 2)
     assert seen["epochs"] == [1] and seen["fitness"] is None and not seen["saved"]
+
+
+def test_training_and_evaluation_make_no_network_connection(data_yaml, tiny_model, monkeypatch):
+    import socket
+
+    from utils.evaluate import evaluate
+
+    tried = []
+
+    def refuse(*args, **kwargs):
+        tried.append(args)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr("ultralytics.utils.checks.USER_CONFIG_DIR", data_yaml.parent / "no-fonts-here")
+    cfg, names = tiny_model
+    model = build_model(cfg, names)
+
+    train_round(model, data_yaml, 0, 1, 1, TINY)
+    metrics = evaluate(build_model(cfg, names), data_yaml, TINY)
+
+    assert tried == [] and metrics["images"] == 4

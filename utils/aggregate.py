@@ -37,3 +37,13 @@ def weighted_average(updates, reference):
         acc = sum(arrays[i].astype(np.float64) * (n / total) for arrays, n in updates)
         out.append(np.rint(acc).astype(ref.dtype) if ref.dtype.kind in "iub" else acc.astype(ref.dtype))
     return out
+
+
+def server_step(current, average, trainable, lr=1.0):
+    """Return the new global arrays: trainable weights move `lr` x (average - current); buffers take the average.
+
+    With lr = 1 this is plain FedAvg. BatchNorm statistics and integer buffers are never extrapolated (PITFALLS 19).
+    """
+    if lr == 1.0:
+        return average
+    return [(c + lr * (a - c)).astype(c.dtype) if t else a for c, a, t in zip(current, average, trainable)]

@@ -4,6 +4,7 @@ import tempfile
 from pathlib import Path
 
 from ultralytics.models.yolo.detect import DetectionValidator
+from utils.offline import no_downloads
 
 # Ultralytics metric keys -> the short names used in Flower metrics, metrics.csv and the console.
 KEYS = {
@@ -20,6 +21,7 @@ def evaluate(model, data_yaml, hyp, split="val"):
     The validator fuses Conv+BN in place (PITFALLS 9): pass a model built for evaluation only, never one whose
     parameters are read afterwards.
     """
+    no_downloads()
     keep = ("imgsz", "batch", "device", "workers")
     args = {k: hyp[k] for k in keep if k in hyp}
     args.update(data=str(data_yaml), split=split, plots=False, verbose=False, save_json=False, half=False)

@@ -16,6 +16,7 @@ import tempfile
 
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils.torch_utils import unwrap_model
+from utils.offline import no_downloads
 
 # Trainer settings that are fixed for federated clients (not user constants).
 FIXED = dict(val=False, save=False, plots=False, exist_ok=True, verbose=False, resume=False, patience=0)
@@ -36,6 +37,7 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
     Returns:
         (dict): `train_images` (the FedAvg weight) and the mean train losses of the round's last epoch.
     """
+    no_downloads()
     stop_epoch = start_epoch + epochs
     if not 0 <= start_epoch < stop_epoch <= total_epochs:
         raise ValueError(f"round epochs [{start_epoch}, {stop_epoch}) do not fit a run of {total_epochs} epochs")
