@@ -15,8 +15,9 @@ os.environ.setdefault("YOLO_OFFLINE", "1")  # no Ultralytics network checks or a
 # Settings: each one is also a command line flag (NUM_ROUNDS -> --num-rounds) and a Flower run-config key (num-rounds)
 NUM_ROUNDS = 15  # (int) federated rounds
 EPOCHS = 2  # (int) local epochs each client trains per round; the whole run is NUM_ROUNDS x EPOCHS epochs
-SAVE_DIR = "runs/federated"  # (str) folder for round{N}.npz (global weights after round N) and config.json
-EXIST_OK = False  # (bool) allow a SAVE_DIR that already holds round files (they are overwritten)
+SAVE_DIR = "runs/federated"  # (str) folder for round{N}.npz, metrics.csv, results.png, last.pt, best.pt, config.json
+EXIST_OK = False  # (bool) allow a fresh run into a SAVE_DIR that already holds round files (they are overwritten)
+RESUME = False  # (bool) continue the run in SAVE_DIR from its last complete round, with the same settings
 BASE_MODEL = "yolov8n.yaml"  # (str) model .yaml (random init) or .pt (its weights; adapted to the datasets' classes)
 DATASETS = []  # (list[str]) one Ultralytics data.yaml per client; empty: generate the demo federation in DEMO_DIR
 DEMO_DIR = "datasets/demo"  # (str) where the demo federation is generated when DATASETS is empty
@@ -24,6 +25,7 @@ STRATEGY = "fedavg"  # (str) aggregation strategy: fedavg (weighted by train ima
 SERVER_LR = 1.0  # (float) server learning rate: trainable weights move SERVER_LR x the averaged client update
 CLIENT_RESOURCES = {"num_cpus": 1, "num_gpus": 0.0}  # (dict) Ray resources per simulated client (num_cpus, num_gpus)
 EVALUATE = True  # (bool) evaluate the new global model on every client's val split after each round
+SERVER_DATA = ""  # (str) optional data.yaml the server owns: the global model is also validated on its val split
 # Training (Ultralytics train arguments, the same on every client)
 IMGSZ = 64  # (int) train and val image size
 BATCH = 8  # (int) batch size per client
@@ -54,9 +56,12 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig  # noqa: E4
 from flwr.server.strategy import FedAvg  # noqa: E402
 
 from utils.aggregate import check_update, server_step, weighted_average  # noqa: E402
+from utils.atomic import atomic_write_text  # noqa: E402
+from utils.checkpoint import write_checkpoint  # noqa: E402
 from utils.config import get_args_parser, resolve  # noqa: E402
-from utils.datasets import check_dataset, check_federation, write_resolved  # noqa: E402
-from utils.params import get_weights, save_npz, set_weights  # noqa: E402
+from utils.datasets import check_dataset, check_federation, client_label, write_resolved  # noqa: E402
+from utils.params import get_weights, load_npz, save_npz, set_weights  # noqa: E402
+from utils.report import plot, read_rows, write_rows  # noqa: E402
 
 TRAIN_KEYS = ("IMGSZ", "BATCH", "NBS", "DEVICE", "WORKERS", "OPTIMIZER", "LR0", "COS_LR", "WARMUP_EPOCHS", "CLOSE_MOSAIC",
               "AMP", "SEED")  # settings passed to the Ultralytics trainer as lower-case arguments
@@ -133,7 +138,7 @@ class YoloClient(NumPyClient):
             spec, _, data_yaml, model = self._prepare(parameters, config, work)
             m = evaluate(model, data_yaml, spec["hyp"])
         n = m.pop("images")
-        return 1.0 - m["map50_95"], n, m
+        return 1.0 - m["map50_95"], n, {**m, "client": client_label(self.dataset or spec["datasets"][self.partition_id])}
 
 
 def client_fn(context: Context):
@@ -143,20 +148,30 @@ def client_fn(context: Context):
 
 
 class SaveFedAvg(FedAvg):
-    """FedAvg weighted by train images that checks every update and saves SAVE_DIR/round{N}.npz after each round."""
+    """FedAvg weighted by train images that checks every update and keeps every round in SAVE_DIR.
 
-    def __init__(self, cfg, initial, spec, trainable, **kwargs):
-        """Keep the run's settings, the initial global arrays, the spec every client receives, the trainable mask."""
-        self.cfg, self.spec, self.current, self.trainable = cfg, json.dumps(spec), initial, trainable
-        self.save_dir, self.t0, self.best = Path(cfg["SAVE_DIR"]), time.time(), None
-        self.train_metrics = {}
-        super().__init__(initial_parameters=ndarrays_to_parameters(initial), **kwargs)
+    After each round: round{N}.npz (global weights), then once the round's evaluation is in, a metrics.csv row,
+    results.png, last.pt and, when the global mAP50-95 improved, best.pt. Flower numbers rounds from 1 in every
+    process; `run.offset` (rounds finished before a resume) turns that into the run's round number.
+    """
+
+    def __init__(self, cfg, run, **kwargs):
+        """Keep the run's settings and state (see `prepare`)."""
+        self.cfg, self.run, self.spec_json = cfg, run, json.dumps(run["spec"])
+        self.current, self.rows, self.pending = run["initial"], run["rows"], {}
+        self.save_dir, self.t0 = Path(cfg["SAVE_DIR"]), time.time()
+        self.best = max((float(r["map50_95"]) for r in self.rows if r.get("map50_95")), default=None)
+        super().__init__(initial_parameters=ndarrays_to_parameters(self.current), **kwargs)
+
+    def _round(self, server_round):
+        """Return the run's round number of Flower's `server_round`."""
+        return server_round + self.run["offset"]
 
     def _config(self, server_round):
         """Return what every client needs this round to continue the one training schedule."""
-        e = self.cfg["EPOCHS"]
-        return {"server-round": server_round, "start-epoch": (server_round - 1) * e, "epochs": e,
-                "total-epochs": self.cfg["NUM_ROUNDS"] * e, "spec": self.spec}
+        r, e = self._round(server_round), self.cfg["EPOCHS"]
+        return {"server-round": r, "start-epoch": (r - 1) * e, "epochs": e,
+                "total-epochs": self.cfg["NUM_ROUNDS"] * e, "spec": self.spec_json}
 
     def configure_fit(self, server_round, parameters, client_manager):
         """Send the global weights and this round's schedule to the sampled clients."""
@@ -170,62 +185,123 @@ class SaveFedAvg(FedAvg):
 
     def aggregate_fit(self, server_round, results, failures):
         """Average the valid updates weighted by train images, save round{N}.npz, return the new global weights."""
+        r = self._round(server_round)
         for f in failures:
-            log(WARNING, "round %d: a client failed: %r", server_round, f if isinstance(f, BaseException) else f[1])
+            log(WARNING, "round %d: a client failed: %r", r, f if isinstance(f, BaseException) else f[1])
         updates = []
         for proxy, res in results:
             arrays = parameters_to_ndarrays(res.parameters)
             problem = check_update(arrays, self.current, res.num_examples)
             if problem:
-                log(WARNING, "round %d: update of client %s rejected: %s", server_round, proxy.cid, problem)
+                log(WARNING, "round %d: update of client %s rejected: %s", r, proxy.cid, problem)
                 continue
             updates.append((arrays, res.num_examples, res.metrics))
+        self.pending = {"round": r}
         if not updates:
-            log(WARNING, "round %d: no valid client update; the global model is unchanged", server_round)
+            log(WARNING, "round %d: no valid client update; the global model is unchanged", r)
             return None, {}
         avg = weighted_average([(a, n) for a, n, _ in updates], self.current)
-        self.current = server_step(self.current, avg, self.trainable, self.cfg["SERVER_LR"])
-        save_npz(self.save_dir / f"round{server_round}.npz", self.current)
+        self.current = server_step(self.current, avg, self.run["trainable"], self.cfg["SERVER_LR"])
+        save_npz(self.save_dir / f"round{r}.npz", self.current)
         total = sum(n for _, n, _ in updates)
-        keys = set.intersection(*(set(m) for _, _, m in updates))
-        metrics = {k: sum(float(m[k]) * n for _, n, m in updates) / total for k in sorted(keys)}
-        self.train_metrics[server_round] = metrics
+        keys = sorted(set.intersection(*(set(m) for _, _, m in updates)))
+        metrics = {k: sum(float(m[k]) * n for _, n, m in updates) / total for k in keys}
+        self.pending.update({f"train_{k}": v for k, v in metrics.items()})
         if not self.cfg["EVALUATE"]:
-            self._report(server_round, {})
+            self._finish_round()
         return ndarrays_to_parameters(self.current), metrics
+
+    def evaluate(self, server_round, parameters):
+        """Validate the new global model on SERVER_DATA's val split, when set (server-side evaluation)."""
+        if not self.cfg["SERVER_DATA"] or server_round == 0:
+            return None
+        import tempfile
+
+        from utils.evaluate import evaluate
+        from utils.model import build_model
+
+        model = build_model(self.run["spec"]["model"], self.run["spec"]["names"])
+        set_weights(model, parameters_to_ndarrays(parameters))
+        with tempfile.TemporaryDirectory(prefix="fedyolo-server-") as work:
+            m = evaluate(model, write_resolved(self.run["server_check"], work), self.run["spec"]["hyp"])
+        self.pending.update({f"server_{k}": v for k, v in m.items() if k != "images"})
+        return 1.0 - m["map50_95"], m
 
     def aggregate_evaluate(self, server_round, results, failures):
         """Average the clients' validation metrics of the new global model weighted by their val images."""
         for f in failures:
-            log(WARNING, "round %d: a client failed to evaluate: %r", server_round,
+            log(WARNING, "round %d: a client failed to evaluate: %r", self._round(server_round),
                 f if isinstance(f, BaseException) else f[1])
-        total = sum(r.num_examples for _, r in results)
+        total = sum(res.num_examples for _, res in results)
         metrics = {}
         if total:
             for k in ("precision", "recall", "map50", "map50_95"):
-                metrics[k] = sum(float(r.metrics[k]) * r.num_examples for _, r in results) / total
-        self._report(server_round, metrics)
+                metrics[k] = sum(float(res.metrics[k]) * res.num_examples for _, res in results) / total
+            for _, res in sorted(results, key=lambda x: str(x[1].metrics.get("client"))):
+                metrics[f"map50_95_{res.metrics.get('client', 'client')}"] = float(res.metrics["map50_95"])
+        self.pending.update(metrics)
+        self._finish_round()
         return (1.0 - metrics["map50_95"] if metrics else None), metrics
 
-    def _report(self, server_round, val):
-        """Log one line for the round: time, weighted train loss, global validation metrics."""
-        n, elapsed = self.cfg["NUM_ROUNDS"], time.time() - self.t0
-        train = self.train_metrics.get(server_round, {})
-        loss = sum(v for k, v in train.items() if k.endswith("_loss"))
-        line = f"round {server_round}/{n}  {elapsed:.0f}s elapsed, ~{elapsed / server_round * (n - server_round):.0f}s left"
-        line += f"  train loss {loss:.3f}" if train else "  no train update"
-        if val:
-            self.best = max(self.best or 0.0, val["map50_95"])
-            line += f"  val mAP50 {val['map50']:.3f}  mAP50-95 {val['map50_95']:.3f} (best {self.best:.3f})"
+    def _finish_round(self):
+        """Write the round's metrics row, results.png, last.pt and best.pt; log one line."""
+        row, r = self.pending, self.pending.get("round")
+        if r is None or not (self.save_dir / f"round{r}.npz").exists():
+            return  # no new global model this round
+        row["time_s"] = round(time.time() - self.t0, 1)
+        self.rows = [x for x in self.rows if int(x["round"]) != r] + [row]
+        model = self.run["model"]
+        set_weights(model, self.current)
+        write_checkpoint(model, self.save_dir / "last.pt", self.run["train_args"], {"round": r})
+        score = row.get("map50_95", row.get("server_map50_95"))
+        improved = score is None or self.best is None or score > self.best
+        if improved:
+            self.best = score
+            write_checkpoint(model, self.save_dir / "best.pt", self.run["train_args"], {"round": r, "map50_95": score})
+        write_rows(self.save_dir / "metrics.csv", self.rows)
+        plot(self.save_dir / "results.png", self.rows)
+        self.pending = {}
+        n, elapsed, done = self.cfg["NUM_ROUNDS"], time.time() - self.t0, r - self.run["offset"]
+        line = f"round {r}/{n}  {elapsed:.0f}s elapsed, ~{elapsed / done * (n - r):.0f}s left"
+        loss = sum(v for k, v in row.items() if k.startswith("train_") and k.endswith("_loss"))
+        line += f"  train loss {loss:.3f}"
+        if "map50_95" in row:
+            line += f"  val mAP50 {row['map50']:.3f}  mAP50-95 {row['map50_95']:.3f} (best {self.best:.3f})"
+        if "server_map50_95" in row:
+            line += f"  server mAP50-95 {row['server_map50_95']:.3f}"
         log(INFO, "%s", line)
 
 
+# Settings a resumed run may change; any other difference from the saved run is refused.
+RESUME_MAY_CHANGE = {"RESUME", "EXIST_OK", "DEVICE", "WORKERS", "CLIENT_RESOURCES", "EVALUATE", "SERVER_DATA"}
+
+
+def _resume_point(cfg, saved, save_dir):
+    """Return (last complete round, its rows) of the run in save_dir, refusing changed settings."""
+    was = saved["settings"]
+    changed = [k for k in cfg if k not in RESUME_MAY_CHANGE and k in was and cfg[k] != was[k]]
+    if changed:
+        diffs = "; ".join(f"{k.lower().replace('_', '-')} was {was[k]!r}, now {cfg[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume the run in {save_dir} with other settings: {diffs}")
+    rows = read_rows(save_dir / "metrics.csv")
+    done = 0
+    for row in sorted(rows, key=lambda x: int(x["round"])):  # complete: its npz and its metrics row exist
+        if int(row["round"]) == done + 1 and (save_dir / f"round{done + 1}.npz").is_file():
+            done += 1
+    if done == 0:
+        raise ValueError(f"nothing to resume in {save_dir}: no complete round yet (start it again without --resume)")
+    if done >= cfg["NUM_ROUNDS"]:
+        raise ValueError(f"the run in {save_dir} already finished all {cfg['NUM_ROUNDS']} rounds")
+    return done, [x for x in rows if int(x["round"]) <= done]
+
+
 def prepare(cfg):
-    """Check every input and build the initial global model; raise ValueError with one sentence if anything is off.
+    """Check every input and build the run's starting state; raise ValueError with one sentence if anything is off.
 
     Returns:
-        (tuple[list[np.ndarray], dict, list[bool]]): the initial global arrays, the spec every client receives and
-            which state_dict entries are trainable parameters (not buffers).
+        (dict): `initial` global arrays, `spec` (what every client receives), `trainable` (which state_dict entries
+            are parameters, not buffers), `offset` (rounds already done), `rows` (their metrics), the server's
+            `model` (for checkpoints; never used for inference), `train_args` and `server_check`.
     """
     from utils.model import build_model, read_base
 
@@ -233,52 +309,69 @@ def prepare(cfg):
         raise ValueError(f"num-rounds ({cfg['NUM_ROUNDS']}) and epochs ({cfg['EPOCHS']}) must be at least 1")
     if cfg["STRATEGY"].lower() != "fedavg":
         raise ValueError(f"strategy {cfg['STRATEGY']!r} is not available; use fedavg")
+    save_dir = Path(cfg["SAVE_DIR"])
+    if save_dir.exists() and not save_dir.is_dir():
+        raise ValueError(f"save-dir {save_dir} exists and is not a folder")
+    saved = None
+    if cfg["RESUME"]:
+        try:
+            saved = json.loads((save_dir / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot resume: {save_dir / 'config.json'} is missing or unreadable ({e})") from None
+        if not cfg["DATASETS"]:
+            cfg["DATASETS"] = saved["settings"]["DATASETS"]  # the demo datasets the run generated
     if not cfg["DATASETS"]:
         from utils.demo import make_demo
 
         cfg["DATASETS"] = [str(p) for p in make_demo(cfg["DEMO_DIR"], seed=cfg["SEED"])[0]]
     checks = check_federation(cfg["DATASETS"])
     names = checks[0]["names"]
+    server_check = check_dataset(cfg["SERVER_DATA"]) if cfg["SERVER_DATA"] else None
+    if server_check and server_check["names"] != names:
+        raise ValueError(f"server-data {cfg['SERVER_DATA']} has classes {server_check['names']}, the clients {names}")
     arch, base = read_base(cfg["BASE_MODEL"])
     model = build_model(arch, names, weights=base, seed=cfg["SEED"])
-    save_dir = Path(cfg["SAVE_DIR"])
-    if save_dir.exists() and not save_dir.is_dir():
-        raise ValueError(f"save-dir {save_dir} exists and is not a folder")
-    old = sorted(save_dir.glob("round*.npz"))
-    if old and not cfg["EXIST_OK"]:
+    offset, rows, initial = 0, [], get_weights(model)
+    if saved is not None:
+        offset, rows = _resume_point(cfg, saved, save_dir)
+        initial = load_npz(save_dir / f"round{offset}.npz")
+        set_weights(model, initial, source=str(save_dir / f"round{offset}.npz"))
+    elif sorted(save_dir.glob("round*.npz")) and not cfg["EXIST_OK"]:
         raise ValueError(
-            f"save-dir {save_dir} already holds {len(old)} round file(s) from an earlier run; choose another "
-            "--save-dir or pass --exist-ok to overwrite them"
+            f"save-dir {save_dir} already holds round files from an earlier run; continue it with --resume, "
+            "choose another --save-dir, or pass --exist-ok to overwrite them"
         )
     hyp = {k.lower(): cfg[k] for k in TRAIN_KEYS}
     hyp["device"] = pick_device(cfg["DEVICE"])
     hyp.update(resolve_optimizer(cfg, len(names), sum(c["train_images"] for c in checks)))
     spec = {"model": arch, "names": names, "hyp": hyp, "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]]}
     params = {k for k, _ in model.named_parameters()}
-    return get_weights(model), spec, [k in params for k in model.state_dict()]
+    return {"initial": initial, "spec": spec, "trainable": [k in params for k in model.state_dict()],
+            "offset": offset, "rows": rows, "model": model, "server_check": server_check,
+            "train_args": {"model": cfg["BASE_MODEL"], "imgsz": cfg["IMGSZ"], "batch": cfg["BATCH"]}}
 
 
 def write_config(cfg, spec):
-    """Save the run's settings, classes and library versions as SAVE_DIR/config.json (read by the exporter)."""
+    """Save the run's settings, classes and library versions as SAVE_DIR/config.json (read by export and resume)."""
     import flwr
     import torch
     import ultralytics
 
-    from utils.atomic import atomic_write_text
+    info = {"settings": cfg, "names": spec["names"], "hyp": spec["hyp"], "datasets": spec["datasets"],
+            "versions": {"flwr": flwr.__version__, "ultralytics": ultralytics.__version__, "torch": torch.__version__}}
+    atomic_write_text(Path(cfg["SAVE_DIR"]) / "config.json", json.dumps(info, indent=2, default=str))
 
+
+def make_strategy(cfg, run):
+    """Start SAVE_DIR (config.json; old metrics of an overwritten run removed) and return the run's strategy."""
     save_dir = Path(cfg["SAVE_DIR"])
     save_dir.mkdir(parents=True, exist_ok=True)
-    info = {"settings": cfg, "names": spec["names"], "hyp": spec["hyp"],
-            "versions": {"flwr": flwr.__version__, "ultralytics": ultralytics.__version__, "torch": torch.__version__}}
-    atomic_write_text(save_dir / "config.json", json.dumps(info, indent=2, default=str))
-
-
-def make_strategy(cfg, initial, spec, trainable):
-    """Write config.json and return the strategy of a run; every client takes part in every round."""
-    write_config(cfg, spec)
-    n = len(spec["datasets"])
+    if not run["offset"]:
+        write_config(cfg, run["spec"])
+        (save_dir / "metrics.csv").unlink(missing_ok=True)
+    n = len(run["spec"]["datasets"])
     return SaveFedAvg(
-        cfg, initial, spec, trainable,
+        cfg, run,
         fraction_fit=1.0, fraction_evaluate=1.0 if cfg["EVALUATE"] else 0.0,
         min_fit_clients=n, min_evaluate_clients=n if cfg["EVALUATE"] else 0, min_available_clients=n,
     )
@@ -287,8 +380,9 @@ def make_strategy(cfg, initial, spec, trainable):
 def server_fn(context: Context):
     """ServerApp entry for `flwr run`: the constants above, overridden by the run config."""
     cfg = resolve(DEFAULTS, dict(context.run_config))
-    strategy = make_strategy(cfg, *prepare(cfg))
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=cfg["NUM_ROUNDS"]))
+    run = prepare(cfg)
+    rounds = ServerConfig(num_rounds=cfg["NUM_ROUNDS"] - run["offset"])
+    return ServerAppComponents(strategy=make_strategy(cfg, run), config=rounds)
 
 
 client_app = ClientApp(client_fn=client_fn)
@@ -300,28 +394,33 @@ def main(argv=None):
     args = get_args_parser(DEFAULTS, __doc__.splitlines()[0]).parse_args(argv)
     try:
         cfg = resolve(DEFAULTS, vars(args))
-        initial, spec, trainable = prepare(cfg)  # every check before Ray starts
+        run = prepare(cfg)  # every check before Ray starts
     except ValueError as e:
         sys.exit(f"federated.py: {e}")
     from flwr.simulation import run_simulation
 
-    n = len(spec["datasets"])
-    log(INFO, "%d clients: %s", n, ", ".join(spec["datasets"]))
-    strategy = make_strategy(cfg, initial, spec, trainable)
+    n, save_dir = len(run["spec"]["datasets"]), Path(cfg["SAVE_DIR"])
+    log(INFO, "%d clients: %s", n, ", ".join(run["spec"]["datasets"]))
+    if run["offset"]:
+        log(INFO, "resuming %s after round %d of %d", save_dir, run["offset"], cfg["NUM_ROUNDS"])
+    strategy = make_strategy(cfg, run)
+    rounds = ServerConfig(num_rounds=cfg["NUM_ROUNDS"] - run["offset"])
     root = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)  # Ray workers
-    rounds = ServerConfig(num_rounds=cfg["NUM_ROUNDS"])
     run_simulation(
         server_app=ServerApp(server_fn=lambda _: ServerAppComponents(strategy=strategy, config=rounds)),
         client_app=client_app,
         num_supernodes=n,
         backend_config={"client_resources": cfg["CLIENT_RESOURCES"], "init_args": {"num_cpus": os.cpu_count()}},
     )
-    last = Path(cfg["SAVE_DIR"]) / f"round{cfg['NUM_ROUNDS']}.npz"
+    last = save_dir / f"round{cfg['NUM_ROUNDS']}.npz"
     if not last.exists():
-        sys.exit(f"federated.py: the run ended without {last}; see the log above")
-    log(INFO, "done: global weights in %s; export with: python3 utils/export_federated.py %s %s",
-        last, cfg["BASE_MODEL"], last)
+        sys.exit(f"federated.py: the run ended without {last}; see the log above (continue it with --resume)")
+    log(INFO, "done: %d rounds in %s", cfg["NUM_ROUNDS"], save_dir)
+    log(INFO, "  best model  %s (best global mAP50-95 %s)", save_dir / "best.pt",
+        f"{strategy.best:.3f}" if strategy.best is not None else "not measured")
+    log(INFO, "  last model  %s;  metrics %s;  plot %s", save_dir / "last.pt", save_dir / "metrics.csv",
+        save_dir / "results.png")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def test_cli_refuses_bad_input_and_keeps_earlier_rounds(tiny_fed, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith(f"federated.py: dataset {bad} has a 'download:' key")
 
     r = subprocess.run([*cmd[:-1], "--datasets", str(tiny_fed[0][0])], capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode != 0 and "already holds 1 round file" in r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "already holds round files" in r.stderr.strip().splitlines()[-1]
 
     r = subprocess.run([*cmd, "--epochs", "two"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0 and "setting epochs: expected int" in r.stderr.strip().splitlines()[-1]

@@ -85,3 +85,34 @@ def test_check_update_rejects_bad_updates():
     assert "sent 3 arrays" in check_update(good[:1] + good, ref, 5)
     assert "entry 0" in check_update([np.ones((3, 2), np.float32), good[1]], ref, 5)
     assert "NaN" in check_update([np.full((2, 2), np.nan, np.float32), good[1]], ref, 5)
+
+
+class _Proxy:
+    """The one ClientProxy attribute the strategy reads."""
+
+    def __init__(self, cid):
+        self.cid = cid
+
+
+def test_strategy_aggregates_real_fitres_saves_npz_and_rejects_bad_update(tmp_path):
+    import federated
+
+    ref = [np.zeros((2, 2), np.float32), np.zeros(3, np.float32), np.array(0, np.int64)]
+    cfg = {**federated.DEFAULTS, "SAVE_DIR": str(tmp_path), "NUM_ROUNDS": 2, "EVALUATE": True}
+    run = {"initial": ref, "spec": {"names": ["a"]}, "trainable": [True, False, False], "offset": 0, "rows": []}
+    strategy = federated.SaveFedAvg(cfg, run)
+    a = [np.ones((2, 2), np.float32), np.full(3, 2.0, np.float32), np.array(4, np.int64)]
+    b = [np.full((2, 2), 3.0, np.float32), np.full(3, 6.0, np.float32), np.array(8, np.int64)]
+    bad = [np.ones((2, 3), np.float32), *a[1:]]  # another shape: must not be averaged in
+    results = [(_Proxy("a"), _fit_res(a, 30)), (_Proxy("b"), _fit_res(b, 10)), (_Proxy("x"), _fit_res(bad, 1000))]
+
+    params, metrics = strategy.aggregate_fit(1, results, [])
+
+    from flwr.common import parameters_to_ndarrays
+
+    out = parameters_to_ndarrays(params)
+    saved = load_npz(tmp_path / "round1.npz")
+    for x, y, want in zip(out, saved, [np.full((2, 2), 1.5), np.full(3, 3.0), np.array(5)]):
+        np.testing.assert_array_equal(x, y)
+        np.testing.assert_allclose(x, want)
+    assert [x.dtype for x in saved] == [np.float32, np.float32, np.int64] and saved[2].shape == ()

@@ -106,3 +106,9 @@ def write_resolved(check, folder):
     out = Path(folder) / "data.yaml"
     out.write_text(yaml.safe_dump(check["yaml"], sort_keys=False))
     return out
+
+
+def client_label(file):
+    """Return a short name for a client's dataset: its folder for a file named data.yaml, else the file's stem."""
+    file = Path(file)
+    return file.parent.name if file.stem == "data" and file.parent.name else file.stem

@@ -11,7 +11,6 @@ config.json beside NPZ, else from BASE itself. The output loads with YOLO(OUT) a
 import argparse
 import json
 import sys
-from datetime import datetime
 from pathlib import Path
 
 if __package__ in {None, ""}:  # run as a script: make `utils` importable
@@ -36,10 +35,7 @@ def export(base, npz, out=None, names=None):
     Raises:
         ValueError: one sentence naming the file and the first entry that does not fit; no output is written.
     """
-    import torch
-
-    import ultralytics
-    from utils.atomic import atomic_open
+    from utils.checkpoint import write_checkpoint
     from utils.model import build_model, read_base
     from utils.params import load_npz, set_weights
 
@@ -56,18 +52,9 @@ def export(base, npz, out=None, names=None):
     model = build_model(arch, names)
     set_weights(model, arrays, source=str(npz))
     out = Path(out) if out else npz.with_suffix(".pt")
-    train_args = {"task": "detect", "model": str(base), **{k: hyp[k] for k in ("imgsz", "batch") if k in hyp}}
-    ckpt = {
-        "date": datetime.now().isoformat(),
-        "version": ultralytics.__version__,
-        "model": model.eval(),
-        "train_args": train_args,
-        "federated": {"npz": str(npz.resolve()), "base": str(base)},
-    }
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out) as f:
-        torch.save(ckpt, f)
-    return out
+    train_args = {"model": str(base), **{k: hyp[k] for k in ("imgsz", "batch") if k in hyp}}
+    return write_checkpoint(model, out, train_args, {"npz": str(npz.resolve()), "base": str(base)})
 
 
 def get_args_parser():

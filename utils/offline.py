@@ -23,11 +23,12 @@ def _local_font(font="Arial.ttf"):
 
 
 def _local_amp_check(model):
-    """Run Ultralytics' AMP check only if its reference model is already on disk; else keep AMP on."""
+    """Ultralytics' AMP check, except that on CUDA without its reference model on disk it keeps AMP on."""
     from ultralytics.utils import WEIGHTS_DIR
     from ultralytics.utils.checks import check_amp
 
-    return check_amp(model) if (WEIGHTS_DIR / "yolo26n.pt").is_file() else True
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return check_amp(model) if not on_cuda or (WEIGHTS_DIR / "yolo26n.pt").is_file() else True
 
 
 def no_downloads():

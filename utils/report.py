@@ -1,0 +1,69 @@
+"""What a run leaves a person to read: SAVE_DIR/metrics.csv (one row per round) and results.png."""
+
+import csv
+import io
+from pathlib import Path
+
+from utils.atomic import atomic_open
+
+FIXED = ["round", "time_s", "train_box_loss", "train_cls_loss", "train_dfl_loss",
+         "precision", "recall", "map50", "map50_95"]
+
+
+def read_rows(path):
+    """Return the rows of a metrics.csv as dicts (empty if there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path, rows):
+    """Write rows (dicts) as metrics.csv atomically; columns: FIXED, then any others in first-seen order."""
+    columns = list(FIXED)
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: _fmt(row.get(k, "")) for k in columns})
+    with atomic_open(path) as f:
+        f.write(buf.getvalue().encode())
+
+
+def _fmt(v):
+    """Format a number compactly for the CSV."""
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def plot(path, rows):
+    """Draw mAP50-95 (global and per client) and the train losses against round into results.png, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        pts = [(int(r["round"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    clients = [k for k in (rows[-1] if rows else {}) if k.startswith("map50_95_")]
+    for key in clients:
+        ax1.plot(*series(key), marker=".", lw=1, alpha=0.7, label=key.removeprefix("map50_95_"))
+    if series("map50_95")[0]:
+        ax1.plot(*series("map50_95"), marker="o", lw=2.5, color="black", label="global (weighted)")
+    ax1.set(title="global model mAP50-95 on val splits", xlabel="round", ylabel="mAP50-95")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    for key in ("train_box_loss", "train_cls_loss", "train_dfl_loss"):
+        ax2.plot(*series(key), marker=".", label=key.removeprefix("train_"))
+    ax2.set(title="train loss (weighted over clients)", xlabel="round", ylabel="loss")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
