@@ -1,26 +1,46 @@
-"""One real Flower simulation end to end: 2 clients x 2 rounds through `python3 federated.py`."""
+"""Real Flower simulations end to end through `python3 federated.py`: outputs, metrics, resume."""
 
+import csv
+import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT
 from utils.params import load_npz
 
+NAMES = ["circle", "square", "triangle", "cross"]
+
+
+def _cmd(tiny_fed, save, rounds, *extra):
+    return [sys.executable, str(ROOT / "federated.py"), "--datasets", *map(str, tiny_fed[0][:2]),
+            "--num-rounds", str(rounds), "--epochs", "1", "--imgsz", "32", "--batch", "4", "--device", "cpu",
+            "--save-dir", str(save), *extra]
+
+
+def _rows(save):
+    with (save / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
 
 def test_simulation_two_clients_two_rounds(tiny_fed, tmp_path):
     save = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", *map(str, tiny_fed[0][:2]),
-           "--num-rounds", "2", "--epochs", "1", "--imgsz", "32", "--batch", "4", "--device", "cpu",
-           "--save-dir", str(save)]
 
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    r = subprocess.run(_cmd(tiny_fed, save, 2), capture_output=True, text=True, cwd=tmp_path, timeout=600)
 
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
-    assert "round 1/2" in log and "round 2/2" in log and "mAP50-95" in log
+    assert "round 1/2" in log and "round 2/2" in log and "mAP50-95" in log and "best.pt" in log
     assert "Traceback" not in log
     rounds = [load_npz(save / f"round{i}.npz") for i in (1, 2)]
     for arrays in rounds:
@@ -29,13 +49,77 @@ def test_simulation_two_clients_two_rounds(tiny_fed, tmp_path):
         assert all(np.isfinite(a).all() for a in arrays)
     assert any(not np.array_equal(a, b) for a, b in zip(*rounds))  # round 2 moved the model
     config = json.loads((save / "config.json").read_text())
-    assert config["names"] == ["circle", "square", "triangle", "cross"]
-    assert config["settings"]["NUM_ROUNDS"] == 2
+    assert config["names"] == NAMES and config["settings"]["NUM_ROUNDS"] == 2
     assert not [p for p in save.iterdir() if p.name.endswith(".tmp")]
+
+    rows = _rows(save)
+    assert [row["round"] for row in rows] == ["1", "2"]
+    for row in rows:
+        for key in ("time_s", "train_box_loss", "train_cls_loss", "train_dfl_loss", "train_lr", "precision",
+                    "recall", "map50", "map50_95", "map50_95_dark", "map50_95_light"):
+            assert row[key] != "" and np.isfinite(float(row[key])), key
+        # the global mAP is the val-image-weighted mean of the clients' (4 val images each here)
+        assert float(row["map50_95"]) == pytest.approx((float(row["map50_95_dark"]) + float(row["map50_95_light"])) / 2,
+                                                       abs=1e-5)
+    assert (save / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+    from ultralytics import YOLO
+
+    for name in ("last.pt", "best.pt"):
+        model = YOLO(str(save / name))
+        assert list(model.names.values()) == NAMES
+    # last.pt holds exactly round 2's weights
+    last = [v.numpy() for v in YOLO(str(save / "last.pt")).model.state_dict().values()]
+    assert all(np.array_equal(a, b) for a, b in zip(last, rounds[1]))
 
     r = subprocess.run([sys.executable, str(ROOT / "utils" / "export_federated.py"), "yolov8n.yaml",
                         str(save / "round2.npz")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    from ultralytics import YOLO
-
     assert YOLO(str(save / "round2.pt")).names[3] == "cross"
+
+
+def test_resume_after_kill_continues_the_run(tiny_fed, tmp_path):
+    save = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(tiny_fed, save, 3), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:  # kill the whole run (driver and Ray) as soon as round 2 is complete
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if (save / "metrics.csv").exists() and len(_rows(save)) >= 2:
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert [row["round"] for row in _rows(save)][:2] == ["1", "2"]
+    (save / "round3.npz").unlink(missing_ok=True)  # if round 3 got as far as its npz, its row is still missing
+    kept = {n: _sha(save / n) for n in ("round1.npz", "round2.npz")}
+
+    r = subprocess.run(_cmd(tiny_fed, save, 3, "--resume"), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert "resuming" in log and "round 3/3" in log and "round 1/3" not in log
+    assert {n: _sha(save / n) for n in kept} == kept
+    rows = _rows(save)
+    assert [row["round"] for row in rows] == ["1", "2", "3"]
+    # round 3 is epoch 3 of 3 of one run: linear decay lr0 * ((1 - 2/3) * 0.99 + 0.01), AdamW lr0 = 0.00125 (auto)
+    assert float(rows[2]["train_lr"]) == pytest.approx(0.00125 * (1 / 3 * 0.99 + 0.01), rel=1e-4)
+    assert len(load_npz(save / "round3.npz")) == 355
+
+    r = subprocess.run(_cmd(tiny_fed, save, 3, "--resume"), capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "already finished all 3 rounds" in r.stderr.strip().splitlines()[-1]
+
+
+def test_resume_refuses_changed_settings(tiny_fed, tmp_path):
+    save = tmp_path / "run"
+    save.mkdir()
+    settings = {"IMGSZ": 32, "BATCH": 4, "NUM_ROUNDS": 3, "DATASETS": [str(p) for p in tiny_fed[0][:2]]}
+    (save / "config.json").write_text(json.dumps({"settings": settings}))
+
+    r = subprocess.run(_cmd(tiny_fed, save, 3, "--resume", "--imgsz", "64"), capture_output=True, text=True,
+                       cwd=tmp_path)
+
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"federated.py: cannot resume the run in {save} with other settings: imgsz was 32, now 64")

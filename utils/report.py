@@ -55,6 +55,8 @@ def plot(path, rows):
         ax1.plot(*series(key), marker=".", lw=1, alpha=0.7, label=key.removeprefix("map50_95_"))
     if series("map50_95")[0]:
         ax1.plot(*series("map50_95"), marker="o", lw=2.5, color="black", label="global (weighted)")
+    if series("server_map50_95")[0]:
+        ax1.plot(*series("server_map50_95"), marker="s", lw=2, ls="--", color="gray", label="server data")
     ax1.set(title="global model mAP50-95 on val splits", xlabel="round", ylabel="mAP50-95")
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8)
@@ -63,6 +65,8 @@ def plot(path, rows):
     ax2.set(title="train loss (weighted over clients)", xlabel="round", ylabel="loss")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     with atomic_open(path) as f:
         fig.savefig(f, format="png", dpi=100)

@@ -35,7 +35,8 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         callbacks (dict | None): extra {event: fn} callbacks (tests use them to look inside the trainer).
 
     Returns:
-        (dict): `train_images` (the FedAvg weight) and the mean train losses of the round's last epoch.
+        (dict): `train_images` (the FedAvg weight), the mean train losses of the round's last epoch and `lr`,
+            the learning rate of the weights at the end of the round.
     """
     no_downloads()
     stop_epoch = start_epoch + epochs
@@ -69,4 +70,5 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         if unwrap_model(trainer.model) is not model:
             raise RuntimeError("the Ultralytics trainer replaced the model object; its weights cannot be returned")
         losses = {k: float(v) for k, v in (trainer.tloss or {}).items()}
-        return {"train_images": len(trainer.train_loader.dataset), **losses}
+        lr = float(trainer.optimizer.param_groups[0]["lr"])  # the weights' learning rate at the end of the round
+        return {"train_images": len(trainer.train_loader.dataset), **losses, "lr": lr}
