@@ -63,8 +63,8 @@ from utils.datasets import check_dataset, check_federation, client_label, write_
 from utils.params import get_weights, load_npz, save_npz, set_weights  # noqa: E402
 from utils.report import plot, read_rows, write_rows  # noqa: E402
 
-TRAIN_KEYS = ("IMGSZ", "BATCH", "NBS", "DEVICE", "WORKERS", "OPTIMIZER", "LR0", "COS_LR", "WARMUP_EPOCHS", "CLOSE_MOSAIC",
-              "AMP", "SEED")  # settings passed to the Ultralytics trainer as lower-case arguments
+TRAIN_KEYS = ("IMGSZ", "BATCH", "NBS", "DEVICE", "WORKERS", "OPTIMIZER", "LR0", "COS_LR", "WARMUP_EPOCHS",
+              "CLOSE_MOSAIC", "AMP", "SEED")  # settings passed to the Ultralytics trainer as lower-case arguments
 
 
 def pick_device(device):
@@ -137,8 +137,8 @@ class YoloClient(NumPyClient):
         with tempfile.TemporaryDirectory(prefix="fedyolo-client-") as work:
             spec, _, data_yaml, model = self._prepare(parameters, config, work)
             m = evaluate(model, data_yaml, spec["hyp"])
-        n = m.pop("images")
-        return 1.0 - m["map50_95"], n, {**m, "client": client_label(self.dataset or spec["datasets"][self.partition_id])}
+        n, m["client"] = m.pop("images"), client_label(self.dataset or spec["datasets"][self.partition_id])
+        return 1.0 - m["map50_95"], n, m
 
 
 def client_fn(context: Context):

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from ultralytics import YOLO  # noqa: E402
 
+from utils.aggregate import weighted_average  # noqa: E402
 from utils.datasets import check_dataset  # noqa: E402
 from utils.demo import make_demo  # noqa: E402
 from utils.export_federated import export  # noqa: E402
@@ -78,9 +79,8 @@ def naive(clients, test_yaml, rounds, epochs, base, work, args):
             model.train(data=str(c), epochs=epochs, plots=False, project=str(work / "naive"), name=f"r{r}c{i}",
                         exist_ok=True, **args)
             updates.append(get_weights(model.model))  # what the seed reads back: best.pt, fp16 EMA
-        avg = [sum(u[k].astype("float64") * n for u, n in zip(updates, sizes)) / sum(sizes) for k in range(len(updates[0]))]
-        npz = work / "naive" / f"round{r}.npz"
-        save_npz(npz, [a.astype(u.dtype) for a, u in zip(avg, updates[0])])
+        npz = work / "naive" / f"round{r}.npz"  # every array averaged, as Flower's FedAvg does
+        save_npz(npz, weighted_average(list(zip(updates, sizes)), updates[0]))
         current = str(export(base, npz, names=check_dataset(clients[0])["names"]))
     seconds = time.time() - t
     return test_map(current, test_yaml, args), seconds
@@ -116,7 +116,8 @@ def main():
         "|---|---|---|---|---|---|",
     ]
     for name, ((m, m50), s) in rows.items():
-        lines.append(f"| {name} | {m:.4f} | {m50:.4f} | {m / c_map:.2f}x | {s:.0f} | {s / rows['centralized'][1]:.2f}x |")
+        wall = s / rows["centralized"][1]
+        lines.append(f"| {name} | {m:.4f} | {m50:.4f} | {m / c_map:.2f}x | {s:.0f} | {wall:.2f}x |")
     if "naive" in rows:
         ratio = rows["federated"][0][0] / max(rows["naive"][0][0], 1e-9)
         lines += ["", f"federated / naive (mAP50-95): {ratio:.2f}x"]

@@ -66,7 +66,8 @@ def test_cli_refuses_bad_input_and_keeps_earlier_rounds(tiny_fed, tmp_path):
     bad = _edit(_copy_client(tiny_fed, tmp_path), "names:", "download: bash get.sh\nnames:")
     cmd = [sys.executable, str(ROOT / "federated.py"), "--save-dir", str(save), "--exist-ok"]
 
-    r = subprocess.run([*cmd, "--datasets", str(tiny_fed[0][0]), str(bad)], capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run([*cmd, "--datasets", str(tiny_fed[0][0]), str(bad)], capture_output=True, text=True,
+                       cwd=tmp_path)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith(f"federated.py: dataset {bad} has a 'download:' key")
 

@@ -4,8 +4,8 @@ from copy import deepcopy
 from datetime import datetime
 
 import torch
-
 import ultralytics
+
 from utils.atomic import atomic_open
 
 

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import yaml
-
 from ultralytics.data.utils import IMG_FORMATS
 
 SPLITS = ("train", "val")

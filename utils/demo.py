@@ -65,7 +65,8 @@ def _image(rng, probs, style):
             color = 255 - color if mean < 128 else color // 3
         x1, y1, x2, y2 = _draw(img, cls, cx, cy, r, tuple(int(c) for c in color))
         boxes.append((cx, cy, r))
-        lines.append(f"{cls} {(x1 + x2) / 2 / IMG:.6f} {(y1 + y2) / 2 / IMG:.6f} {(x2 - x1) / IMG:.6f} {(y2 - y1) / IMG:.6f}")
+        xc, yc, w, h = (x1 + x2) / 2 / IMG, (y1 + y2) / 2 / IMG, (x2 - x1) / IMG, (y2 - y1) / IMG
+        lines.append(f"{cls} {xc:.6f} {yc:.6f} {w:.6f} {h:.6f}")
     return img, lines
 
 

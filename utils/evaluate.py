@@ -4,6 +4,7 @@ import tempfile
 from pathlib import Path
 
 from ultralytics.models.yolo.detect import DetectionValidator
+
 from utils.offline import no_downloads
 
 # Ultralytics metric keys -> the short names used in Flower metrics, metrics.csv and the console.

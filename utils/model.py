@@ -4,7 +4,6 @@ from copy import deepcopy
 from pathlib import Path
 
 import torch
-
 from ultralytics.nn.tasks import DetectionModel, guess_model_task, load_checkpoint, yaml_model_load
 
 
@@ -22,7 +21,7 @@ def read_base(base):
     suffix = Path(base).suffix.lower()
     if suffix == ".pt":
         if not Path(base).is_file():
-            raise ValueError(f"base model {base} does not exist (a .pt base must be a local file; nothing is downloaded)")
+            raise ValueError(f"base model {base} does not exist (a .pt must be a local file; nothing is downloaded)")
         try:
             model, _ = load_checkpoint(base)
         except Exception as e:

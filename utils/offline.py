@@ -13,7 +13,6 @@ from pathlib import Path
 def _local_font(font="Arial.ttf"):
     """Return the font's path if it is already on this machine, else None; never download."""
     from matplotlib import font_manager
-
     from ultralytics.utils import USER_CONFIG_DIR
 
     file = USER_CONFIG_DIR / Path(font).name

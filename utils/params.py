@@ -2,6 +2,7 @@
 
 import zipfile
 from collections import OrderedDict
+
 import numpy as np
 import torch
 

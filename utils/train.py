@@ -16,6 +16,7 @@ import tempfile
 
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils.torch_utils import unwrap_model
+
 from utils.offline import no_downloads
 
 # Trainer settings that are fixed for federated clients (not user constants).
