@@ -34,6 +34,7 @@ DEVICE = ""  # (str) "" picks cuda:0 when present, else cpu; or "cpu", "0", "cud
 WORKERS = 0  # (int) dataloader worker processes per client
 OPTIMIZER = "auto"  # (str) SGD, AdamW, ... or auto (resolved once on the server for the whole run)
 LR0 = 0.01  # (float) initial learning rate (ignored when OPTIMIZER is auto)
+LR_SCALE = 3.0  # (float) multiplies the learning rate OPTIMIZER=auto picks (README "Training schedule")
 COS_LR = False  # (bool) cosine instead of linear learning-rate decay over the whole run
 WARMUP_EPOCHS = 3.0  # (float) warmup epochs at the start of the whole run (not of every round)
 CLOSE_MOSAIC = 10  # (int) turn mosaic off for the last CLOSE_MOSAIC epochs of the whole run
@@ -80,7 +81,8 @@ def resolve_optimizer(cfg, nc, train_images):
     """Resolve OPTIMIZER=auto once for the whole run, with Ultralytics' own rule, so every client uses the same one.
 
     Ultralytics picks MuSGD (lr 0.01) past 10,000 iterations, else AdamW with lr0 = 0.002 * 5 / (4 + nc), both with
-    momentum 0.9 and no bias warmup; here the iterations count every client's images over the whole run.
+    momentum 0.9 and no bias warmup; here the iterations count every client's images over the whole run, and the
+    learning rate is multiplied by LR_SCALE.
 
     Returns:
         (dict): optimizer, lr0 and, for auto, the momentum and warmup_bias_lr that go with it.
@@ -89,7 +91,7 @@ def resolve_optimizer(cfg, nc, train_images):
         return {"optimizer": cfg["OPTIMIZER"], "lr0": cfg["LR0"]}
     iterations = math.ceil(train_images / max(cfg["BATCH"], cfg["NBS"])) * cfg["NUM_ROUNDS"] * cfg["EPOCHS"]
     name, lr0 = ("MuSGD", 0.01) if iterations > 10000 else ("AdamW", round(0.002 * 5 / (4 + nc), 6))
-    return {"optimizer": name, "lr0": lr0, "momentum": 0.9, "warmup_bias_lr": 0.0}
+    return {"optimizer": name, "lr0": lr0 * cfg["LR_SCALE"], "momentum": 0.9, "warmup_bias_lr": 0.0}
 
 
 class YoloClient(NumPyClient):
@@ -100,7 +102,7 @@ class YoloClient(NumPyClient):
         self.dataset, self.partition_id = dataset, partition_id
 
     def _prepare(self, parameters, config, work):
-        """Return (spec, checked dataset, resolved data.yaml, model holding exactly `parameters`)."""
+        """Return (spec, dataset, its resolved data.yaml in `work`, a model holding exactly `parameters`)."""
         from utils.model import build_model
 
         spec = json.loads(config["spec"])
@@ -110,7 +112,7 @@ class YoloClient(NumPyClient):
             raise ValueError(f"dataset {dataset} has classes {check['names']}, the federation has {spec['names']}")
         model = build_model(spec["model"], spec["names"])
         set_weights(model, parameters, source="the global parameters")
-        return spec, check, write_resolved(check, work), model
+        return spec, dataset, write_resolved(check, work), model
 
     def fit(self, parameters, config):
         """Train the sent weights for this round's epochs of the run; return fp32 weights, train images, losses."""
@@ -135,9 +137,9 @@ class YoloClient(NumPyClient):
         from utils.evaluate import evaluate
 
         with tempfile.TemporaryDirectory(prefix="fedyolo-client-") as work:
-            spec, _, data_yaml, model = self._prepare(parameters, config, work)
+            spec, dataset, data_yaml, model = self._prepare(parameters, config, work)
             m = evaluate(model, data_yaml, spec["hyp"])
-        n, m["client"] = m.pop("images"), client_label(self.dataset or spec["datasets"][self.partition_id])
+        n, m["client"] = m.pop("images"), client_label(dataset)
         return 1.0 - m["map50_95"], n, m
 
 

@@ -5,7 +5,8 @@ Usage:
 
 All three start from the same base model, see the same number of image-epochs (every train image ROUNDS x EPOCHS
 times) and are evaluated on one held-out test split of the demo federation (every style and class):
-- centralized: `YOLO(base).train(data=<union of the clients' train splits>, epochs=ROUNDS*EPOCHS)`;
+- centralized: `YOLO(base).train(data=<union of the clients' train splits>, epochs=ROUNDS*EPOCHS)` with the same
+  batch (8) and nominal batch (8) as the clients, and once more with Ultralytics' defaults (16, 64) for reference;
 - federated: `python3 federated.py` on the clients (per-round evaluation off, so only training is timed);
 - naive: the seed's loop: per round and client `YOLO(global.pt).train(data, epochs=EPOCHS)`, weights read back from
   the YOLO object after train() (best.pt, fp16 EMA), every array averaged by train images.
@@ -40,7 +41,7 @@ def test_map(weights, test_yaml, args):
     return float(m.box.map), float(m.box.map50)
 
 
-def centralized(clients, test_yaml, epochs, base, work, args):
+def centralized(clients, test_yaml, epochs, base, work, args, name="central"):
     """Train plain Ultralytics on the union of the clients' train splits; return (test mAP, seconds)."""
     union = work / "union.yaml"
     trains = [check_dataset(c)["yaml"]["train"] for c in clients]
@@ -48,7 +49,7 @@ def centralized(clients, test_yaml, epochs, base, work, args):
     union.write_text(json.dumps({"train": trains, "val": trains[0], "names": dict(enumerate(names))}))
     t = time.time()
     model = YOLO(base)
-    model.train(data=str(union), epochs=epochs, val=False, plots=False, project=str(work), name="central",
+    model.train(data=str(union), epochs=epochs, val=False, plots=False, project=str(work), name=name,
                 exist_ok=True, **args)
     seconds = time.time() - t
     return test_map(Path(model.trainer.last), test_yaml, args), seconds
@@ -103,6 +104,9 @@ def main():
     total = a.rounds * a.epochs
     rows = {"centralized": centralized(clients, test_yaml, total, a.base_model, work, args),
             "federated": federated(clients, test_yaml, a.rounds, a.epochs, a.base_model, work, args)}
+    default = {**args, "batch": 16, "nbs": 64}
+    rows["centralized, Ultralytics' default batch 16 / nbs 64"] = centralized(
+        clients, test_yaml, total, a.base_model, work, default, name="central-defaults")
     if not a.skip_naive:
         rows["naive"] = naive(clients, test_yaml, a.rounds, a.epochs, a.base_model, work, args)
     c_map = rows["centralized"][0][0] or float("nan")
@@ -111,6 +115,8 @@ def main():
         f"base {a.base_model}, imgsz 64, CPU",
         "",
         f"Command: `python3 bench/bench.py --rounds {a.rounds} --epochs {a.epochs}`, {time.strftime('%Y-%m-%d')}",
+        "",
+        "Ratios are to the first row (centralized at the clients' batch settings). Wall times include Ray start-up.",
         "",
         "| run | test mAP50-95 | test mAP50 | / centralized | wall s | wall / centralized |",
         "|---|---|---|---|---|---|",

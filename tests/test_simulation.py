@@ -103,8 +103,8 @@ def test_resume_after_kill_continues_the_run(tiny_fed, tmp_path):
     assert {n: _sha(save / n) for n in kept} == kept
     rows = _rows(save)
     assert [row["round"] for row in rows] == ["1", "2", "3"]
-    # round 3 is epoch 3 of 3 of one run: linear decay lr0 * ((1 - 2/3) * 0.99 + 0.01), AdamW lr0 = 0.00125 (auto)
-    assert float(rows[2]["train_lr"]) == pytest.approx(0.00125 * (1 / 3 * 0.99 + 0.01), rel=1e-4)
+    # round 3 is epoch 3 of 3 of one run: linear decay lr0 * ((1 - 2/3) * 0.99 + 0.01), lr0 = 3 x 0.00125 (auto)
+    assert float(rows[2]["train_lr"]) == pytest.approx(0.00375 * (1 / 3 * 0.99 + 0.01), rel=1e-4)
     assert len(load_npz(save / "round3.npz")) == 355
 
     r = subprocess.run(_cmd(tiny_fed, save, 3, "--resume"), capture_output=True, text=True, cwd=tmp_path)
