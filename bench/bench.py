@@ -37,7 +37,8 @@ from utils.params import get_weights, save_npz  # noqa: E402
 def test_map(weights, test_yaml, args):
     """Return mAP50-95 and mAP50 of a .pt on the test split."""
     args = {k: v for k, v in args.items() if k != "nbs"}
-    m = YOLO(str(weights)).val(data=str(test_yaml), split="test", plots=False, verbose=False, **args)
+    project = str(Path(test_yaml).parent.parent.parent / "val")  # inside the bench's work folder
+    m = YOLO(str(weights)).val(data=str(test_yaml), split="test", plots=False, verbose=False, project=project, **args)
     return float(m.box.map), float(m.box.map50)
 
 

@@ -28,7 +28,7 @@ def round_file(tiny_model, tmp_path):
     return tmp_path / "round3.npz", model.eval()
 
 
-def test_export_round_trip_predicts_like_the_in_memory_model(round_file, tiny_fed):
+def test_export_round_trip_predicts_like_the_in_memory_model(round_file, tiny_fed, tmp_path):
     from ultralytics import YOLO
 
     npz, model = round_file
@@ -42,9 +42,11 @@ def test_export_round_trip_predicts_like_the_in_memory_model(round_file, tiny_fe
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         np.testing.assert_allclose(yolo.model.eval()(x)[0].numpy(), model(x)[0].numpy(), rtol=1e-5, atol=1e-5)
-    res = yolo.predict(str(next((tiny_fed[1].parent / "images" / "test").iterdir())), imgsz=64, verbose=False)
+    image = str(next((tiny_fed[1].parent / "images" / "test").iterdir()))
+    res = yolo.predict(image, imgsz=64, verbose=False, project=str(tmp_path))
     assert res[0].names == dict(enumerate(["circle", "square", "triangle", "cross"]))
-    metrics = yolo.val(data=str(tiny_fed[1]), imgsz=32, batch=8, workers=0, plots=False, verbose=False)
+    metrics = yolo.val(data=str(tiny_fed[1]), imgsz=32, batch=8, workers=0, plots=False, verbose=False,
+                       project=str(tmp_path))
     assert 0.0 <= metrics.box.map <= 1.0
 
 
