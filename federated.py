@@ -19,8 +19,10 @@ SAVE_DIR = "runs/federated"  # (str) folder for round{N}.npz, metrics.csv, resul
 EXIST_OK = False  # (bool) allow a fresh run into a SAVE_DIR that already holds round files (they are overwritten)
 RESUME = False  # (bool) continue the run in SAVE_DIR from its last complete round, with the same settings
 BASE_MODEL = "yolov8n.yaml"  # (str) model .yaml (random init) or .pt (its weights; adapted to the datasets' classes)
-DATASETS = []  # (list[str]) one Ultralytics data.yaml per client; empty: generate the demo federation in DEMO_DIR
-DEMO_DIR = "datasets/demo"  # (str) where the demo federation is generated when DATASETS is empty
+DATASETS = []  # (list[str]) one Ultralytics data.yaml per client; empty (and no NAMES): the demo federation
+DEMO_DIR = "datasets/demo"  # (str) where the demo federation is generated when DATASETS and NAMES are empty
+NAMES = []  # (list[str]) the class names; needed in a deployment, where each SuperNode has its own dataset
+MIN_CLIENTS = 0  # (int) clients each round waits for; 0: one per entry of DATASETS
 STRATEGY = "fedavg"  # (str) aggregation strategy: fedavg (weighted by train images)
 SERVER_LR = 1.0  # (float) server learning rate: trainable weights move SERVER_LR x the averaged client update
 CLIENT_RESOURCES = {"num_cpus": 1, "num_gpus": 0.0}  # (dict) Ray resources per simulated client (num_cpus, num_gpus)
@@ -81,8 +83,8 @@ def resolve_optimizer(cfg, nc, train_images):
     """Resolve OPTIMIZER=auto once for the whole run, with Ultralytics' own rule, so every client uses the same one.
 
     Ultralytics picks MuSGD (lr 0.01) past 10,000 iterations, else AdamW with lr0 = 0.002 * 5 / (4 + nc), both with
-    momentum 0.9 and no bias warmup; here the iterations count every client's images over the whole run, and the
-    learning rate is multiplied by LR_SCALE.
+    momentum 0.9 and no bias warmup; here the iterations count every client's images over the whole run (in a
+    deployment the server does not know them and takes AdamW), and the learning rate is multiplied by LR_SCALE.
 
     Returns:
         (dict): optimizer, lr0 and, for auto, the momentum and warmup_bias_lr that go with it.
@@ -106,6 +108,8 @@ class YoloClient(NumPyClient):
         from utils.model import build_model
 
         spec = json.loads(config["spec"])
+        if self.dataset is None and self.partition_id is None:
+            raise ValueError("this SuperNode has no dataset: start it with --node-config 'dataset=\"/path/data.yaml\"'")
         dataset = self.dataset or spec["datasets"][self.partition_id]
         check = check_dataset(dataset)
         if check["names"] != spec["names"]:
@@ -322,12 +326,16 @@ def prepare(cfg):
             raise ValueError(f"cannot resume: {save_dir / 'config.json'} is missing or unreadable ({e})") from None
         if not cfg["DATASETS"]:
             cfg["DATASETS"] = saved["settings"]["DATASETS"]  # the demo datasets the run generated
-    if not cfg["DATASETS"]:
+    if not cfg["DATASETS"] and not cfg["NAMES"]:
         from utils.demo import make_demo
 
         cfg["DATASETS"] = [str(p) for p in make_demo(cfg["DEMO_DIR"], seed=cfg["SEED"])[0]]
-    checks = check_federation(cfg["DATASETS"])
-    names = checks[0]["names"]
+    checks = check_federation(cfg["DATASETS"]) if cfg["DATASETS"] else []  # none: a deployment's SuperNodes have them
+    names = checks[0]["names"] if checks else cfg["NAMES"]
+    if cfg["NAMES"] and names != cfg["NAMES"]:
+        raise ValueError(f"names {cfg['NAMES']} differ from the classes of the datasets, {names}")
+    if not checks and cfg["MIN_CLIENTS"] < 1:
+        raise ValueError("without datasets on the server (a deployment), set min-clients to the number of SuperNodes")
     server_check = check_dataset(cfg["SERVER_DATA"]) if cfg["SERVER_DATA"] else None
     if server_check and server_check["names"] != names:
         raise ValueError(f"server-data {cfg['SERVER_DATA']} has classes {server_check['names']}, the clients {names}")
@@ -345,7 +353,7 @@ def prepare(cfg):
         )
     hyp = {k.lower(): cfg[k] for k in TRAIN_KEYS}
     hyp["device"] = pick_device(cfg["DEVICE"])
-    hyp.update(resolve_optimizer(cfg, len(names), sum(c["train_images"] for c in checks)))
+    hyp.update(resolve_optimizer(cfg, len(names), sum(c["train_images"] for c in checks)))  # 0 images: deployment
     spec = {"model": arch, "names": names, "hyp": hyp, "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]]}
     params = {k for k, _ in model.named_parameters()}
     return {"initial": initial, "spec": spec, "trainable": [k in params for k in model.state_dict()],
@@ -371,7 +379,7 @@ def make_strategy(cfg, run):
     if not run["offset"]:
         write_config(cfg, run["spec"])
         (save_dir / "metrics.csv").unlink(missing_ok=True)
-    n = len(run["spec"]["datasets"])
+    n = cfg["MIN_CLIENTS"] or len(run["spec"]["datasets"])
     return SaveFedAvg(
         cfg, run,
         fraction_fit=1.0, fraction_evaluate=1.0 if cfg["EVALUATE"] else 0.0,
@@ -402,6 +410,8 @@ def main(argv=None):
     from flwr.simulation import run_simulation
 
     n, save_dir = len(run["spec"]["datasets"]), Path(cfg["SAVE_DIR"])
+    if not n:
+        sys.exit("federated.py: a simulation needs DATASETS (or neither DATASETS nor NAMES, for the demo)")
     log(INFO, "%d clients: %s", n, ", ".join(run["spec"]["datasets"]))
     if run["offset"]:
         log(INFO, "resuming %s after round %d of %d", save_dir, run["offset"], cfg["NUM_ROUNDS"])

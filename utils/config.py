@@ -2,7 +2,7 @@
 
 A constant NUM_ROUNDS is `--num-rounds` on the command line and `num-rounds` in the Flower run config.
 Values are checked against the constant's type: int, float, bool, str, list[str] (DATASETS: several values on the
-command line, a space- or comma-separated string in the run config) and dict (CLIENT_RESOURCES: JSON or
+command line, a comma- or else space-separated string in the run config) and dict (CLIENT_RESOURCES: JSON or
 `key=value,key=value`).
 """
 
@@ -35,8 +35,10 @@ def coerce(name, value, default):
         if isinstance(default, float):
             return float(value)
         if isinstance(default, list):
-            items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
-            return [str(v) for v in items]
+            if isinstance(value, (list, tuple)):
+                return [str(v) for v in value]
+            s = str(value)  # "a,b,c" (items may hold spaces) or "a b c"
+            return [v.strip() for v in s.split(",") if v.strip()] if "," in s else s.split()
         if isinstance(default, dict):
             if isinstance(value, dict):
                 return dict(value)

@@ -1,0 +1,168 @@
+"""The same app on Flower's Deployment Engine: a TLS SuperLink and SuperNodes as real processes on 127.0.0.1."""
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+NAMES = "circle,square,triangle,cross"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Deployment:
+    """A SuperLink with TLS certificates from deploy/make_certs.sh, and SuperNodes; `close()` stops every process."""
+
+    def __init__(self, tmp, auth=False):
+        self.tmp, self.auth, self.procs, self.port = tmp, auth, [], _free_port()
+        self.env = {**os.environ, "FLWR_HOME": str(tmp / "flwr-home"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        (tmp / "flwr-home").mkdir()
+        self.certs = tmp / "certs"
+        subprocess.run(["bash", str(ROOT / "deploy" / "make_certs.sh"), "127.0.0.1", str(self.certs)], check=True,
+                       capture_output=True)
+        (tmp / "flwr-home" / "config.toml").write_text(
+            f'[superlink.fed]\naddress = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs / "ca.crt"}"\n')
+
+    def _start(self, name, cmd):
+        log = open(self.tmp / f"{name}.log", "w")
+        p = subprocess.Popen(cmd, cwd=self.tmp, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        p.log_path = self.tmp / f"{name}.log"
+        self.procs.append(p)
+        return p
+
+    def superlink(self):
+        """Start the SuperLink and wait until it accepts connections."""
+        c = self.certs
+        cmd = [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile",
+               str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key"), "--port", str(self.port),
+               "--disable-runtime-dependency-installation", "--database", str(self.tmp / "state.db")]
+        p = self._start("superlink", cmd + (["--enable-supernode-auth"] if self.auth else []))
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            assert p.poll() is None, p.log_path.read_text()[-2000:]
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return p
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError("the SuperLink did not start")
+
+    def supernode(self, name, dataset=None, key=None, retries=None):
+        """Start one SuperNode (one data owner) with its dataset in node config."""
+        cmd = [str(BIN / "flower-supernode"), "--root-certificates", str(self.certs / "ca.crt"),
+               "--superlink", f"127.0.0.1:{self.port}", "--port", str(_free_port())]
+        if dataset is not None:
+            cmd += ["--node-config", f'dataset="{dataset}"']
+        if key is not None:
+            cmd += ["--auth-supernode-private-key", str(key)]
+        if retries is not None:
+            cmd += ["--max-retries", str(retries)]
+        return self._start(name, cmd)
+
+    def flwr(self, *args, timeout=600):
+        """Run the flwr CLI against this deployment (federation `fed`)."""
+        return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def close(self):
+        """Stop every process this deployment started, whatever happened."""
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.fixture()
+def deployment(tmp_path):
+    made = []
+
+    def make(auth=False):
+        made.append(Deployment(tmp_path, auth))
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def _run_config(save, rounds):
+    return (f'names="{NAMES}" min-clients=2 num-rounds={rounds} epochs=1 imgsz=32 batch=4 device="cpu" '
+            f'save-dir="{save}"')
+
+
+def test_tls_deployment_two_supernodes_two_rounds(deployment, tiny_fed, tmp_path):
+    d = deployment()
+    d.superlink()
+    for i, ds in enumerate(tiny_fed[0][:2]):
+        d.supernode(f"node{i}", ds)
+    save = tmp_path / "run"
+
+    r = d.flwr("run", ".", "fed", "--stream", "--run-config", _run_config(save, 2))
+
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert "round 2/2" in log
+    assert (save / "round1.npz").is_file() and (save / "round2.npz").is_file()
+    with (save / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["round"] for row in rows] == ["1", "2"] and rows[1]["map50_95_dark"] != ""
+    r = subprocess.run([sys.executable, str(ROOT / "utils" / "export_federated.py"), "yolov8n.yaml",
+                        str(save / "round2.npz")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from ultralytics import YOLO
+
+    assert YOLO(str(save / "round2.pt")).names[0] == "circle"
+
+
+def test_unregistered_supernode_is_refused_when_auth_is_on(deployment, tmp_path):
+    d = deployment(auth=True)
+    d.superlink()
+    keys = {}
+    for n in ("registered", "stranger"):
+        keys[n] = tmp_path / f"{n}_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f", str(keys[n])],
+                       check=True)
+    r = d.flwr("supernode", "register", str(keys["registered"]) + ".pub", "fed", timeout=60)
+    assert r.returncode == 0 and "registered successfully" in r.stdout, r.stdout + r.stderr
+
+    good = d.supernode("registered", key=keys["registered"])
+    bad = d.supernode("stranger", key=keys["stranger"], retries=1)
+
+    assert bad.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in bad.log_path.read_text()
+    time.sleep(2)
+    assert good.poll() is None, good.log_path.read_text()[-2000:]  # the registered node stays connected
+
+
+def test_supernode_with_missing_dataset_fails_its_part_only(deployment, tiny_fed, tmp_path):
+    d = deployment()
+    d.superlink()
+    d.supernode("good", tiny_fed[0][0])
+    d.supernode("broken", tmp_path / "gone" / "data.yaml")
+    save = tmp_path / "run"
+
+    r = d.flwr("run", ".", "fed", "--stream", "--run-config", _run_config(save, 1))
+
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    assert "a client failed" in log and "round 1/1" in log
+    assert (save / "round1.npz").is_file()
