@@ -23,6 +23,7 @@ DATASETS = []  # (list[str]) one Ultralytics data.yaml per client; empty (and no
 DEMO_DIR = "datasets/demo"  # (str) where the demo federation is generated when DATASETS and NAMES are empty
 NAMES = []  # (list[str]) the class names; needed in a deployment, where each SuperNode has its own dataset
 MIN_CLIENTS = 0  # (int) clients each round waits for; 0: one per entry of DATASETS
+MIN_UPDATES = 1  # (int) valid client updates a round needs; with fewer the round is skipped, the global model kept
 STRATEGY = "fedavg"  # (str) aggregation strategy: fedavg (weighted by train images)
 SERVER_LR = 1.0  # (float) server learning rate: trainable weights move SERVER_LR x the averaged client update
 CLIENT_RESOURCES = {"num_cpus": 1, "num_gpus": 0.0}  # (dict) Ray resources per simulated client (num_cpus, num_gpus)
@@ -49,7 +50,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from logging import INFO, WARNING  # noqa: E402
+from logging import ERROR, INFO, WARNING  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -202,16 +203,24 @@ class SaveFedAvg(FedAvg):
                 log(WARNING, "round %d: update of client %s rejected: %s", r, proxy.cid, problem)
                 continue
             updates.append((arrays, res.num_examples, res.metrics))
-        self.pending = {"round": r}
-        if not updates:
-            log(WARNING, "round %d: no valid client update; the global model is unchanged", r)
-            return None, {}
-        avg = weighted_average([(a, n) for a, n, _ in updates], self.current)
-        self.current = server_step(self.current, avg, self.run["trainable"], self.cfg["SERVER_LR"])
-        save_npz(self.save_dir / f"round{r}.npz", self.current)
-        total = sum(n for _, n, _ in updates)
-        keys = sorted(set.intersection(*(set(m) for _, _, m in updates)))
-        metrics = {k: sum(float(m[k]) * n for _, n, m in updates) / total for k in keys}
+        self.pending = {"round": r, "updates": len(updates)}
+        new, metrics = self.current, {}
+        if len(updates) < max(self.cfg["MIN_UPDATES"], 1):  # the round's file then repeats the kept global model
+            log(WARNING, "round %d skipped: %d valid client update(s), min-updates is %d; the global model is kept",
+                r, len(updates), self.cfg["MIN_UPDATES"])
+        else:
+            avg = weighted_average([(a, n) for a, n, _ in updates], self.current)
+            new = server_step(self.current, avg, self.run["trainable"], self.cfg["SERVER_LR"])
+            total = sum(n for _, n, _ in updates)
+            keys = sorted(set.intersection(*(set(m) for _, _, m in updates)))
+            metrics = {k: sum(float(m[k]) * n for _, n, m in updates) / total for k in keys}
+        try:
+            save_npz(self.save_dir / f"round{r}.npz", new)
+        except OSError as e:
+            log(ERROR, "round %d: could not save %s (%s); the earlier round files are intact; stopping",
+                r, self.save_dir / f"round{r}.npz", e)
+            raise
+        self.current = new
         self.pending.update({f"train_{k}": v for k, v in metrics.items()})
         if not self.cfg["EVALUATE"]:
             self._finish_round()
@@ -252,8 +261,8 @@ class SaveFedAvg(FedAvg):
     def _finish_round(self):
         """Write the round's metrics row, results.png, last.pt and best.pt; log one line."""
         row, r = self.pending, self.pending.get("round")
-        if r is None or not (self.save_dir / f"round{r}.npz").exists():
-            return  # no new global model this round
+        if r is None:
+            return
         row["time_s"] = round(time.time() - self.t0, 1)
         self.rows = [x for x in self.rows if int(x["round"]) != r] + [row]
         model = self.run["model"]
@@ -269,8 +278,8 @@ class SaveFedAvg(FedAvg):
         self.pending = {}
         n, elapsed, done = self.cfg["NUM_ROUNDS"], time.time() - self.t0, r - self.run["offset"]
         line = f"round {r}/{n}  {elapsed:.0f}s elapsed, ~{elapsed / done * (n - r):.0f}s left"
-        loss = sum(v for k, v in row.items() if k.startswith("train_") and k.endswith("_loss"))
-        line += f"  train loss {loss:.3f}"
+        losses = [v for k, v in row.items() if k.startswith("train_") and k.endswith("_loss")]
+        line += f"  train loss {sum(losses):.3f}" if losses else f"  skipped ({row['updates']} valid updates)"
         if "map50_95" in row:
             line += f"  val mAP50 {row['map50']:.3f}  mAP50-95 {row['map50_95']:.3f} (best {self.best:.3f})"
         if "server_map50_95" in row:

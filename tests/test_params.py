@@ -116,3 +116,38 @@ def test_strategy_aggregates_real_fitres_saves_npz_and_rejects_bad_update(tmp_pa
         np.testing.assert_array_equal(x, y)
         np.testing.assert_allclose(x, want)
     assert [x.dtype for x in saved] == [np.float32, np.float32, np.int64] and saved[2].shape == ()
+
+
+def test_strategy_skips_round_below_min_updates_and_survives_full_disk(tmp_path, monkeypatch):
+    import errno
+
+    import federated
+
+    ref = [np.zeros((2, 2), np.float32), np.array(0, np.int64)]
+    cfg = {**federated.DEFAULTS, "SAVE_DIR": str(tmp_path), "NUM_ROUNDS": 3, "EVALUATE": True, "MIN_UPDATES": 2}
+    run = {"initial": ref, "spec": {"names": ["a"]}, "trainable": [True, False], "offset": 0, "rows": []}
+    strategy = federated.SaveFedAvg(cfg, run)
+    good = [np.ones((2, 2), np.float32), np.array(1, np.int64)]
+    nan = [np.full((2, 2), np.nan, np.float32), np.array(1, np.int64)]
+
+    params, _ = strategy.aggregate_fit(1, [(_Proxy("a"), _fit_res(good, 5)), (_Proxy("b"), _fit_res(nan, 5))], [])
+
+    from flwr.common import parameters_to_ndarrays
+
+    kept = parameters_to_ndarrays(params)  # one valid update < min-updates 2: the global model is kept
+    assert all(np.array_equal(a, b) for a, b in zip(kept, ref))
+    assert all(np.array_equal(a, b) for a, b in zip(load_npz(tmp_path / "round1.npz"), ref))
+    assert strategy.pending["updates"] == 1
+
+    before = (tmp_path / "round1.npz").read_bytes()
+
+    def full_disk(f, *arrays):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        strategy.aggregate_fit(2, [(_Proxy("a"), _fit_res(good, 5)), (_Proxy("b"), _fit_res(good, 5))], [])
+    assert (tmp_path / "round1.npz").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round1.npz"]  # no partial round2, no temp file
+    assert all(np.array_equal(a, b) for a, b in zip(strategy.current, ref))  # nothing half-applied

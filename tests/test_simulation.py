@@ -92,6 +92,9 @@ def test_resume_after_kill_continues_the_run(tiny_fed, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert [row["round"] for row in _rows(save)][:2] == ["1", "2"]
+    assert not [p.name for p in save.iterdir() if p.name.endswith(".tmp")]  # killed: no temp file left behind
+    for f in save.glob("round*.npz"):
+        assert len(load_npz(f)) == 355  # every round file that exists is whole
     (save / "round3.npz").unlink(missing_ok=True)  # if round 3 got as far as its npz, its row is still missing
     kept = {n: _sha(save / n) for n in ("round1.npz", "round2.npz")}
 
@@ -123,3 +126,33 @@ def test_resume_refuses_changed_settings(tiny_fed, tmp_path):
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == (
         f"federated.py: cannot resume the run in {save} with other settings: imgsz was 32, now 64")
+
+
+def test_client_whose_data_disappears_fails_alone_and_the_run_completes(tiny_fed, tmp_path):
+    import shutil
+
+    src = tiny_fed[0][1].parent
+    mine = tmp_path / "light"
+    shutil.copytree(src, mine)
+    (mine / "data.yaml").write_text((src / "data.yaml").read_text().replace(str(src), str(mine)))
+    save = tmp_path / "run"
+    cmd = _cmd(tiny_fed, save, 3)
+    cmd[cmd.index(str(tiny_fed[0][1]))] = str(mine / "data.yaml")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not ((save / "metrics.csv").exists() and _rows(save)):
+            time.sleep(0.2)
+        shutil.rmtree(mine / "images")  # the data owner's data disappears after round 1
+        log, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    assert proc.returncode == 0, log[-3000:]
+    rows = _rows(save)
+    assert [row["round"] for row in rows] == ["1", "2", "3"]
+    assert rows[0]["updates"] == "2" and rows[2]["updates"] == "1"
+    assert "a client failed" in log and "does not exist" in log
+    assert float(rows[2]["map50_95_dark"]) >= 0 and rows[2].get("map50_95_light", "") == ""

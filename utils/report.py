@@ -6,7 +6,7 @@ from pathlib import Path
 
 from utils.atomic import atomic_open
 
-FIXED = ["round", "time_s", "train_box_loss", "train_cls_loss", "train_dfl_loss",
+FIXED = ["round", "time_s", "updates", "train_box_loss", "train_cls_loss", "train_dfl_loss",
          "precision", "recall", "map50", "map50_95"]
 
 
