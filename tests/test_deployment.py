@@ -166,3 +166,21 @@ def test_supernode_with_missing_dataset_fails_its_part_only(deployment, tiny_fed
     assert r.returncode == 0, log[-3000:]
     assert "a client failed" in log and "round 1/1" in log
     assert (save / "round1.npz").is_file()
+
+
+def test_tls_is_required_and_a_wrong_ca_fails_fast(deployment, tmp_path):
+    d = deployment()
+    r = subprocess.run([str(BIN / "flower-superlink"), "--port", str(_free_port()), "--database", ":memory:"],
+                       capture_output=True, text=True, timeout=120, env=d.env, cwd=tmp_path)
+    assert r.returncode != 0 and "Certificates are required unless running in insecure mode" in r.stdout + r.stderr
+
+    d.superlink()
+    other = tmp_path / "other-ca"
+    subprocess.run(["bash", str(ROOT / "deploy" / "make_certs.sh"), "127.0.0.1", str(other)], check=True,
+                   capture_output=True)
+    d.certs, real = other, d.certs  # a SuperNode that trusts another CA
+    node = d.supernode("wrong-ca", retries=1)
+    d.certs = real
+    start = time.time()
+    assert node.wait(timeout=120) != 0
+    assert time.time() - start < 120 and "CERTIFICATE_VERIFY_FAILED" in node.log_path.read_text()
