@@ -151,3 +151,13 @@ def test_strategy_skips_round_below_min_updates_and_survives_full_disk(tmp_path,
     assert (tmp_path / "round1.npz").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round1.npz"]  # no partial round2, no temp file
     assert all(np.array_equal(a, b) for a, b in zip(strategy.current, ref))  # nothing half-applied
+
+
+def test_load_npz_never_unpickles(tmp_path):
+    path = tmp_path / "evil.npz"
+    np.savez(path, np.array([{"x": 1}], dtype=object))  # an object array is stored as a pickle
+    with pytest.raises(ValueError, match="evil.npz cannot be read .*allow_pickle"):
+        load_npz(path)
+    np.savez(tmp_path / "named.npz", weights=np.zeros(2))
+    with pytest.raises(ValueError, match="not named arr_0"):
+        load_npz(tmp_path / "named.npz")

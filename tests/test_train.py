@@ -110,3 +110,20 @@ def test_training_and_evaluation_make_no_network_connection(data_yaml, tiny_mode
     metrics = evaluate(build_model(cfg, names), data_yaml, TINY)
 
     assert tried == [] and metrics["images"] == 4
+
+
+def test_label_with_class_id_beyond_nc_is_skipped_not_trained(tiny_fed, tiny_model, tmp_path):
+    import shutil
+
+    src = tiny_fed[0][0].parent
+    shutil.copytree(src, tmp_path / "c")
+    label = sorted((tmp_path / "c" / "labels" / "train").glob("*.txt"))[0]
+    label.write_text("9 0.5 0.5 0.2 0.2\n")  # class 9 of a 4-class dataset
+    data = tmp_path / "c" / "data.yaml"
+    data.write_text((src / "data.yaml").read_text().replace(str(src), str(tmp_path / "c")))
+    check = check_dataset(data)
+    cfg, names = tiny_model
+
+    out, _ = _run(build_model(cfg, names), write_resolved(check, tmp_path), 0, 1, 1)
+
+    assert out["train_images"] == 7  # Ultralytics drops the image with the bad label (a warning), trains the rest

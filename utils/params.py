@@ -45,13 +45,16 @@ def save_npz(path, arrays):
 
 
 def load_npz(path):
-    """Return the positional arrays of an npz written by save_npz; ValueError on a damaged or foreign file."""
+    """Return the positional arrays of an npz written by save_npz; ValueError on a damaged or foreign file.
+
+    Never unpickles: an npz holding object arrays (which would run code when loaded with pickle) is refused.
+    """
     try:
         with np.load(path, allow_pickle=False) as z:
             names = list(z.files)
-            expected = [f"arr_{i}" for i in range(len(names))]
-            if names != expected:
-                raise ValueError(f"{path} is not a round file: its arrays are not named arr_0..arr_{len(names) - 1}")
-            return [z[k] for k in names]
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ValueError(f"{path} cannot be read as an npz file (truncated or damaged?): {e}") from None
+            arrays = [z[k] for k in names]
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read as a round npz file (truncated, damaged or pickled?): {e}") from None
+    if names != [f"arr_{i}" for i in range(len(names))]:
+        raise ValueError(f"{path} is not a round file: its arrays are not named arr_0..arr_{len(names) - 1}")
+    return arrays
