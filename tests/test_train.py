@@ -127,3 +127,34 @@ def test_label_with_class_id_beyond_nc_is_skipped_not_trained(tiny_fed, tiny_mod
     out, _ = _run(build_model(cfg, names), write_resolved(check, tmp_path), 0, 1, 1)
 
     assert out["train_images"] == 7  # Ultralytics drops the image with the bad label (a warning), trains the rest
+
+
+def test_evaluation_leaves_the_global_parameters_untouched(tiny_fed, tiny_model, tmp_path):
+    import json
+
+    import federated
+    from utils.params import load_npz, save_npz
+
+    cfg, names = tiny_model
+    sent = _random_weights(build_model(cfg, names), seed=3)
+    copy = [a.copy() for a in sent]
+    spec = {"model": cfg, "names": names, "hyp": TINY, "datasets": [str(tiny_fed[0][0])]}
+    client = federated.YoloClient(partition_id=0)
+
+    loss, n, metrics = client.evaluate(sent, {"spec": json.dumps(spec)})
+
+    assert n == 4 and metrics["client"] == "dark" and 0.0 <= metrics["map50_95"] <= 1.0
+    assert all(np.array_equal(a, b) for a, b in zip(sent, copy))  # the validator fused its own copy only
+
+    # server-side evaluation after a round: the saved npz stays the aggregate
+    from flwr.common import ndarrays_to_parameters
+
+    settings = {**federated.DEFAULTS, "SAVE_DIR": str(tmp_path), "SERVER_DATA": str(tiny_fed[1])}
+    run = {"initial": sent, "spec": spec, "trainable": [], "offset": 0, "rows": [],
+           "server_check": check_dataset(tiny_fed[1])}
+    strategy = federated.SaveFedAvg(settings, run)
+    save_npz(tmp_path / "round1.npz", sent)
+    loss, m = strategy.evaluate(1, ndarrays_to_parameters(sent))
+    assert "map50_95" in m and strategy.pending["server_map50_95"] == m["map50_95"]
+    for arrays in (load_npz(tmp_path / "round1.npz"), strategy.current):
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, copy))
