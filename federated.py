@@ -288,7 +288,8 @@ class SaveFedAvg(FedAvg):
 
 
 # Settings a resumed run may change; any other difference from the saved run is refused.
-RESUME_MAY_CHANGE = {"RESUME", "EXIST_OK", "DEVICE", "WORKERS", "CLIENT_RESOURCES", "EVALUATE", "SERVER_DATA"}
+RESUME_MAY_CHANGE = {"RESUME", "EXIST_OK", "SAVE_DIR", "DEVICE", "WORKERS", "CLIENT_RESOURCES", "EVALUATE",
+                     "SERVER_DATA"}
 
 
 def _resume_point(cfg, saved, save_dir):

@@ -113,6 +113,14 @@ def test_resume_after_kill_continues_the_run(tiny_fed, tmp_path):
     r = subprocess.run(_cmd(tiny_fed, save, 3, "--resume"), capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0 and "already finished all 3 rounds" in r.stderr.strip().splitlines()[-1]
 
+    # the same run never interrupted: on CPU, every round's weights are bit-identical
+    whole = tmp_path / "whole"
+    r = subprocess.run(_cmd(tiny_fed, whole, 3), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    for i in (1, 2, 3):
+        assert all(np.array_equal(a, b) for a, b in zip(load_npz(save / f"round{i}.npz"),
+                                                         load_npz(whole / f"round{i}.npz"))), i
+
 
 def test_resume_refuses_changed_settings(tiny_fed, tmp_path):
     save = tmp_path / "run"
