@@ -59,11 +59,17 @@ from flwr.common import Context, log, ndarrays_to_parameters, parameters_to_ndar
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig  # noqa: E402
 from flwr.server.strategy import FedAvg  # noqa: E402
 
-from utils.aggregate import check_update, server_step, weighted_average  # noqa: E402
+from utils.aggregate import WeightedMean, check_update, server_step  # noqa: E402
 from utils.atomic import atomic_write_text  # noqa: E402
 from utils.checkpoint import write_checkpoint  # noqa: E402
 from utils.config import get_args_parser, resolve  # noqa: E402
-from utils.datasets import check_dataset, check_federation, client_label, write_resolved  # noqa: E402
+from utils.datasets import (  # noqa: E402
+    check_dataset,
+    check_federation,
+    client_label,
+    client_labels,
+    write_resolved,
+)
 from utils.params import get_weights, load_npz, save_npz, set_weights  # noqa: E402
 from utils.report import plot, read_rows, write_rows  # noqa: E402
 
@@ -126,13 +132,13 @@ class YoloClient(NumPyClient):
         from utils.train import train_round
 
         with tempfile.TemporaryDirectory(prefix="fedyolo-client-") as work:
-            spec, _, data_yaml, model = self._prepare(parameters, config, work)
+            spec, dataset, data_yaml, model = self._prepare(parameters, config, work)
             hyp = {**spec["hyp"], "seed": spec["hyp"]["seed"] + int(config["server-round"])}
             out = train_round(model, data_yaml, config["start-epoch"], config["epochs"], config["total-epochs"], hyp)
         weights = get_weights(model)
         if not all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
             raise RuntimeError("local training produced NaN/Inf weights; the update is withheld")
-        n = out.pop("train_images")
+        n, out["dataset"] = out.pop("train_images"), str(Path(dataset).resolve())
         return weights, n, out
 
     def evaluate(self, parameters, config):
@@ -144,7 +150,7 @@ class YoloClient(NumPyClient):
         with tempfile.TemporaryDirectory(prefix="fedyolo-client-") as work:
             spec, dataset, data_yaml, model = self._prepare(parameters, config, work)
             m = evaluate(model, data_yaml, spec["hyp"])
-        n, m["client"] = m.pop("images"), client_label(dataset)
+        n, m["client"], m["dataset"] = m.pop("images"), client_label(dataset), str(Path(dataset).resolve())
         return 1.0 - m["map50_95"], n, m
 
 
@@ -195,25 +201,29 @@ class SaveFedAvg(FedAvg):
         r = self._round(server_round)
         for f in failures:
             log(WARNING, "round %d: a client failed: %r", r, f if isinstance(f, BaseException) else f[1])
-        updates = []
+        mean, counted = WeightedMean(), []  # one running sum: the server never holds every update as arrays
         for proxy, res in results:
             arrays = parameters_to_ndarrays(res.parameters)
             problem = check_update(arrays, self.current, res.num_examples)
             if problem:
                 log(WARNING, "round %d: update of client %s rejected: %s", r, proxy.cid, problem)
                 continue
-            updates.append((arrays, res.num_examples, res.metrics))
-        self.pending = {"round": r, "updates": len(updates)}
+            n, known = res.num_examples, self.run["train_images"].get(res.metrics.get("dataset"))
+            if known is not None and n > known:  # simulation: the server knows every dataset's size
+                log(WARNING, "round %d: client %s reported %d train images, its dataset has %d; counted as %d",
+                    r, proxy.cid, n, known, known)
+                n = known
+            mean.add(arrays, n)
+            counted.append((n, {k: v for k, v in res.metrics.items() if k != "dataset"}))
+        self.pending = {"round": r, "updates": len(counted)}
         new, metrics = self.current, {}
-        if len(updates) < max(self.cfg["MIN_UPDATES"], 1):  # the round's file then repeats the kept global model
+        if len(counted) < max(self.cfg["MIN_UPDATES"], 1):  # the round's file then repeats the kept global model
             log(WARNING, "round %d skipped: %d valid client update(s), min-updates is %d; the global model is kept",
-                r, len(updates), self.cfg["MIN_UPDATES"])
+                r, len(counted), self.cfg["MIN_UPDATES"])
         else:
-            avg = weighted_average([(a, n) for a, n, _ in updates], self.current)
-            new = server_step(self.current, avg, self.run["trainable"], self.cfg["SERVER_LR"])
-            total = sum(n for _, n, _ in updates)
-            keys = sorted(set.intersection(*(set(m) for _, _, m in updates)))
-            metrics = {k: sum(float(m[k]) * n for _, n, m in updates) / total for k in keys}
+            new = server_step(self.current, mean.result(self.current), self.run["trainable"], self.cfg["SERVER_LR"])
+            keys = sorted(set.intersection(*(set(m) for _, m in counted)))
+            metrics = {k: sum(float(m[k]) * n for n, m in counted) / mean.total for k in keys}
         try:
             save_npz(self.save_dir / f"round{r}.npz", new)
         except OSError as e:
@@ -252,8 +262,11 @@ class SaveFedAvg(FedAvg):
         if total:
             for k in ("precision", "recall", "map50", "map50_95"):
                 metrics[k] = sum(float(res.metrics[k]) * res.num_examples for _, res in results) / total
-            for _, res in sorted(results, key=lambda x: str(x[1].metrics.get("client"))):
-                metrics[f"map50_95_{res.metrics.get('client', 'client')}"] = float(res.metrics["map50_95"])
+            per_client = {}
+            for _, res in results:  # named by the server's label for the dataset, else the client's own
+                m = res.metrics
+                per_client[self.run["labels"].get(m.get("dataset"), m.get("client", "client"))] = float(m["map50_95"])
+            metrics.update({f"map50_95_{k}": v for k, v in sorted(per_client.items())})
         self.pending.update(metrics)
         self._finish_round()
         return (1.0 - metrics["map50_95"] if metrics else None), metrics
@@ -317,7 +330,9 @@ def prepare(cfg):
     Returns:
         (dict): `initial` global arrays, `spec` (what every client receives), `trainable` (which state_dict entries
             are parameters, not buffers), `offset` (rounds already done), `rows` (their metrics), the server's
-            `model` (for checkpoints; never used for inference), `train_args` and `server_check`.
+            `model` (for checkpoints; never used for inference), `train_args`, `server_check` and `train_images`
+            (each known dataset's train image count, the most a client on it may claim) and `labels` (their names
+            in metrics.csv).
     """
     from utils.model import build_model, read_base
 
@@ -368,6 +383,8 @@ def prepare(cfg):
     params = {k for k, _ in model.named_parameters()}
     return {"initial": initial, "spec": spec, "trainable": [k in params for k in model.state_dict()],
             "offset": offset, "rows": rows, "model": model, "server_check": server_check,
+            "train_images": {str(Path(d).resolve()): c["train_images"] for d, c in zip(cfg["DATASETS"], checks)},
+            "labels": client_labels(cfg["DATASETS"]),
             "train_args": {"model": cfg["BASE_MODEL"], "imgsz": cfg["IMGSZ"], "batch": cfg["BATCH"]}}
 
 
@@ -443,6 +460,10 @@ def main(argv=None):
         f"{strategy.best:.3f}" if strategy.best is not None else "not measured")
     log(INFO, "  last model  %s;  metrics %s;  plot %s", save_dir / "last.pt", save_dir / "metrics.csv",
         save_dir / "results.png")
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the server (driver) process, not Ray's workers
+    log(INFO, "  peak memory of the server process: %.0f MB", peak)
 
 
 if __name__ == "__main__":

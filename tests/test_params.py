@@ -59,8 +59,8 @@ def test_set_weights_names_first_mismatch(tiny_model):
         set_weights(model, arrays)
 
 
-def _fit_res(arrays, n):
-    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, {})
+def _fit_res(arrays, n, metrics=None):
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, metrics or {})
 
 
 def test_weighted_average_with_real_fitres():
@@ -99,7 +99,8 @@ def test_strategy_aggregates_real_fitres_saves_npz_and_rejects_bad_update(tmp_pa
 
     ref = [np.zeros((2, 2), np.float32), np.zeros(3, np.float32), np.array(0, np.int64)]
     cfg = {**federated.DEFAULTS, "SAVE_DIR": str(tmp_path), "NUM_ROUNDS": 2, "EVALUATE": True}
-    run = {"initial": ref, "spec": {"names": ["a"]}, "trainable": [True, False, False], "offset": 0, "rows": []}
+    run = {"initial": ref, "spec": {"names": ["a"]}, "trainable": [True, False, False], "offset": 0, "rows": [],
+           "train_images": {}}
     strategy = federated.SaveFedAvg(cfg, run)
     a = [np.ones((2, 2), np.float32), np.full(3, 2.0, np.float32), np.array(4, np.int64)]
     b = [np.full((2, 2), 3.0, np.float32), np.full(3, 6.0, np.float32), np.array(8, np.int64)]
@@ -125,7 +126,8 @@ def test_strategy_skips_round_below_min_updates_and_survives_full_disk(tmp_path,
 
     ref = [np.zeros((2, 2), np.float32), np.array(0, np.int64)]
     cfg = {**federated.DEFAULTS, "SAVE_DIR": str(tmp_path), "NUM_ROUNDS": 3, "EVALUATE": True, "MIN_UPDATES": 2}
-    run = {"initial": ref, "spec": {"names": ["a"]}, "trainable": [True, False], "offset": 0, "rows": []}
+    run = {"initial": ref, "spec": {"names": ["a"]}, "trainable": [True, False], "offset": 0, "rows": [],
+           "train_images": {}}
     strategy = federated.SaveFedAvg(cfg, run)
     good = [np.ones((2, 2), np.float32), np.array(1, np.int64)]
     nan = [np.full((2, 2), np.nan, np.float32), np.array(1, np.int64)]
@@ -161,3 +163,20 @@ def test_load_npz_never_unpickles(tmp_path):
     np.savez(tmp_path / "named.npz", weights=np.zeros(2))
     with pytest.raises(ValueError, match="not named arr_0"):
         load_npz(tmp_path / "named.npz")
+
+
+def test_strategy_counts_no_client_above_its_datasets_size(tmp_path):
+    import federated
+
+    ref = [np.zeros(2, np.float32)]
+    cfg = {**federated.DEFAULTS, "SAVE_DIR": str(tmp_path), "NUM_ROUNDS": 1, "EVALUATE": True}
+    run = {"initial": ref, "spec": {"names": ["a"]}, "trainable": [True], "offset": 0, "rows": [],
+           "train_images": {"/data/a": 10, "/data/b": 10}}
+    strategy = federated.SaveFedAvg(cfg, run)
+    liar = _fit_res([np.full(2, 9.0, np.float32)], 10**9, {"dataset": "/data/a", "box_loss": 1.0})
+    honest = _fit_res([np.full(2, 1.0, np.float32)], 10, {"dataset": "/data/b", "box_loss": 3.0})
+
+    _, metrics = strategy.aggregate_fit(1, [(_Proxy("a"), liar), (_Proxy("b"), honest)], [])
+
+    np.testing.assert_allclose(load_npz(tmp_path / "round1.npz")[0], [5.0, 5.0])  # 10 and 10 images, not 1e9 and 10
+    assert metrics == {"box_loss": 2.0}

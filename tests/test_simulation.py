@@ -164,3 +164,22 @@ def test_client_whose_data_disappears_fails_alone_and_the_run_completes(tiny_fed
     assert rows[0]["updates"] == "2" and rows[2]["updates"] == "1"
     assert "a client failed" in log and "does not exist" in log
     assert float(rows[2]["map50_95_dark"]) >= 0 and rows[2].get("map50_95_light", "") == ""
+
+
+def test_twenty_clients_complete_a_round(tmp_path):
+    from utils.demo import make_demo
+
+    data = []
+    for seed in range(7):  # 7 x 3 demo clients, 4 train and 2 val images each
+        data += make_demo(tmp_path / f"set{seed}", seed=seed, n_train=4, n_val=2)[0]
+    save = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", *map(str, data[:20]), "--num-rounds", "1",
+           "--epochs", "1", "--imgsz", "32", "--batch", "4", "--device", "cpu", "--save-dir", str(save)]
+
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "peak memory of the server process" in r.stdout + r.stderr
+    row = _rows(save)[0]
+    assert row["updates"] == "20"
+    assert len([k for k in row if k.startswith("map50_95_") and row[k] != ""]) == 20  # one column per client

@@ -150,7 +150,7 @@ def test_evaluation_leaves_the_global_parameters_untouched(tiny_fed, tiny_model,
     from flwr.common import ndarrays_to_parameters
 
     settings = {**federated.DEFAULTS, "SAVE_DIR": str(tmp_path), "SERVER_DATA": str(tiny_fed[1])}
-    run = {"initial": sent, "spec": spec, "trainable": [], "offset": 0, "rows": [],
+    run = {"initial": sent, "spec": spec, "trainable": [], "offset": 0, "rows": [], "train_images": {},
            "server_check": check_dataset(tiny_fed[1])}
     strategy = federated.SaveFedAvg(settings, run)
     save_npz(tmp_path / "round1.npz", sent)

@@ -17,12 +17,37 @@ def check_update(arrays, reference, num_examples):
     return None
 
 
-def weighted_average(updates, reference):
-    """Average client updates weighted by their train images (FedAvg), keeping the global model's dtypes.
+class WeightedMean:
+    """Running FedAvg: add client updates one at a time, so the server holds one float64 sum, not every update.
 
     Every entry is averaged, BatchNorm running statistics included (each client's statistics weighted by its
     images); integer buffers (BatchNorm `num_batches_tracked`, unused by YOLO's momentum BatchNorm) get the
     rounded weighted mean in their own integer dtype and shape.
+    """
+
+    def __init__(self):
+        """Start with nothing added."""
+        self.sum, self.total = None, 0
+
+    def add(self, arrays, n):
+        """Add one client's arrays with weight n (its train images)."""
+        if self.sum is None:
+            self.sum = [np.zeros(a.shape, np.float64) for a in arrays]  # arrays, 0-d included, so += is in place
+        for s, a in zip(self.sum, arrays):
+            s += a.astype(np.float64) * n
+        self.total += n
+
+    def result(self, reference):
+        """Return the weighted mean in the dtypes of `reference` (the current global arrays)."""
+        out = []
+        for s, ref in zip(self.sum, reference):
+            mean = s / self.total
+            out.append(np.rint(mean).astype(ref.dtype) if ref.dtype.kind in "iub" else mean.astype(ref.dtype))
+        return out
+
+
+def weighted_average(updates, reference):
+    """Average client updates weighted by their train images (FedAvg), keeping the global model's dtypes.
 
     Args:
         updates (list[tuple[list[np.ndarray], int]]): each client's arrays and train image count.
@@ -31,12 +56,10 @@ def weighted_average(updates, reference):
     Returns:
         (list[np.ndarray]): the new global arrays.
     """
-    total = float(sum(n for _, n in updates))
-    out = []
-    for i, ref in enumerate(reference):
-        acc = sum(arrays[i].astype(np.float64) * (n / total) for arrays, n in updates)
-        out.append(np.rint(acc).astype(ref.dtype) if ref.dtype.kind in "iub" else acc.astype(ref.dtype))
-    return out
+    mean = WeightedMean()
+    for arrays, n in updates:
+        mean.add(arrays, n)
+    return mean.result(reference)
 
 
 def server_step(current, average, trainable, lr=1.0):

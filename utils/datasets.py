@@ -111,3 +111,10 @@ def client_label(file):
     """Return a short name for a client's dataset: its folder for a file named data.yaml, else the file's stem."""
     file = Path(file)
     return file.parent.name if file.stem == "data" and file.parent.name else file.stem
+
+
+def client_labels(files):
+    """Return {resolved path: unique short name} for the datasets; a name shared by several gets its index first."""
+    names = [client_label(f) for f in files]
+    unique = [n if names.count(n) == 1 else f"{i}_{n}" for i, n in enumerate(names)]
+    return {str(Path(f).resolve()): n for f, n in zip(files, unique)}
