@@ -184,3 +184,28 @@ def test_tls_is_required_and_a_wrong_ca_fails_fast(deployment, tmp_path):
     start = time.time()
     assert node.wait(timeout=120) != 0
     assert time.time() - start < 120 and "CERTIFICATE_VERIFY_FAILED" in node.log_path.read_text()
+
+
+def test_supernode_killed_mid_round_then_restarted_rejoins(deployment, tiny_fed, tmp_path):
+    d = deployment()
+    d.superlink()
+    d.supernode("steady", tiny_fed[0][0])
+    victim = d.supernode("victim", tiny_fed[0][1])
+    save = tmp_path / "run"
+    run = subprocess.Popen([str(BIN / "flwr"), "run", ".", "fed", "--stream", "--run-config", _run_config(save, 2)],
+                           cwd=ROOT, env=d.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    d.procs.append(run)
+    deadline = time.time() + 300
+    while time.time() < deadline and "Start `flwr-clientapp` process" not in victim.log_path.read_text():
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)  # the data owner's machine dies while it trains round 1
+    victim.wait()
+    d.supernode("victim-restarted", tiny_fed[0][1])
+
+    log, _ = run.communicate(timeout=600)
+
+    assert run.returncode == 0, log[-3000:]
+    rows = list(csv.DictReader((save / "metrics.csv").open()))
+    assert [row["round"] for row in rows] == ["1", "2"]
+    assert rows[0]["updates"] == "1" and rows[1]["updates"] == "2"  # round 1 without it, round 2 with it again
