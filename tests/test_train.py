@@ -112,13 +112,14 @@ def test_training_and_evaluation_make_no_network_connection(data_yaml, tiny_mode
     assert tried == [] and metrics["images"] == 4
 
 
-def test_label_with_class_id_beyond_nc_is_skipped_not_trained(tiny_fed, tiny_model, tmp_path):
+def test_labels_malformed_or_beyond_nc_are_skipped_not_trained(tiny_fed, tiny_model, tmp_path):
     import shutil
 
     src = tiny_fed[0][0].parent
     shutil.copytree(src, tmp_path / "c")
-    label = sorted((tmp_path / "c" / "labels" / "train").glob("*.txt"))[0]
-    label.write_text("9 0.5 0.5 0.2 0.2\n")  # class 9 of a 4-class dataset
+    labels = sorted((tmp_path / "c" / "labels" / "train").glob("*.txt"))
+    labels[0].write_text("9 0.5 0.5 0.2 0.2\n")  # class 9 of a 4-class dataset
+    labels[1].write_text("circle at the centre\n")  # not a label line at all
     data = tmp_path / "c" / "data.yaml"
     data.write_text((src / "data.yaml").read_text().replace(str(src), str(tmp_path / "c")))
     check = check_dataset(data)
@@ -126,7 +127,7 @@ def test_label_with_class_id_beyond_nc_is_skipped_not_trained(tiny_fed, tiny_mod
 
     out, _ = _run(build_model(cfg, names), write_resolved(check, tmp_path), 0, 1, 1)
 
-    assert out["train_images"] == 7  # Ultralytics drops the image with the bad label (a warning), trains the rest
+    assert out["train_images"] == 6  # Ultralytics drops the images with bad labels (a warning), trains the rest
 
 
 def test_evaluation_leaves_the_global_parameters_untouched(tiny_fed, tiny_model, tmp_path):
@@ -158,3 +159,18 @@ def test_evaluation_leaves_the_global_parameters_untouched(tiny_fed, tiny_model,
     assert "map50_95" in m and strategy.pending["server_map50_95"] == m["map50_95"]
     for arrays in (load_npz(tmp_path / "round1.npz"), strategy.current):
         assert all(np.array_equal(a, b) for a, b in zip(arrays, copy))
+
+
+def test_client_withholds_nan_weights(tiny_fed, tiny_model):
+    import json
+
+    import federated
+
+    cfg, names = tiny_model
+    arrays = get_weights(build_model(cfg, names))
+    sent = [np.full(a.shape, np.nan, a.dtype) if a.dtype.kind == "f" else a for a in arrays]
+    spec = {"model": cfg, "names": names, "hyp": TINY, "datasets": [str(tiny_fed[0][0])]}
+    config = {"spec": json.dumps(spec), "server-round": 1, "start-epoch": 0, "epochs": 1, "total-epochs": 1}
+
+    with pytest.raises(RuntimeError, match="NaN/Inf weights; the update is withheld"):
+        federated.YoloClient(partition_id=0).fit(sent, config)
