@@ -204,7 +204,7 @@ class SaveFedAvg(FedAvg):
         mean, counted = WeightedMean(), []  # one running sum: the server never holds every update as arrays
         for proxy, res in results:
             arrays = parameters_to_ndarrays(res.parameters)
-            problem = check_update(arrays, self.current, res.num_examples)
+            problem = check_update(arrays, self.current, res.num_examples, res.metrics)
             if problem:
                 log(WARNING, "round %d: update of client %s rejected: %s", r, proxy.cid, problem)
                 continue

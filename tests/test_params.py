@@ -85,6 +85,7 @@ def test_check_update_rejects_bad_updates():
     assert "sent 3 arrays" in check_update(good[:1] + good, ref, 5)
     assert "entry 0" in check_update([np.ones((3, 2), np.float32), good[1]], ref, 5)
     assert "NaN" in check_update([np.full((2, 2), np.nan, np.float32), good[1]], ref, 5)
+    assert check_update(good, ref, 5, {"box_loss": float("nan")}) == "its box_loss is nan"
 
 
 class _Proxy:

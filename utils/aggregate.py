@@ -3,10 +3,13 @@
 import numpy as np
 
 
-def check_update(arrays, reference, num_examples):
+def check_update(arrays, reference, num_examples, metrics=None):
     """Return None if a client update fits the global model, else one sentence saying what is wrong with it."""
     if not isinstance(num_examples, int) or num_examples <= 0:
         return f"it reported {num_examples!r} train images (must be a positive integer)"
+    for k, v in (metrics or {}).items():
+        if isinstance(v, float) and not np.isfinite(v):
+            return f"its {k} is {v}"
     if len(arrays) != len(reference):
         return f"it sent {len(arrays)} arrays, the global model has {len(reference)}"
     for i, (a, r) in enumerate(zip(arrays, reference)):
