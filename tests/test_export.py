@@ -89,3 +89,24 @@ def test_export_refuses_truncated_npz(round_file):
     r = subprocess.run([*EXPORT, "yolov8n.yaml", str(npz)], capture_output=True, text=True)
     assert r.returncode != 0 and "round3.npz" in r.stderr.strip().splitlines()[-1]
     assert not npz.with_suffix(".pt").exists()
+
+
+def test_exported_model_exports_to_onnx_and_predicts_the_same(round_file, tiny_fed, tmp_path):
+    import onnxruntime
+    from ultralytics import YOLO
+
+    npz, _ = round_file
+    out = tmp_path / "m.pt"
+    r = subprocess.run([*EXPORT, "yolov8n.yaml", str(npz), "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    onnx_path = YOLO(str(out)).export(format="onnx", imgsz=64)  # what `yolo export format=onnx` runs
+
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    session = onnxruntime.InferenceSession(onnx_path)
+    y_onnx = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        y_pt = YOLO(str(out)).model.eval()(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(y_onnx, y_pt, atol=1e-3, rtol=1e-3)
+    image = str(next((tiny_fed[1].parent / "images" / "test").iterdir()))
+    res = YOLO(onnx_path, task="detect").predict(image, imgsz=64, verbose=False, project=str(tmp_path))
+    assert res[0].names == dict(enumerate(["circle", "square", "triangle", "cross"]))
