@@ -60,7 +60,7 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig  # noqa: E4
 from flwr.server.strategy import FedAvg  # noqa: E402
 
 from utils.aggregate import WeightedMean, check_update, server_step  # noqa: E402
-from utils.atomic import atomic_write_text  # noqa: E402
+from utils.atomic import atomic_write_text, remove_stale_temps  # noqa: E402
 from utils.checkpoint import write_checkpoint  # noqa: E402
 from utils.config import get_args_parser, resolve  # noqa: E402
 from utils.datasets import (  # noqa: E402
@@ -403,6 +403,7 @@ def make_strategy(cfg, run):
     """Start SAVE_DIR (config.json; old metrics of an overwritten run removed) and return the run's strategy."""
     save_dir = Path(cfg["SAVE_DIR"])
     save_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(save_dir)
     if not run["offset"]:
         write_config(cfg, run["spec"])
         (save_dir / "metrics.csv").unlink(missing_ok=True)

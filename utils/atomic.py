@@ -22,6 +22,12 @@ def atomic_open(path):
         raise
 
 
+def remove_stale_temps(folder):
+    """Delete temp files that a killed writer left in `folder` (a SIGKILL leaves them; nothing else can clean up)."""
+    for p in Path(folder).glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+
+
 def atomic_write_text(path, text):
     """Write `text` to `path` atomically."""
     with atomic_open(path) as f:
