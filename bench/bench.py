@@ -45,8 +45,8 @@ def test_map(weights, test_yaml, args):
 def centralized(clients, test_yaml, epochs, base, work, args, name="central"):
     """Train plain Ultralytics on the union of the clients' train splits; return (test mAP, seconds)."""
     union = work / "union.yaml"
-    trains = [check_dataset(c)["yaml"]["train"] for c in clients]
-    names = check_dataset(clients[0])["names"]
+    checks = [check_dataset(c) for c in clients]
+    trains, names = [c["yaml"]["train"] for c in checks], checks[0]["names"]
     union.write_text(json.dumps({"train": trains, "val": trains[0], "names": dict(enumerate(names))}))
     t = time.time()
     model = YOLO(base)
@@ -72,7 +72,8 @@ def federated(clients, test_yaml, rounds, epochs, base, work, args, name="federa
 
 def naive(clients, test_yaml, rounds, epochs, base, work, args):
     """The seed README's loop; return (test mAP of the last round, seconds)."""
-    sizes = [check_dataset(c)["train_images"] for c in clients]
+    checks = [check_dataset(c) for c in clients]
+    sizes, names = [c["train_images"] for c in checks], checks[0]["names"]
     current, t = base, time.time()
     for r in range(1, rounds + 1):
         updates = []
@@ -83,7 +84,7 @@ def naive(clients, test_yaml, rounds, epochs, base, work, args):
             updates.append(get_weights(model.model))  # what the seed reads back: best.pt, fp16 EMA
         npz = work / "naive" / f"round{r}.npz"  # every array averaged, as Flower's FedAvg does
         save_npz(npz, weighted_average(list(zip(updates, sizes)), updates[0]))
-        current = str(export(base, npz, names=check_dataset(clients[0])["names"]))
+        current = str(export(base, npz, names=names))
     seconds = time.time() - t
     return test_map(current, test_yaml, args), seconds
 

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from utils.params import entry_mismatch
+
 
 def check_update(arrays, reference, num_examples, metrics=None):
     """Return None if a client update fits the global model, else one sentence saying what is wrong with it."""
@@ -12,12 +14,11 @@ def check_update(arrays, reference, num_examples, metrics=None):
             return f"its {k} is {v}"
     if len(arrays) != len(reference):
         return f"it sent {len(arrays)} arrays, the global model has {len(reference)}"
-    for i, (a, r) in enumerate(zip(arrays, reference)):
-        if a.shape != r.shape or a.dtype.kind != r.dtype.kind:
-            return f"entry {i} is {a.dtype}{list(a.shape)}, the global model's is {r.dtype}{list(r.shape)}"
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            return f"entry {i} holds NaN or Inf values"
-    return None
+    problem = entry_mismatch(arrays, [(r.shape, r.dtype.kind) for r in reference])
+    if problem:
+        return problem
+    bad = next((i for i, a in enumerate(arrays) if a.dtype.kind == "f" and not np.isfinite(a).all()), None)
+    return None if bad is None else f"entry {bad} holds NaN or Inf values"
 
 
 class WeightedMean:

@@ -18,16 +18,32 @@ def get_weights(model):
     return out
 
 
+def entry_mismatch(arrays, expected, names=None):
+    """Return None if every array has its expected shape and dtype kind, else one phrase naming the first that differs.
+
+    Args:
+        arrays (list[np.ndarray]): the arrays to check, as many as `expected`.
+        expected (list[tuple[tuple, str]]): (shape, dtype kind: "f" float, "i" integer) per entry.
+        names (list[str] | None): state_dict keys, to name the entry.
+    """
+    for i, (a, (shape, kind)) in enumerate(zip(arrays, expected)):
+        name = f"entry {i} ({names[i]})" if names else f"entry {i}"
+        if tuple(a.shape) != tuple(shape):
+            return f"{name} has shape {tuple(a.shape)}, the model expects {tuple(shape)}"
+        if a.dtype.kind != kind:
+            return f"{name} has dtype {a.dtype}, the model expects {'a float' if kind == 'f' else 'an integer'} array"
+    return None
+
+
 def check_weights(model, arrays, source="parameters"):
     """Raise ValueError naming the first entry of `arrays` whose count, shape or dtype kind does not fit `model`."""
     sd = model.state_dict()
     if len(arrays) != len(sd):
         raise ValueError(f"{source} holds {len(arrays)} arrays but the model has {len(sd)} state_dict entries")
-    for i, ((k, t), a) in enumerate(zip(sd.items(), arrays)):
-        if tuple(a.shape) != tuple(t.shape):
-            raise ValueError(f"{source} entry {i} ({k}) has shape {tuple(a.shape)}, the model expects {tuple(t.shape)}")
-        if t.is_floating_point() != np.issubdtype(a.dtype, np.floating) or a.dtype == object:
-            raise ValueError(f"{source} entry {i} ({k}) has dtype {a.dtype}, the model expects {t.dtype}")
+    expected = [(tuple(t.shape), "f" if t.is_floating_point() else "i") for t in sd.values()]
+    problem = entry_mismatch(arrays, expected, list(sd))
+    if problem:
+        raise ValueError(f"{source} {problem}")
 
 
 def set_weights(model, arrays, source="parameters"):
