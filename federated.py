@@ -21,11 +21,23 @@ RESUME = False  # (bool) continue the run in SAVE_DIR from its last complete rou
 BASE_MODEL = "yolov8n.yaml"  # (str) model .yaml (random init) or .pt (its weights; adapted to the datasets' classes)
 DATASETS = []  # (list[str]) one Ultralytics data.yaml per client; empty (and no NAMES): the demo federation
 DEMO_DIR = "datasets/demo"  # (str) where the demo federation is generated when DATASETS and NAMES are empty
-NAMES = []  # (list[str]) the class names; needed in a deployment, where each SuperNode has its own dataset
+NAMES = []  # (list[str]) the federation's classes; empty: the union of the datasets' names (needed in a deployment)
+PARTIAL_LABELS = True  # (bool) a client's classification loss covers only the classes its data.yaml names
+FEDBN = False  # (bool) FedBN: BatchNorm weights and statistics stay local to each client (README "BatchNorm")
 MIN_CLIENTS = 0  # (int) clients each round waits for; 0: one per entry of DATASETS
 MIN_UPDATES = 1  # (int) valid client updates a round needs; with fewer the round is skipped, the global model kept
-STRATEGY = "fedavg"  # (str) aggregation strategy: fedavg (weighted by train images)
-SERVER_LR = 1.0  # (float) server learning rate: trainable weights move SERVER_LR x the averaged client update
+STRATEGY = "fedavg"  # (str) fedavg, fedprox, fedavgm, fedadam, fedyogi, fedmedian, fedtrimmedavg or krum (README)
+SERVER_LR = 1.0  # (float) server learning rate: trainable weights move SERVER_LR x the aggregated client update
+PROXIMAL_MU = 0.01  # (float) fedprox: weight mu of the proximal term mu/2 ||w - w_global||^2 in the client loss
+SERVER_MOMENTUM = 0.9  # (float) fedavgm: server momentum on the trainable weights
+ADAPTIVE_LR = 0.01  # (float) fedadam, fedyogi: server learning rate of the Adam/Yogi step
+ADAPTIVE_BETA1 = 0.9  # (float) fedadam, fedyogi: first-moment decay
+ADAPTIVE_BETA2 = 0.99  # (float) fedadam, fedyogi: second-moment decay
+ADAPTIVE_TAU = 0.001  # (float) fedadam, fedyogi: adaptivity (added to the root of the second moment)
+TRIM_BETA = 0.2  # (float) fedtrimmedavg: fraction of updates cut at each end of every coordinate
+KRUM_F = 0  # (int) krum: number of malicious clients to tolerate (needs more than 2 x KRUM_F + 2 clients)
+POOLED_BN_VAR = False  # (bool) BatchNorm running_var of the global model: variance of the pooled client data
+FP16 = "off"  # (str) send float weights as float16: off, up (client -> server) or both; integer buffers stay exact
 CLIENT_RESOURCES = {"num_cpus": 1, "num_gpus": 0.0}  # (dict) Ray resources per simulated client (num_cpus, num_gpus)
 EVALUATE = True  # (bool) evaluate the new global model on every client's val split after each round
 SERVER_DATA = ""  # (str) optional data.yaml the server owns: the global model is also validated on its val split
@@ -59,19 +71,23 @@ from flwr.common import Context, log, ndarrays_to_parameters, parameters_to_ndar
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig  # noqa: E402
 from flwr.server.strategy import FedAvg  # noqa: E402
 
-from utils.aggregate import WeightedMean, check_update, server_step  # noqa: E402
+from utils.aggregate import check_update  # noqa: E402
 from utils.atomic import atomic_write_text, remove_stale_temps  # noqa: E402
 from utils.checkpoint import write_checkpoint  # noqa: E402
+from utils.classes import annotated, class_map, client_view, union_names  # noqa: E402
 from utils.config import get_args_parser, resolve  # noqa: E402
-from utils.datasets import (  # noqa: E402
-    check_dataset,
-    check_federation,
-    client_label,
-    client_labels,
-    write_resolved,
+from utils.datasets import check_dataset, check_federation, client_label, client_labels  # noqa: E402
+from utils.params import (  # noqa: E402
+    decode_update,
+    encode_update,
+    get_weights,
+    load_npz,
+    save_npz,
+    set_weights,
+    to_half,
 )
-from utils.params import get_weights, load_npz, save_npz, set_weights  # noqa: E402
 from utils.report import plot, read_rows, write_rows  # noqa: E402
+from utils.strategies import Aggregator, check_strategy  # noqa: E402
 
 TRAIN_KEYS = ("IMGSZ", "BATCH", "NBS", "DEVICE", "WORKERS", "OPTIMIZER", "LR0", "COS_LR", "WARMUP_EPOCHS",
               "CLOSE_MOSAIC", "AMP", "SEED")  # settings passed to the Ultralytics trainer as lower-case arguments
@@ -103,61 +119,104 @@ def resolve_optimizer(cfg, nc, train_images):
     return {"optimizer": name, "lr0": lr0 * cfg["LR_SCALE"], "momentum": 0.9, "warmup_bias_lr": 0.0}
 
 
+def view_folder(root, dataset, names):
+    """Return the work folder of a client's dataset view: one per dataset and class list, under `root`."""
+    import hashlib
+
+    key = hashlib.sha1(json.dumps([str(Path(dataset).resolve()), names]).encode()).hexdigest()[:10]
+    return Path(root) / f"{client_label(dataset)}-{key}"
+
+
+def bn_entries(model):
+    """Return the state_dict indices of the BatchNorm weights, biases and statistics (FedBN keeps them local)."""
+    import torch
+
+    bn = {name for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    return [i for i, k in enumerate(model.state_dict()) if k.rsplit(".", 1)[0] in bn]
+
+
 class YoloClient(NumPyClient):
-    """One data owner: trains and validates the global weights it is sent on its own data.yaml."""
+    """One data owner: trains and validates the global weights it is sent on its own data.yaml.
 
-    def __init__(self, dataset=None, partition_id=None):
-        """Keep the node's dataset (deployment) or its partition id (simulation: DATASETS[partition_id])."""
-        self.dataset, self.partition_id = dataset, partition_id
+    Its dataset is seen through a view in a work folder (utils/classes.py): labels mapped to the federation's class
+    ids, Ultralytics' label cache kept there between rounds, the owner's files never written.
+    """
 
-    def _prepare(self, parameters, config, work):
-        """Return (spec, dataset, its resolved data.yaml in `work`, a model holding exactly `parameters`)."""
+    def __init__(self, dataset=None, partition_id=None, work_dir=None, state=None):
+        """Keep the node's dataset (deployment) or partition id (simulation), work folder and persistent state."""
+        self.dataset, self.partition_id, self.work_dir, self.state = dataset, partition_id, work_dir, state
+
+    def _prepare(self, parameters, config):
+        """Return (spec, dataset, its view's data.yaml, a model holding `parameters`, the classes it annotates)."""
+        import tempfile
+
         from utils.model import build_model
 
         spec = json.loads(config["spec"])
         if self.dataset is None and self.partition_id is None:
             raise ValueError("this SuperNode has no dataset: start it with --node-config 'dataset=\"/path/data.yaml\"'")
         dataset = self.dataset or spec["datasets"][self.partition_id]
-        check = check_dataset(dataset)
-        if check["names"] != spec["names"]:
-            raise ValueError(f"dataset {dataset} has classes {check['names']}, the federation has {spec['names']}")
-        model = build_model(spec["model"], spec["names"])
+        check, names = check_dataset(dataset), spec["names"]
+        try:
+            class_map(check["names"], names)
+        except ValueError as e:
+            raise ValueError(f"dataset {dataset}: {e}") from None
+        root = self.work_dir or (spec["work"] if self.dataset is None else Path(tempfile.gettempdir()) / "fedyolo")
+        data_yaml = client_view(check, names, view_folder(root, dataset, names))
+        model = build_model(spec["model"], names)
+        self.local_bn = spec["fedbn"] and self.state is not None and "fedbn" in self.state
+        if self.local_bn:  # this client's own BatchNorm, kept from its last round
+            parameters = list(parameters)
+            for i, a in zip(bn_entries(model), self.state["fedbn"].to_numpy_ndarrays()):
+                parameters[i] = a
         set_weights(model, parameters, source="the global parameters")
-        return spec, dataset, write_resolved(check, work), model
+        classes = annotated(check, names)
+        partial = spec["partial_labels"] and len(classes) < len(names)
+        return spec, dataset, data_yaml, model, classes if partial else None
 
     def fit(self, parameters, config):
         """Train the sent weights for this round's epochs of the run; return fp32 weights, train images, losses."""
-        import tempfile
-
         from utils.train import train_round
 
-        with tempfile.TemporaryDirectory(prefix="fedyolo-client-") as work:
-            spec, dataset, data_yaml, model = self._prepare(parameters, config, work)
-            hyp = {**spec["hyp"], "seed": spec["hyp"]["seed"] + int(config["server-round"])}
-            out = train_round(model, data_yaml, config["start-epoch"], config["epochs"], config["total-epochs"], hyp)
+        spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
+        hyp = {**spec["hyp"], "seed": spec["hyp"]["seed"] + int(config["server-round"])}
+        out = train_round(model, data_yaml, config["start-epoch"], config["epochs"], config["total-epochs"], hyp,
+                          proximal_mu=float(config["proximal-mu"]), classes=classes)
         weights = get_weights(model)
         if not all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
             raise RuntimeError("local training produced NaN/Inf weights; the update is withheld")
+        if spec["fedbn"] and self.state is not None:
+            from flwr.common import ArrayRecord
+
+            self.state["fedbn"] = ArrayRecord(numpy_ndarrays=[weights[i] for i in bn_entries(model)])
+            out["local_bn"] = int(self.local_bn)  # 1 from round 2 on: its BatchNorm came from its own state
+        if config["fp16"] in ("up", "both"):  # the change since the received weights, as float16
+            weights = encode_update(weights, parameters)
         n, out["dataset"] = out.pop("train_images"), str(Path(dataset).resolve())
         return weights, n, out
 
     def evaluate(self, parameters, config):
-        """Validate the sent weights on this client's val split; loss is 1 - mAP50-95."""
-        import tempfile
+        """Validate the sent weights (with FEDBN: its own BatchNorm) on its val split; loss is 1 - mAP50-95.
 
+        The mAP counts the classes present in its val labels only: classes the client does not annotate never count.
+        """
         from utils.evaluate import evaluate
 
-        with tempfile.TemporaryDirectory(prefix="fedyolo-client-") as work:
-            spec, dataset, data_yaml, model = self._prepare(parameters, config, work)
-            m = evaluate(model, data_yaml, spec["hyp"])
+        spec, dataset, data_yaml, model, _ = self._prepare(parameters, config)
+        m = evaluate(model, data_yaml, spec["hyp"])
         n, m["client"], m["dataset"] = m.pop("images"), client_label(dataset), str(Path(dataset).resolve())
         return 1.0 - m["map50_95"], n, m
 
 
 def client_fn(context: Context):
-    """Return the client of one node: its dataset from node config `dataset`, else DATASETS[partition-id]."""
+    """Return the client of one node: its dataset from node config `dataset`, else DATASETS[partition-id].
+
+    Node config `work-dir` sets where the node keeps its dataset views (default: SAVE_DIR/work in simulation, the
+    system temp folder on a SuperNode).
+    """
     nc = context.node_config
-    return YoloClient(dataset=nc.get("dataset"), partition_id=nc.get("partition-id")).to_client()
+    return YoloClient(dataset=nc.get("dataset"), partition_id=nc.get("partition-id"), work_dir=nc.get("work-dir"),
+                      state=context.state).to_client()
 
 
 class SaveFedAvg(FedAvg):
@@ -172,7 +231,9 @@ class SaveFedAvg(FedAvg):
         """Keep the run's settings and state (see `prepare`)."""
         self.cfg, self.run, self.spec_json = cfg, run, json.dumps(run["spec"])
         self.current, self.rows, self.pending = run["initial"], run["rows"], {}
+        self.sent, self.aggregator = self.current, Aggregator(cfg, run["trainable"], run["bn_pairs"])
         self.save_dir, self.t0 = Path(cfg["SAVE_DIR"]), time.time()
+        self.t_last = self.t0
         self.best = max((float(r["map50_95"]) for r in self.rows if r.get("map50_95")), default=None)
         super().__init__(initial_parameters=ndarrays_to_parameters(self.current), **kwargs)
 
@@ -183,12 +244,16 @@ class SaveFedAvg(FedAvg):
     def _config(self, server_round):
         """Return what every client needs this round to continue the one training schedule."""
         r, e = self._round(server_round), self.cfg["EPOCHS"]
-        return {"server-round": r, "start-epoch": (r - 1) * e, "epochs": e,
-                "total-epochs": self.cfg["NUM_ROUNDS"] * e, "spec": self.spec_json}
+        mu = self.cfg["PROXIMAL_MU"] if self.cfg["STRATEGY"] == "fedprox" else 0.0
+        return {"server-round": r, "start-epoch": (r - 1) * e, "epochs": e, "total-epochs": self.cfg["NUM_ROUNDS"] * e,
+                "spec": self.spec_json, "proximal-mu": mu, "fp16": self.cfg["FP16"]}
 
     def configure_fit(self, server_round, parameters, client_manager):
-        """Send the global weights and this round's schedule to the sampled clients."""
-        return [(c, type(ins)(ins.parameters, self._config(server_round)))
+        """Send the global weights (float16 with FP16=both) and this round's schedule to the sampled clients."""
+        self.sent = to_half(self.current) if self.cfg["FP16"] == "both" else self.current
+        params = ndarrays_to_parameters(self.sent)
+        self.pending["bytes_down"] = sum(len(t) for t in params.tensors)
+        return [(c, type(ins)(params, self._config(server_round)))
                 for c, ins in super().configure_fit(server_round, parameters, client_manager)]
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -201,29 +266,35 @@ class SaveFedAvg(FedAvg):
         r = self._round(server_round)
         for f in failures:
             log(WARNING, "round %d: a client failed: %r", r, f if isinstance(f, BaseException) else f[1])
-        mean, counted = WeightedMean(), []  # one running sum: the server never holds every update as arrays
+        t0, agg, counted, sizes = time.time(), self.aggregator, [], []
+        agg.begin()  # mean-based strategies keep one running sum, never every update
         for proxy, res in results:
             arrays = parameters_to_ndarrays(res.parameters)
             problem = check_update(arrays, self.current, res.num_examples, res.metrics)
             if problem:
                 log(WARNING, "round %d: update of client %s rejected: %s", r, proxy.cid, problem)
                 continue
+            sizes.append(sum(len(t) for t in res.parameters.tensors))
+            if self.cfg["FP16"] in ("up", "both"):
+                arrays = decode_update(arrays, self.sent)
             n, known = res.num_examples, self.run["train_images"].get(res.metrics.get("dataset"))
             if known is not None and n > known:  # simulation: the server knows every dataset's size
                 log(WARNING, "round %d: client %s reported %d train images, its dataset has %d; counted as %d",
                     r, proxy.cid, n, known, known)
                 n = known
-            mean.add(arrays, n)
+            agg.add(arrays, n)
             counted.append((n, {k: v for k, v in res.metrics.items() if k != "dataset"}))
-        self.pending = {"round": r, "updates": len(counted)}
+        self.pending = {"round": r, "updates": len(counted), "bytes_down": self.pending.get("bytes_down"),
+                        "bytes_up": round(sum(sizes) / len(sizes)) if sizes else None}
         new, metrics = self.current, {}
         if len(counted) < max(self.cfg["MIN_UPDATES"], 1):  # the round's file then repeats the kept global model
             log(WARNING, "round %d skipped: %d valid client update(s), min-updates is %d; the global model is kept",
                 r, len(counted), self.cfg["MIN_UPDATES"])
         else:
-            new = server_step(self.current, mean.result(self.current), self.run["trainable"], self.cfg["SERVER_LR"])
+            new = agg.result(self.current)
             keys = sorted(set.intersection(*(set(m) for _, m in counted)))
-            metrics = {k: sum(float(m[k]) * n for n, m in counted) / mean.total for k in keys}
+            metrics = {k: sum(float(m[k]) * n for n, m in counted) / agg.total for k in keys}
+        t1 = time.time()
         try:
             save_npz(self.save_dir / f"round{r}.npz", new)
         except OSError as e:
@@ -232,6 +303,7 @@ class SaveFedAvg(FedAvg):
             raise
         self.current = new
         self.pending.update({f"train_{k}": v for k, v in metrics.items()})
+        self.pending.update(time_aggregate=round(t1 - t0, 3), time_save=round(time.time() - t1, 3))
         if not self.cfg["EVALUATE"]:
             self._finish_round()
         return ndarrays_to_parameters(self.current), metrics
@@ -240,15 +312,14 @@ class SaveFedAvg(FedAvg):
         """Validate the new global model on SERVER_DATA's val split, when set (server-side evaluation)."""
         if not self.cfg["SERVER_DATA"] or server_round == 0:
             return None
-        import tempfile
-
         from utils.evaluate import evaluate
         from utils.model import build_model
 
-        model = build_model(self.run["spec"]["model"], self.run["spec"]["names"])
+        names = self.run["spec"]["names"]
+        model = build_model(self.run["spec"]["model"], names)
         set_weights(model, parameters_to_ndarrays(parameters))
-        with tempfile.TemporaryDirectory(prefix="fedyolo-server-") as work:
-            m = evaluate(model, write_resolved(self.run["server_check"], work), self.run["spec"]["hyp"])
+        view = client_view(self.run["server_check"], names, view_folder(self.run["spec"]["work"], "server", names))
+        m = evaluate(model, view, self.run["spec"]["hyp"])
         self.pending.update({f"server_{k}": v for k, v in m.items() if k != "images"})
         return 1.0 - m["map50_95"], m
 
@@ -276,7 +347,8 @@ class SaveFedAvg(FedAvg):
         row, r = self.pending, self.pending.get("round")
         if r is None:
             return
-        row["time_s"] = round(time.time() - self.t0, 1)
+        now = time.time()
+        row["time_s"], row["time_round"], self.t_last = round(now - self.t0, 1), round(now - self.t_last, 2), now
         self.rows = [x for x in self.rows if int(x["round"]) != r] + [row]
         model = self.run["model"]
         set_weights(model, self.current)
@@ -338,8 +410,9 @@ def prepare(cfg):
 
     if cfg["NUM_ROUNDS"] < 1 or cfg["EPOCHS"] < 1:
         raise ValueError(f"num-rounds ({cfg['NUM_ROUNDS']}) and epochs ({cfg['EPOCHS']}) must be at least 1")
-    if cfg["STRATEGY"].lower() != "fedavg":
-        raise ValueError(f"strategy {cfg['STRATEGY']!r} is not available; use fedavg")
+    cfg["STRATEGY"], cfg["FP16"] = cfg["STRATEGY"].lower(), cfg["FP16"].lower()
+    if cfg["FP16"] not in ("off", "up", "both"):
+        raise ValueError(f"fp16 must be off, up or both (got {cfg['FP16']!r})")
     save_dir = Path(cfg["SAVE_DIR"])
     if save_dir.exists() and not save_dir.is_dir():
         raise ValueError(f"save-dir {save_dir} exists and is not a folder")
@@ -356,14 +429,22 @@ def prepare(cfg):
 
         cfg["DATASETS"] = [str(p) for p in make_demo(cfg["DEMO_DIR"], seed=cfg["SEED"])[0]]
     checks = check_federation(cfg["DATASETS"]) if cfg["DATASETS"] else []  # none: a deployment's SuperNodes have them
-    names = checks[0]["names"] if checks else cfg["NAMES"]
-    if cfg["NAMES"] and names != cfg["NAMES"]:
-        raise ValueError(f"names {cfg['NAMES']} differ from the classes of the datasets, {names}")
+    problem = check_strategy(cfg, cfg["MIN_CLIENTS"] or len(cfg["DATASETS"]))
+    if problem:
+        raise ValueError(problem)
+    names, notes = union_names(checks, cfg["DATASETS"]) if checks else (cfg["NAMES"], [])
+    for note in notes:
+        log(WARNING, "%s", note)
+    if cfg["NAMES"]:  # the user's list and order; it must hold every dataset's classes
+        missing = [n for n in names if n not in cfg["NAMES"]]
+        if missing:
+            raise ValueError(f"names {cfg['NAMES']} lack the classes {missing} of the datasets")
+        names = cfg["NAMES"]
     if not checks and cfg["MIN_CLIENTS"] < 1:
         raise ValueError("without datasets on the server (a deployment), set min-clients to the number of SuperNodes")
     server_check = check_dataset(cfg["SERVER_DATA"]) if cfg["SERVER_DATA"] else None
-    if server_check and server_check["names"] != names:
-        raise ValueError(f"server-data {cfg['SERVER_DATA']} has classes {server_check['names']}, the clients {names}")
+    if server_check and not set(server_check["names"]) <= set(names):
+        raise ValueError(f"server-data {cfg['SERVER_DATA']} has classes {server_check['names']}, not all among {names}")
     arch, base = read_base(cfg["BASE_MODEL"])
     model = build_model(arch, names, weights=base, seed=cfg["SEED"])
     offset, rows, initial = 0, [], get_weights(model)
@@ -379,9 +460,11 @@ def prepare(cfg):
     hyp = {k.lower(): cfg[k] for k in TRAIN_KEYS}
     hyp["device"] = pick_device(cfg["DEVICE"])
     hyp.update(resolve_optimizer(cfg, len(names), sum(c["train_images"] for c in checks)))  # 0 images: deployment
-    spec = {"model": arch, "names": names, "hyp": hyp, "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]]}
-    params = {k for k, _ in model.named_parameters()}
-    return {"initial": initial, "spec": spec, "trainable": [k in params for k in model.state_dict()],
+    spec = {"model": arch, "names": names, "hyp": hyp, "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]],
+            "work": str((save_dir / "work").resolve()), "fedbn": cfg["FEDBN"], "partial_labels": cfg["PARTIAL_LABELS"]}
+    params, keys = {k for k, _ in model.named_parameters()}, list(model.state_dict())
+    bn_pairs = [(i, keys.index(k[:-4] + "var")) for i, k in enumerate(keys) if k.endswith(".running_mean")]
+    return {"initial": initial, "spec": spec, "trainable": [k in params for k in keys], "bn_pairs": bn_pairs,
             "offset": offset, "rows": rows, "model": model, "server_check": server_check,
             "train_images": {str(Path(d).resolve()): c["train_images"] for d, c in zip(cfg["DATASETS"], checks)},
             "labels": client_labels(cfg["DATASETS"]),

@@ -1,18 +1,24 @@
-"""Learning quality and wall time: centralized Ultralytics vs this federation vs the seed README's naive loop.
+"""Learning quality, wall time and traffic: centralized Ultralytics vs each federated strategy vs the naive loop.
 
 Usage:
-    python3 bench/bench.py [--rounds 15] [--epochs 2] [--out bench/results.md]
+    python3 bench/bench.py                                   # the whole table -> bench/results.md
+    python3 bench/bench.py --settings non-iid-3 --runs fedavg fedprox   # some cells (others come from the cache)
 
-All three start from the same base model, see the same number of image-epochs (every train image ROUNDS x EPOCHS
-times) and are evaluated on one held-out test split of the demo federation (every style and class):
-- centralized: `YOLO(base).train(data=<union of the clients' train splits>, epochs=ROUNDS*EPOCHS)` with the same
-  batch (8) and nominal batch (8) as the clients, and once more with Ultralytics' defaults (16, 64) for reference;
-- federated: `python3 federated.py` on the clients (per-round evaluation off, so only training is timed);
-- naive: the seed's loop: per round and client `YOLO(global.pt).train(data, epochs=EPOCHS)`, weights read back from
-  the YOLO object after train() (best.pt, fp16 EMA), every array averaged by train images.
+Every run starts from the same base model, sees the same image-epochs (every train image ROUNDS x EPOCHS times) and
+is scored on one held-out test split of the demo data (every style and class). Settings (the same train images,
+split four ways):
+- non-iid-3: the demo federation (3 clients: dark / light / noisy backgrounds, different class mixes and sizes);
+- iid-3, iid-8: the union of the demo clients' images dealt out at random (utils/partition.py --mode iid);
+- non-iid-8: each demo client split at random into 3, 3 and 2 clients (the style skew stays, the clients shrink).
+Runs: `centralized` (`YOLO(base).train` on the union, batch 8 / nbs 8 like the clients; the same for every
+setting, so trained once), `naive` (the seed README's loop; non-iid-3 only), one row per strategy with its defaults,
+and the variants in VARIANTS. Federated runs have per-round evaluation off, so their wall time is training (and
+Ray start-up). Results are cached in WORK/results.json by (setting, run, rounds, epochs): delete it (or --fresh) to
+measure again.
 """
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -32,46 +38,80 @@ from utils.datasets import check_dataset  # noqa: E402
 from utils.demo import make_demo  # noqa: E402
 from utils.export_federated import export  # noqa: E402
 from utils.params import get_weights, save_npz  # noqa: E402
+from utils.strategies import STRATEGIES  # noqa: E402
+
+SETTINGS = ("non-iid-3", "iid-3", "non-iid-8", "iid-8")
+VARIANTS = {  # name: federated.py flags (run on non-iid-3 unless --settings says otherwise)
+    "fedavg fp16 up": ["--fp16", "up"],
+    "fedavg fp16 both": ["--fp16", "both"],
+}
+ARGS = {"imgsz": 64, "batch": 8, "nbs": 8, "workers": 0, "device": "cpu"}  # federated.py's defaults, for all
 
 
-def test_map(weights, test_yaml, args):
+def test_map(weights, test_yaml):
     """Return mAP50-95 and mAP50 of a .pt on the test split."""
-    args = {k: v for k, v in args.items() if k != "nbs"}
+    args = {k: v for k, v in ARGS.items() if k != "nbs"}
     project = str(Path(test_yaml).parent.parent.parent / "val")  # inside the bench's work folder
     m = YOLO(str(weights)).val(data=str(test_yaml), split="test", plots=False, verbose=False, project=project, **args)
     return float(m.box.map), float(m.box.map50)
 
 
-def centralized(clients, test_yaml, epochs, base, work, args, name="central"):
-    """Train plain Ultralytics on the union of the clients' train splits; return (test mAP, seconds)."""
-    union = work / "union.yaml"
+def union_yaml(clients, work):
+    """Write a data.yaml whose train and val splits are the union of the clients' splits; return its path."""
     checks = [check_dataset(c) for c in clients]
-    trains, names = [c["yaml"]["train"] for c in checks], checks[0]["names"]
-    union.write_text(json.dumps({"train": trains, "val": trains[0], "names": dict(enumerate(names))}))
+    union = work / "union.yaml"
+    names = dict(enumerate(checks[0]["names"]))
+    union.write_text(json.dumps({"path": str(work), "train": [c["yaml"]["train"] for c in checks],
+                                 "val": [c["yaml"]["val"] for c in checks], "names": names}))
+    return union
+
+
+def setting_clients(name, demo, work):
+    """Return the client data.yaml files of a setting (partitions are written under work/partitions)."""
+    if name == "non-iid-3":
+        return demo
+    from utils.partition import partition
+
+    out = work / "partitions" / name
+    if name.startswith("iid"):
+        return partition(union_yaml(demo, work), int(name.split("-")[1]), mode="iid", seed=0, out=out, verbose=False)
+    return [y for i, (c, k) in enumerate(zip(demo, (3, 3, 2)))
+            for y in partition(c, k, mode="iid", seed=0, out=out / str(i), verbose=False)]
+
+
+def centralized(clients, test_yaml, epochs, base, work):
+    """Train plain Ultralytics on the union of the clients' train splits; return a result dict."""
+    union = union_yaml(clients, work)
     t = time.time()
     model = YOLO(base)
-    model.train(data=str(union), epochs=epochs, val=False, plots=False, project=str(work), name=name,
-                exist_ok=True, **args)
+    model.train(data=str(union), epochs=epochs, val=False, plots=False, project=str(work), name="central",
+                exist_ok=True, **ARGS)
     seconds = time.time() - t
-    return test_map(Path(model.trainer.last), test_yaml, args), seconds
+    m, m50 = test_map(Path(model.trainer.last), test_yaml)
+    return {"map": m, "map50": m50, "seconds": seconds, "bytes": 0}
 
 
-def federated(clients, test_yaml, rounds, epochs, base, work, args, name="federated", extra=()):
-    """Run federated.py on the clients (with `extra` flags); return (test mAP of the last round, seconds)."""
-    save = work / name
+def federated(clients, test_yaml, rounds, epochs, base, work, name, extra=()):
+    """Run federated.py on the clients (with `extra` flags); return a result dict with its round profile."""
+    save = work / "runs" / name
     cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", *map(str, clients), "--num-rounds", str(rounds),
            "--epochs", str(epochs), "--base-model", base, "--save-dir", str(save), "--exist-ok", "--evaluate", "false",
-           "--imgsz", str(args["imgsz"]), "--batch", str(args["batch"]), "--nbs", str(args["nbs"]),
-           "--device", args["device"], *extra]
+           *[x for k, v in ARGS.items() for x in (f"--{k}", str(v))], *extra]
     t = time.time()
-    subprocess.run(cmd, check=True, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
     seconds = time.time() - t
-    pt = export(base, save / f"round{rounds}.npz")
-    return test_map(pt, test_yaml, args), seconds
+    if r.returncode:
+        raise RuntimeError(f"{name} failed:\n{(r.stdout + r.stderr)[-3000:]}")
+    with (save / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    mean = {k: sum(float(x[k]) for x in rows) / len(rows) for k in rows[0] if k.startswith(("time_", "train_time_"))}
+    m, m50 = test_map(export(base, save / f"round{rounds}.npz"), test_yaml)
+    return {"map": m, "map50": m50, "seconds": seconds, "rounds_s": float(rows[-1]["time_s"]),
+            "bytes": sum(float(rows[-1][k]) for k in ("bytes_down", "bytes_up")), "profile": mean}
 
 
-def naive(clients, test_yaml, rounds, epochs, base, work, args):
-    """The seed README's loop; return (test mAP of the last round, seconds)."""
+def naive(clients, test_yaml, rounds, epochs, base, work):
+    """The seed README's loop; return a result dict."""
     checks = [check_dataset(c) for c in clients]
     sizes, names = [c["train_images"] for c in checks], checks[0]["names"]
     current, t = base, time.time()
@@ -80,56 +120,108 @@ def naive(clients, test_yaml, rounds, epochs, base, work, args):
         for i, c in enumerate(clients):
             model = YOLO(current)
             model.train(data=str(c), epochs=epochs, plots=False, project=str(work / "naive"), name=f"r{r}c{i}",
-                        exist_ok=True, **args)
+                        exist_ok=True, **ARGS)
             updates.append(get_weights(model.model))  # what the seed reads back: best.pt, fp16 EMA
         npz = work / "naive" / f"round{r}.npz"  # every array averaged, as Flower's FedAvg does
         save_npz(npz, weighted_average(list(zip(updates, sizes)), updates[0]))
         current = str(export(base, npz, names=names))
     seconds = time.time() - t
-    return test_map(current, test_yaml, args), seconds
+    m, m50 = test_map(current, test_yaml)
+    size = Path(current).stat().st_size
+    return {"map": m, "map50": m50, "seconds": seconds, "bytes": 2 * size}
+
+
+def table(results, rounds, epochs, base):
+    """Return the markdown report of the cached results for these rounds and epochs."""
+    key = f"{rounds}x{epochs}"
+    central = results.get(f"all|centralized|{key}")
+    lines = [
+        f"# Benchmark: {rounds} rounds x {epochs} local epochs = {rounds * epochs} epochs, base {base}, imgsz 64, "
+        "2-core CPU",
+        "",
+        f"Command: `python3 bench/bench.py --rounds {rounds} --epochs {epochs}`; each cell one run "
+        f"(cells are cached in runs/bench/results.json; dates in the last column).",
+        "",
+        "mAP50-95 on the demo's held-out test split. Ratios are to centralized Ultralytics on the union of the same "
+        "images (batch 8, nbs 8, same epochs). Wall: the whole command, Ray start-up included; rounds: the "
+        "federated rounds alone. Bytes: weights sent to plus received from one client in one round.",
+        "",
+        "| setting | run | mAP50-95 | mAP50 | / centralized | wall s | wall / centralized | rounds s | "
+        "MB / client / round | date |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, v in results.items():
+        setting, run, kk = k.split("|")
+        if kk != key:
+            continue
+        ratio = f"{v['map'] / central['map']:.2f}x" if central else "-"
+        wall = f"{v['seconds'] / central['seconds']:.2f}x" if central else "-"
+        rounds_s = f"{v['rounds_s']:.0f}" if "rounds_s" in v else "-"
+        mb = f"{v['bytes'] / 1e6:.1f}" if v["bytes"] else "-"
+        lines.append(f"| {setting} | {run} | {v['map']:.4f} | {v['map50']:.4f} | {ratio} | {v['seconds']:.0f} | {wall} "
+                     f"| {rounds_s} | {mb} | {v.get('date', '')} |")
+    prof = results.get(f"non-iid-3|fedavg|{key}", {}).get("profile")
+    if prof:
+        lines += ["", "## Where a round's time goes (non-iid-3, fedavg; mean over rounds, seconds)", "",
+                  "| part | s |", "|---|---|"]
+        names = {"train_time_setup": "client: trainer set-up (dataset scan, dataloaders), per client",
+                 "train_time_train": "client: the round's epochs, per client",
+                 "time_aggregate": "server: checks + aggregation", "time_save": "server: round npz write",
+                 "time_round": "round, wall (clients run 2 at a time on 2 cores)"}
+        lines += [f"| {names.get(k, k)} | {v:.2f} |" for k, v in prof.items()]
+    return "\n".join(lines) + "\n"
 
 
 def main():
-    """Run the three trainings and write the table."""
+    """Run the missing cells and write the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--base-model", default="yolov8n.yaml")
-    p.add_argument("--work", default="runs/bench", help="scratch folder (data, runs)")
+    p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=SETTINGS)
+    p.add_argument("--runs", nargs="*", default=None, help="runs to measure (default: all)")
+    p.add_argument("--extra", nargs="*", default=[], help="NAME=FLAGS: an extra run, e.g. 'mu1=--proximal-mu 1'")
+    p.add_argument("--work", default="runs/bench", help="scratch folder (data, runs, results.json)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
-    p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--fresh", action="store_true", help="measure again even when a cell is cached")
     a = p.parse_args()
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    clients, test_yaml = make_demo(work / "demo")
-    args = {"imgsz": 64, "batch": 8, "nbs": 8, "workers": 0, "device": "cpu"}  # federated.py's defaults, for all
-    total = a.rounds * a.epochs
-    rows = {"centralized": centralized(clients, test_yaml, total, a.base_model, work, args),
-            "federated": federated(clients, test_yaml, a.rounds, a.epochs, a.base_model, work, args)}
-    default = {**args, "batch": 16, "nbs": 64}
-    rows["centralized, Ultralytics' default batch 16 / nbs 64"] = centralized(
-        clients, test_yaml, total, a.base_model, work, default, name="central-defaults")
-    if not a.skip_naive:
-        rows["naive"] = naive(clients, test_yaml, a.rounds, a.epochs, a.base_model, work, args)
-    c_map = rows["centralized"][0][0] or float("nan")
-    lines = [
-        f"# Benchmark: {len(clients)} non-IID demo clients, {a.rounds} rounds x {a.epochs} epochs = {total} epochs, "
-        f"base {a.base_model}, imgsz 64, CPU",
-        "",
-        f"Command: `python3 bench/bench.py --rounds {a.rounds} --epochs {a.epochs}`, {time.strftime('%Y-%m-%d')}",
-        "",
-        "Ratios are to the first row (centralized at the clients' batch settings). Wall times include Ray start-up.",
-        "",
-        "| run | test mAP50-95 | test mAP50 | / centralized | wall s | wall / centralized |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, ((m, m50), s) in rows.items():
-        wall = s / rows["centralized"][1]
-        lines.append(f"| {name} | {m:.4f} | {m50:.4f} | {m / c_map:.2f}x | {s:.0f} | {wall:.2f}x |")
-    if "naive" in rows:
-        ratio = rows["federated"][0][0] / max(rows["naive"][0][0], 1e-9)
-        lines += ["", f"federated / naive (mAP50-95): {ratio:.2f}x"]
-    text = "\n".join(lines) + "\n"
+    cache = work / "results.json"
+    results = json.loads(cache.read_text()) if cache.is_file() else {}
+    demo, test_yaml = make_demo(work / "demo")
+    key, total = f"{a.rounds}x{a.epochs}", a.rounds * a.epochs
+    variants = {**VARIANTS, **{e.split("=", 1)[0]: e.split("=", 1)[1].split() for e in a.extra}}
+    runs = a.runs or ["centralized", "naive", *STRATEGIES, *variants]
+
+    def cell(setting, run, fn):
+        k = f"{setting}|{run}|{key}"
+        if k in results and not a.fresh:
+            return
+        print(f"measuring {setting} / {run} ...", flush=True)
+        results[k] = {**fn(), "date": time.strftime("%Y-%m-%d")}
+        cache.write_text(json.dumps(results, indent=1))
+        print(f"  mAP50-95 {results[k]['map']:.4f}, {results[k]['seconds']:.0f} s", flush=True)
+
+    if "centralized" in runs:
+        cell("all", "centralized", lambda: centralized(demo, test_yaml, total, a.base_model, work))
+    for setting in a.settings:
+        clients = setting_clients(setting, demo, work)
+        if "naive" in runs and setting == "non-iid-3":
+            cell(setting, "naive", lambda: naive(clients, test_yaml, a.rounds, a.epochs, a.base_model, work))
+        for run in runs:
+            if run in STRATEGIES:
+                flags = ["--strategy", run]
+            elif run in variants and (setting == "non-iid-3" or run in (a.runs or [])):
+                flags = variants[run]
+            else:
+                continue
+            if run == "krum" and len(clients) <= 2:
+                continue
+            name = f"{setting}-{run}".replace(" ", "-")
+            cell(setting, run, lambda: federated(clients, test_yaml, a.rounds, a.epochs, a.base_model, work, name,
+                                                 flags))
+    text = table(results, a.rounds, a.epochs, a.base_model)
     print(text)
     Path(a.out).write_text(text)
 

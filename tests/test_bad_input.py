@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
+import federated
 from tests.conftest import ROOT
+from utils.config import resolve
 from utils.datasets import check_dataset, check_federation
 
 
@@ -46,10 +48,20 @@ def test_bad_dataset_is_named_before_training(case, tiny_fed, tmp_path):
     assert not (tmp_path / "PWNED").exists() and not (ROOT / "PWNED").exists()
 
 
-def test_clients_with_different_classes_name_the_client(tiny_fed, tmp_path):
+def test_clients_with_different_classes_form_the_union_and_names_must_cover_it(tiny_fed, tmp_path):
     other = _edit(_copy_client(tiny_fed, tmp_path), "3: cross", "3: star")
-    with pytest.raises(ValueError, match=f"dataset {other} has classes .*star"):
-        check_federation([str(tiny_fed[0][0]), str(other)])
+    cfg = resolve(federated.DEFAULTS, {"datasets": [str(tiny_fed[0][0]), str(other)], "save-dir": str(tmp_path / "r")})
+    assert federated.prepare(dict(cfg))["spec"]["names"] == ["circle", "square", "triangle", "cross", "star"]
+    with pytest.raises(ValueError, match=r"lack the classes \['star'\]"):
+        federated.prepare({**cfg, "NAMES": ["circle", "square", "triangle", "cross"]})
+
+
+def test_client_without_any_label_is_refused(tiny_fed, tmp_path):
+    y = _copy_client(tiny_fed, tmp_path)
+    for label in (y.parent / "labels" / "train").iterdir():
+        label.write_text("")
+    with pytest.raises(ValueError, match=f"dataset {y}: none of its 8 train images has a label"):
+        check_federation([str(tiny_fed[0][1]), str(y)])
 
 
 def test_dataset_path_relative_to_yaml_folder(tiny_fed, tmp_path):

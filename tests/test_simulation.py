@@ -184,3 +184,42 @@ def test_twenty_clients_complete_a_round(tmp_path):
     row = _rows(save)[0]
     assert row["updates"] == "20"
     assert len([k for k in row if k.startswith("map50_95_") and row[k] != ""]) == 20  # one column per client
+
+
+def _snapshot(folder):
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+def test_different_class_lists_train_into_their_union(tiny_fed, tmp_path):
+    import shutil
+
+    from ultralytics import YOLO
+
+    src = tiny_fed[0][1].parent
+    mine = tmp_path / "owner"  # the light client, whose owner calls classes 0 and 1 star and moon
+    shutil.copytree(src, mine)
+    text = (src / "data.yaml").read_text().replace(str(src), str(mine))
+    (mine / "data.yaml").write_text(text.replace("0: circle", "0: star").replace("1: square", "1: moon"))
+    before, save = _snapshot(mine), tmp_path / "run"
+    cmd = _cmd(tiny_fed, save, 2, "--fedbn", "--fp16", "both", "--strategy", "fedavgm")
+    cmd[cmd.index(str(tiny_fed[0][1]))] = str(mine / "data.yaml")
+
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    union = ["circle", "square", "triangle", "cross", "star", "moon"]
+    assert json.loads((save / "config.json").read_text())["names"] == union
+    assert _snapshot(mine) == before  # no label cache or remapped label beside the owner's data
+    view = next((save / "work").glob("owner-*"))
+    for label in sorted((mine / "labels" / "train").iterdir()):  # the view holds the labels in global ids
+        remapped = next((view / "train" / "labels").glob(f"*_{label.name}")).read_text().split()
+        original = label.read_text().split()
+        assert remapped and remapped[0::5] == [str([4, 5, 2, 3][int(c)]) for c in original[0::5]]
+    rows = _rows(save)
+    assert [float(row["train_local_bn"]) for row in rows] == [0.0, 1.0]  # round 2 started from the clients' own BN
+    assert all(int(row["bytes_down"]) < 7e6 and int(row["bytes_up"]) < 7e6 for row in rows)  # fp32 would be 12 MB
+    pt = subprocess.run([sys.executable, str(ROOT / "utils" / "export_federated.py"), "yolov8n.yaml",
+                         str(save / "round2.npz")], capture_output=True, text=True)
+    assert pt.returncode == 0, pt.stderr
+    result = YOLO(str(save / "round2.pt")).predict(next((mine / "images" / "val").iterdir()), imgsz=32, verbose=False)
+    assert result[0].names == dict(enumerate(union))

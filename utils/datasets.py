@@ -1,9 +1,11 @@
 """Check client data.yaml files before any training, and write the resolved copy a trainer reads."""
 
+import glob
+import os
 from pathlib import Path
 
 import yaml
-from ultralytics.data.utils import IMG_FORMATS
+from ultralytics.data.utils import IMG_FORMATS, img2label_paths
 
 SPLITS = ("train", "val")
 
@@ -24,18 +26,60 @@ def _names(data, file):
     return names
 
 
-def _count_images(paths, file, split):
-    """Return the number of images a split names (folders of images or .txt lists of image paths)."""
-    n = 0
-    for p in paths:
+def image_files(paths):
+    """Return the image files a split names, by Ultralytics' rules, as absolute paths.
+
+    A folder gives its image files (recursive, hidden names skipped as Ultralytics' glob does); a .txt file lists one
+    image per line, a relative line taken from the .txt's folder (or the working directory when it is not there); an
+    image file gives itself. Only names with an Ultralytics image suffix are kept; existence is not checked.
+
+    Args:
+        paths (list[str | Path]): a split's entries (folders, .txt lists, image files).
+
+    Returns:
+        (list[str]): absolute image paths, each entry's sorted, in entry order.
+    """
+    files = []
+    for p in map(Path, paths):
         if p.is_dir():
-            n += sum(1 for f in p.rglob("*") if f.suffix[1:].lower() in IMG_FORMATS)
+            found = glob.glob(os.path.join(glob.escape(str(p)), "**", "*.*"), recursive=True)
         elif p.suffix == ".txt":
-            n += sum(1 for line in p.read_text().splitlines() if line.strip())
-        elif p.suffix[1:].lower() in IMG_FORMATS:
-            n += 1
-    if n == 0:
+            found = []
+            for line in p.read_text(encoding="utf-8-sig").splitlines():
+                if line := line.strip():
+                    near = p.parent / line
+                    found.append(str(near if Path(line).is_absolute() or near.exists() else Path(line)))
+        else:
+            found = [str(p)]
+        files += sorted(os.path.abspath(f) for f in found if f.rpartition(".")[-1].lower() in IMG_FORMATS)
+    return files
+
+
+def _count_images(paths, file, split):
+    """Return the image files a split names, refusing a split with none."""
+    images = image_files(paths)
+    if not images:
         raise ValueError(f"dataset {file}: '{split}' split has no images in {', '.join(map(str, paths))}")
+    return images
+
+
+def _labelled(images, file):
+    """Return how many images have a label file with a non-empty line; refuse a train split where none has."""
+    labels = img2label_paths(images)
+    n = 0
+    for lb in labels:
+        try:
+            with open(lb, "rb") as f:
+                n += any(line.strip() for line in f)
+        except OSError:
+            pass
+    if n == 0:
+        folders = sorted({str(Path(lb).parent) for lb in labels})
+        where = ", ".join(folders[:3]) + (f" and {len(folders) - 3} more folders" if len(folders) > 3 else "")
+        raise ValueError(
+            f"dataset {file}: none of its {len(images)} train images has a label (label files missing or empty under "
+            f"{where})"
+        )
     return n
 
 
@@ -43,13 +87,16 @@ def check_dataset(file):
     """Check one client data.yaml; never runs a `download:` script.
 
     `path` may be absolute, relative to the data.yaml's folder, or relative to the working directory (tried in
-    that order); absent, the data.yaml's folder is the root. `train` and `val` must exist and hold images.
+    that order); absent, the data.yaml's folder is the root. `train` and `val` must exist and hold images, and at
+    least one train image must have a non-empty label file (Ultralytics' images/ -> labels/ rule). An optional `test`
+    split must exist; it is resolved too, not counted.
 
     Args:
         file (str | Path): the data.yaml.
 
     Returns:
-        (dict): `yaml` (resolved, absolute) and `names`, `train_images`, `val_images`.
+        (dict): `yaml` (resolved, absolute; `test` only when given) and `names`, `train_images`, `val_images`,
+            `labelled_images` (train images with at least one label line).
     """
     file = Path(file)
     if not file.is_file():
@@ -70,34 +117,38 @@ def check_dataset(file):
     if not root.is_absolute():
         root = next((r for r in (file.parent / root, Path.cwd() / root) if r.exists()), file.parent / root)
     resolved = {"path": str(root.resolve())}
-    counts = {}
-    for split in SPLITS:
+    images = {}
+    for split in (*SPLITS, "test"):
         if not data.get(split):
+            if split == "test":
+                continue
             raise ValueError(f"dataset {file} has no '{split}' split")
         entries = data[split] if isinstance(data[split], list) else [data[split]]
         paths = [(root / str(e)).resolve() for e in entries]
         missing = [p for p in paths if not p.exists()]
         if missing:
             raise ValueError(f"dataset {file}: '{split}' split {missing[0]} does not exist")
-        counts[split] = _count_images(paths, file, split)
+        if split in SPLITS:
+            images[split] = _count_images(paths, file, split)
         resolved[split] = [str(p) for p in paths] if len(paths) > 1 else str(paths[0])
     resolved["names"] = dict(enumerate(names))
-    return {"yaml": resolved, "names": names, "train_images": counts["train"], "val_images": counts["val"]}
+    return {
+        "yaml": resolved,
+        "names": names,
+        "train_images": len(images["train"]),
+        "val_images": len(images["val"]),
+        "labelled_images": _labelled(images["train"], file),
+    }
 
 
 def check_federation(files):
-    """Check every client's data.yaml and that all clients agree on the class names; return their checks."""
+    """Check every client's data.yaml; return their checks.
+
+    Clients may declare different class lists: the federation's classes are their union (`utils.classes.union_names`).
+    """
     if not files:
         raise ValueError("no datasets given: set DATASETS or --datasets to one data.yaml per client")
-    checks = [check_dataset(f) for f in files]
-    first = checks[0]["names"]
-    for f, c in zip(files[1:], checks[1:]):
-        if c["names"] != first:
-            raise ValueError(
-                f"dataset {f} has classes {c['names']} but {files[0]} has {first}; every client must use the same "
-                "names in the same order"
-            )
-    return checks
+    return [check_dataset(f) for f in files]
 
 
 def write_resolved(check, folder):

@@ -74,3 +74,22 @@ def load_npz(path):
     if names != [f"arr_{i}" for i in range(len(names))]:
         raise ValueError(f"{path} is not a round file: its arrays are not named arr_0..arr_{len(names) - 1}")
     return arrays
+
+
+def to_half(arrays):
+    """Return the arrays with float entries as float16 (integer buffers unchanged): what FP16 transfer sends."""
+    return [a.astype(np.float16) if a.dtype.kind == "f" else a for a in arrays]
+
+
+def encode_update(trained, received):
+    """Return a client's update for FP16 uplink: float entries as float16 (trained - received), integers as they are.
+
+    Sending the change instead of the weights keeps float16's 11-bit precision for the small per-round moves.
+    """
+    return [(t.astype(np.float32) - r.astype(np.float32)).astype(np.float16) if t.dtype.kind == "f" else t
+            for t, r in zip(trained, received)]
+
+
+def decode_update(update, sent):
+    """Return the client's trained float32 weights from an FP16 update and the arrays it was sent."""
+    return [s.astype(np.float32) + u.astype(np.float32) if u.dtype.kind == "f" else u for u, s in zip(update, sent)]

@@ -10,10 +10,20 @@ through callbacks only:
   model is evaluated once per round instead, and the caller reads the live fp32 weights it trained.
 What restarts every round: the optimizer's moment buffers and the trainer's EMA (which is not used: the client
 returns the raw trained weights; see README "Training schedule").
+
+Two optional changes to the loss, both made on the model's own criterion before the first batch:
+- `proximal_mu` (FedProx): the loss gains mu/2 * ||w - w_global||^2 over the trainable weights, w_global being the
+  weights the round started from. Ultralytics' loss is the per-image mean times the batch size, so the term is
+  scaled by the batch size too: per image, the objective is the paper's F_k(w) + mu/2 ||w - w_global||^2.
+- `classes` (partial labels): the global class ids this client annotates. The classification BCE of every other
+  class is multiplied by 0 (Ultralytics' own `class_weights` hook in v8DetectionLoss), so a class the client does
+  not label is never taught as background; box and DFL losses are unchanged.
 """
 
 import tempfile
+import time
 
+import torch
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils.torch_utils import unwrap_model
 
@@ -23,7 +33,46 @@ from utils.offline import no_downloads
 FIXED = dict(val=False, save=False, plots=False, exist_ok=True, verbose=False, resume=False, patience=0)
 
 
-def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callbacks=None):
+class ProximalLoss:
+    """Wrap a detection criterion: add mu/2 * ||w - w0||^2 (times the batch size) to the loss it returns."""
+
+    def __init__(self, criterion, model, mu):
+        """Keep the criterion and a copy of the model's trainable weights as they are now (the global weights)."""
+        self.criterion, self.mu = criterion, mu
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.start = [p.detach().clone() for p in self.params]
+
+    def term(self):
+        """Return mu/2 * ||w - w0||^2 over the trainable weights."""
+        return 0.5 * self.mu * sum(((p - p0) ** 2).sum() for p, p0 in zip(self.params, self.start))
+
+    def __call__(self, preds, batch):
+        """Return the criterion's (loss, items) with the proximal term added to the loss (items unchanged)."""
+        loss, items = self.criterion(preds, batch)
+        return torch.cat([loss, (self.term() * batch["img"].shape[0]).view(1).to(loss.dtype)]), items
+
+    def __getattr__(self, name):
+        """Forward everything else (update, loss_names, ...) to the wrapped criterion."""
+        if "criterion" not in self.__dict__:  # copy/pickle look up attributes before __init__ ran
+            raise AttributeError(name)
+        return getattr(self.__dict__["criterion"], name)
+
+
+def set_loss(model, proximal_mu=0.0, classes=None):
+    """Give `model` a fresh criterion with the FedProx term and/or the partial-label class mask (see module doc)."""
+    if classes is not None:
+        nc = len(model.names)
+        mask = torch.zeros(nc, device=next(model.parameters()).device)
+        mask[list(classes)] = 1.0
+        old = getattr(model, "class_weights", None)
+        model.class_weights = mask if old is None else old * mask
+    model.criterion = model.init_criterion()
+    if proximal_mu:
+        model.criterion = ProximalLoss(model.criterion, model, proximal_mu)
+
+
+def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callbacks=None, proximal_mu=0.0,
+                classes=None):
     """Train `model` in place for one round of the federation's schedule.
 
     Args:
@@ -34,12 +83,16 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         total_epochs (int): epochs of the whole run (rounds x local epochs).
         hyp (dict): other Ultralytics train arguments (imgsz, batch, device, workers, optimizer, lr0, seed, ...).
         callbacks (dict | None): extra {event: fn} callbacks (tests use them to look inside the trainer).
+        proximal_mu (float): FedProx's mu; 0 trains on the plain YOLO loss.
+        classes (list[int] | None): the classes this client annotates (partial labels); None: all of them.
 
     Returns:
-        (dict): `train_images` (the FedAvg weight), the mean train losses of the round's last epoch and `lr`,
-            the learning rate of the weights at the end of the round.
+        (dict): `train_images` (the FedAvg weight), the mean train losses of the round's last epoch, `lr` (the
+            learning rate of the weights at the end of the round) and seconds spent: `time_setup` (trainer,
+            dataset scan, dataloaders) and `time_train` (the epochs).
     """
     no_downloads()
+    t0, marks = time.time(), {}
     stop_epoch = start_epoch + epochs
     if not 0 <= start_epoch < stop_epoch <= total_epochs:
         raise ValueError(f"round epochs [{start_epoch}, {stop_epoch}) do not fit a run of {total_epochs} epochs")
@@ -47,6 +100,9 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
     def continue_schedule(trainer):
         trainer.start_epoch = start_epoch
         trainer.scheduler.last_epoch = start_epoch - 1  # the epoch loop steps it to start_epoch first
+        if proximal_mu or classes is not None:
+            set_loss(unwrap_model(trainer.model), proximal_mu, classes)
+        marks["setup"] = time.time()
 
     def end_round(trainer):
         if trainer.epoch == stop_epoch - 1 and stop_epoch == trainer.epochs:
@@ -72,4 +128,6 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
             raise RuntimeError("the Ultralytics trainer replaced the model object; its weights cannot be returned")
         losses = {k: float(v) for k, v in (trainer.tloss or {}).items()}
         lr = float(trainer.optimizer.param_groups[0]["lr"])  # the weights' learning rate at the end of the round
-        return {"train_images": len(trainer.train_loader.dataset), **losses, "lr": lr}
+        t1 = time.time()
+        return {"train_images": len(trainer.train_loader.dataset), **losses, "lr": lr,
+                "time_setup": marks["setup"] - t0, "time_train": t1 - marks["setup"]}

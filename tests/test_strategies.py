@@ -1,0 +1,95 @@
+"""Server side of every strategy on real client-update shapes: buffers are never moved by server optimizers."""
+
+import numpy as np
+import pytest
+
+import federated
+from utils.params import decode_update, encode_update, to_half
+from utils.strategies import STRATEGIES, Aggregator, check_strategy
+
+# A small stand-in for a state_dict: conv weight, BN weight (trainable), BN running_mean/var, num_batches_tracked.
+TRAINABLE = [True, True, False, False, False]
+BN_PAIRS = [(2, 3)]
+
+
+def _arrays(v, n_batches=5):
+    return [np.full((3, 2), v, np.float32), np.full(3, v, np.float32), np.full(3, v, np.float32),
+            np.full(3, 1.0 + v, np.float32), np.array(n_batches, np.int64)]
+
+
+def _cfg(strategy, **kw):
+    return {**federated.DEFAULTS, "STRATEGY": strategy, **kw}
+
+
+def _round(agg, current, updates):
+    agg.begin()
+    for arrays, n in updates:
+        agg.add(arrays, n)
+    return agg.result(current)
+
+
+def test_fedavg_weights_by_images_and_keeps_dtypes():
+    agg = Aggregator(_cfg("fedavg"), TRAINABLE, BN_PAIRS)
+    new = _round(agg, _arrays(0.0), [(_arrays(1.0, 4), 1), (_arrays(4.0, 7), 2)])
+    np.testing.assert_allclose(new[0], 3.0)  # (1 * 1 + 4 * 2) / 3
+    assert new[4].dtype == np.int64 and new[4].shape == () and int(new[4]) == 6  # rint(18 / 3)
+
+
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "fedyogi"])
+def test_server_optimizers_move_trainable_weights_only(strategy):
+    agg = Aggregator(_cfg(strategy, SERVER_LR=2.0, ADAPTIVE_LR=0.5), TRAINABLE, BN_PAIRS)
+    current, updates = _arrays(0.0), [(_arrays(1.0), 1), (_arrays(3.0), 1)]
+    first = _round(agg, current, updates)
+    second = _round(agg, first, updates)
+    for new in (first, second):  # buffers: the plain mean of the clients, whatever the optimizer state
+        np.testing.assert_allclose(new[2], 2.0)
+        np.testing.assert_allclose(new[3], 3.0)
+        assert int(new[4]) == 5
+    assert not np.allclose(first[0], 2.0)  # the trainable weights took the optimizer's step, not the mean
+    if strategy == "fedavgm":  # v1 = 2, w1 = 0 + 2 * 2; v2 = 0.9 * 2 + (2 - 4) = -0.2, w2 = 4 - 0.4
+        np.testing.assert_allclose(first[0], 4.0)
+        np.testing.assert_allclose(second[0], 3.6, rtol=1e-6)
+    else:  # first Adam/Yogi step with bias correction: lr * sign(delta) (tau is small next to delta)
+        np.testing.assert_allclose(first[0], 0.5, rtol=1e-2)
+
+
+def test_robust_aggregators():
+    updates = [(_arrays(v), n) for v, n in ((1.0, 1), (2.0, 1), (100.0, 5))]
+    median = _round(Aggregator(_cfg("fedmedian"), TRAINABLE), _arrays(0.0), updates)
+    np.testing.assert_allclose(median[0], 2.0)  # unweighted: the outlier's 5 images do not pull it
+    assert median[4].dtype == np.int64 and median[4].shape == ()
+    updates = [(_arrays(v), 1) for v in (1.0, 2.0, 3.0, 4.0, 100.0)]
+    trimmed = _round(Aggregator(_cfg("fedtrimmedavg", TRIM_BETA=0.2), TRAINABLE), _arrays(0.0), updates)
+    np.testing.assert_allclose(trimmed[0], 3.0)  # 1 and 100 cut
+    krum = _round(Aggregator(_cfg("krum", KRUM_F=1), TRAINABLE), _arrays(0.0), updates)
+    assert float(krum[0][0, 0]) in (2.0, 3.0)  # a central update, never the outlier
+
+
+def test_pooled_bn_variance():
+    agg = Aggregator(_cfg("fedavg", POOLED_BN_VAR=True), TRAINABLE, BN_PAIRS)
+    a, b = _arrays(0.0), _arrays(0.0)
+    a[2][:], a[3][:], b[2][:], b[3][:] = -1.0, 1.0, 1.0, 1.0  # two clients: means -1 / +1, variance 1 each
+    new = _round(agg, _arrays(0.0), [(a, 1), (b, 1)])
+    np.testing.assert_allclose(new[2], 0.0)
+    np.testing.assert_allclose(new[3], 2.0)  # the pooled data: 1 + spread of the means (1), not the mean variance 1
+
+
+def test_fp16_transfer_is_exact_for_integers_and_precise_for_small_moves():
+    rng = np.random.default_rng(0)
+    sent = [rng.normal(0, 1, (64, 64)).astype(np.float32), np.array(123456789, np.int64)]
+    trained = [sent[0] + rng.normal(0, 1e-3, (64, 64)).astype(np.float32), np.array(123456790, np.int64)]
+    up = encode_update(trained, sent)
+    assert up[0].dtype == np.float16 and up[1].dtype == np.int64
+    back = decode_update(up, sent)
+    assert int(back[1]) == 123456790
+    err = np.abs(back[0] - trained[0]).max()
+    assert err < 1e-6  # the change is sent, so the error scales with the 1e-3 move, not with the weights
+    assert np.abs(to_half(trained)[0].astype(np.float32) - trained[0]).max() > 10 * err  # sending weights: worse
+
+
+def test_strategy_settings_are_checked():
+    assert all(check_strategy(_cfg(s), 5) is None for s in STRATEGIES)
+    assert "is not one of" in check_strategy(_cfg("fedsgd"), 3)
+    assert "proximal-mu" in check_strategy(_cfg("fedprox", PROXIMAL_MU=0.0), 3)
+    assert "krum-f" in check_strategy(_cfg("krum", KRUM_F=1), 4)
+    assert "trim-beta" in check_strategy(_cfg("fedtrimmedavg", TRIM_BETA=0.5), 3)

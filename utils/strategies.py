@@ -1,0 +1,128 @@
+"""Server side of each strategy: how a round's client updates become the new global arrays.
+
+Every strategy splits the state_dict into trainable weights and buffers (BatchNorm running statistics, integer
+`num_batches_tracked`). Buffers always take the strategy's plain aggregate (mean, median or Krum's pick), never a
+server learning rate, momentum or Adam step (PITFALLS 19). Trainable weights take the server step:
+- fedavg, fedprox:        w + SERVER_LR * (mean - w)              (fedprox differs on the client: proximal term)
+- fedavgm:                v = SERVER_MOMENTUM * v + (mean - w);  w + SERVER_LR * v
+- fedadam, fedyogi:       Adam / Yogi on the pseudo-gradient (mean - w) with ADAPTIVE_LR, ADAPTIVE_BETA1/2, ADAPTIVE_TAU
+- fedmedian:              coordinate-wise median of the updates (unweighted), then the SERVER_LR step
+- fedtrimmedavg:          coordinate-wise mean without the TRIM_BETA largest and smallest fraction, then SERVER_LR
+- krum:                   the update closest to its n - KRUM_F - 2 nearest others (distances over trainable weights)
+With POOLED_BN_VAR, mean-based strategies set each BatchNorm running_var to the variance of the clients' data
+taken together (mean of the variances plus the spread of the clients' running means), as one pass over the pooled
+data would measure it, instead of the mean of the variances (which is too small when clients differ).
+Mean-based strategies add updates into one running float64 sum; the robust ones (median, trimmed mean, Krum) need
+every update of the round at once and hold them in memory. Server optimizer state (momentum, Adam moments) lives
+in the server process: a resumed run starts it from zero.
+"""
+
+import numpy as np
+from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
+
+from utils.aggregate import WeightedMean, server_step
+
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
+
+
+def check_strategy(cfg, clients):
+    """Return None if the strategy settings make sense for `clients` clients per round, else one sentence."""
+    s = cfg["STRATEGY"]
+    if s not in STRATEGIES:
+        return f"strategy {s!r} is not one of {', '.join(STRATEGIES)}"
+    if s == "fedprox" and cfg["PROXIMAL_MU"] <= 0:
+        return f"fedprox needs proximal-mu > 0 (got {cfg['PROXIMAL_MU']})"
+    if not 0 <= cfg["SERVER_MOMENTUM"] < 1:
+        return f"server-momentum must be in [0, 1) (got {cfg['SERVER_MOMENTUM']})"
+    for k in ("ADAPTIVE_BETA1", "ADAPTIVE_BETA2"):
+        if not 0 <= cfg[k] < 1:
+            return f"{k.lower().replace('_', '-')} must be in [0, 1) (got {cfg[k]})"
+    if not 0 <= cfg["TRIM_BETA"] < 0.5:
+        return f"trim-beta must be in [0, 0.5) (got {cfg['TRIM_BETA']})"
+    if s == "krum" and clients and clients <= 2 * cfg["KRUM_F"] + 2:
+        n = 2 * cfg["KRUM_F"] + 2
+        return f"krum with krum-f {cfg['KRUM_F']} needs more than {n} clients, the run has {clients}"
+    return None
+
+
+def _cast(arrays, reference):
+    """Return `arrays` in the dtypes of `reference`, integers rounded."""
+    return [np.rint(a).astype(r.dtype) if r.dtype.kind in "iub" else np.asarray(a).astype(r.dtype)
+            for a, r in zip(arrays, reference)]
+
+
+class Aggregator:
+    """One round's aggregation plus the server optimizer state kept between rounds.
+
+    Use: `begin()`, `add(arrays, n)` for each valid update, then `result(current)`.
+    """
+
+    def __init__(self, cfg, trainable, bn_pairs=()):
+        """Keep the settings, which state_dict entries are trainable and the (running_mean, running_var) index pairs."""
+        self.cfg, self.name, self.trainable = cfg, cfg["STRATEGY"], trainable
+        self.bn_pairs = list(bn_pairs) if cfg["POOLED_BN_VAR"] and self.name not in ROBUST else []
+        self.m = self.v = None  # server momentum / Adam moments of the trainable entries
+        self.t = 0  # server optimizer steps taken
+        self.begin()
+
+    def begin(self):
+        """Start a round with no updates."""
+        self.mean, self.squares, self.updates = WeightedMean(), WeightedMean(), []
+
+    @property
+    def total(self):
+        """Return the sum of the added updates' weights (train images)."""
+        return self.mean.total
+
+    def add(self, arrays, n):
+        """Add one client's arrays with weight n."""
+        self.mean.add(arrays, n)
+        if self.bn_pairs:
+            self.squares.add([arrays[i].astype(np.float64) ** 2 for i, _ in self.bn_pairs], n)
+        if self.name in ROBUST:
+            self.updates.append((arrays, n))
+
+    def _robust(self, current):
+        """Return the median, trimmed mean or Krum pick of the round's updates."""
+        if self.name == "fedmedian":
+            return _cast(aggregate_median(self.updates), current)
+        if self.name == "fedtrimmedavg":
+            return _cast(aggregate_trimmed_avg(self.updates, self.cfg["TRIM_BETA"]), current)
+        subsets = [([a for a, t in zip(arrays, self.trainable) if t], n) for arrays, n in self.updates]
+        picked = aggregate_krum(subsets, self.cfg["KRUM_F"], 0)
+        return next(arrays for (arrays, _), (sub, _) in zip(self.updates, subsets) if sub is picked)
+
+    def result(self, current):
+        """Return the new global arrays from the round's updates and the current global arrays."""
+        agg = self._robust(current) if self.name in ROBUST else self.mean.result(current)
+        if self.bn_pairs:  # pooled variance: E[var_k + mean_k^2] - (E[mean_k])^2, the clients' data taken together
+            squares = [s / self.squares.total for s in self.squares.sum]
+            for (i, j), sq in zip(self.bn_pairs, squares):
+                mean = self.mean.sum[i] / self.mean.total
+                agg[j] = (self.mean.sum[j] / self.mean.total + sq - mean**2).clip(min=0).astype(current[j].dtype)
+        if self.name not in ("fedavgm", "fedadam", "fedyogi"):
+            return server_step(current, agg, self.trainable, self.cfg["SERVER_LR"])
+        idx = [i for i, t in enumerate(self.trainable) if t]
+        delta = [agg[i].astype(np.float64) - current[i] for i in idx]
+        if self.m is None:
+            self.m = [np.zeros_like(d) for d in delta]
+            self.v = [np.zeros_like(d) for d in delta]
+        self.t += 1
+        if self.name == "fedavgm":
+            beta = self.cfg["SERVER_MOMENTUM"]
+            self.m = [beta * m + d for m, d in zip(self.m, delta)]
+            step = [self.cfg["SERVER_LR"] * m for m in self.m]
+        else:
+            b1, b2, tau = self.cfg["ADAPTIVE_BETA1"], self.cfg["ADAPTIVE_BETA2"], self.cfg["ADAPTIVE_TAU"]
+            self.m = [b1 * m + (1 - b1) * d for m, d in zip(self.m, delta)]
+            if self.name == "fedadam":
+                self.v = [b2 * v + (1 - b2) * d * d for v, d in zip(self.v, delta)]
+            else:  # Yogi: v moves towards d^2 by at most (1 - b2) d^2, with the sign of the difference
+                self.v = [v - (1 - b2) * d * d * np.sign(v - d * d) for v, d in zip(self.v, delta)]
+            lr = self.cfg["ADAPTIVE_LR"] * np.sqrt(1 - b2**self.t) / (1 - b1**self.t)  # bias correction
+            step = [lr * m / (np.sqrt(v) + tau) for m, v in zip(self.m, self.v)]
+        out = list(agg)  # buffers: the plain aggregate
+        for i, s in zip(idx, step):
+            out[i] = (current[i] + s).astype(current[i].dtype)
+        return out
