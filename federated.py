@@ -24,6 +24,7 @@ DEMO_DIR = "datasets/demo"  # (str) where the demo federation is generated when 
 NAMES = []  # (list[str]) the federation's classes; empty: the union of the datasets' names (needed in a deployment)
 PARTIAL_LABELS = True  # (bool) a client's classification loss covers only the classes its data.yaml names
 FEDBN = False  # (bool) FedBN: BatchNorm weights and statistics stay local to each client (README "BatchNorm")
+KEEP_OPTIMIZER = False  # (bool) each client keeps its optimizer state (Adam moments) from round to round
 MIN_CLIENTS = 0  # (int) clients each round waits for; 0: one per entry of DATASETS
 MIN_UPDATES = 1  # (int) valid client updates a round needs; with fewer the round is skipped, the global model kept
 STRATEGY = "fedavg"  # (str) fedavg, fedprox, fedavgm, fedadam, fedyogi, fedmedian, fedtrimmedavg or krum (README)
@@ -62,6 +63,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from logging import ERROR, INFO, WARNING  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -180,8 +182,18 @@ class YoloClient(NumPyClient):
 
         spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
         hyp = {**spec["hyp"], "seed": spec["hyp"]["seed"] + int(config["server-round"])}
+        keep = spec["keep_optimizer"] and self.state is not None
+        saved = None
+        if keep and "optimizer" in self.state:
+            saved = (self.state["optimizer-keys"]["keys"].split(","), self.state["optimizer"].to_numpy_ndarrays())
         out = train_round(model, data_yaml, config["start-epoch"], config["epochs"], config["total-epochs"], hyp,
-                          proximal_mu=float(config["proximal-mu"]), classes=classes)
+                          proximal_mu=float(config["proximal-mu"]), classes=classes, optimizer_state=saved)
+        keys, arrays = out.pop("optimizer_state")
+        if keep and keys:
+            from flwr.common import ArrayRecord, ConfigRecord
+
+            self.state["optimizer"] = ArrayRecord(numpy_ndarrays=arrays)
+            self.state["optimizer-keys"] = ConfigRecord({"keys": ",".join(keys)})
         weights = get_weights(model)
         if not all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
             raise RuntimeError("local training produced NaN/Inf weights; the update is withheld")
@@ -232,6 +244,7 @@ class SaveFedAvg(FedAvg):
         self.cfg, self.run, self.spec_json = cfg, run, json.dumps(run["spec"])
         self.current, self.rows, self.pending = run["initial"], run["rows"], {}
         self.sent, self.aggregator = self.current, Aggregator(cfg, run["trainable"], run["bn_pairs"])
+        self.writer, self.writing = ThreadPoolExecutor(max_workers=1), None
         self.save_dir, self.t0 = Path(cfg["SAVE_DIR"]), time.time()
         self.t_last = self.t0
         self.best = max((float(r["map50_95"]) for r in self.rows if r.get("map50_95")), default=None)
@@ -250,6 +263,8 @@ class SaveFedAvg(FedAvg):
 
     def configure_fit(self, server_round, parameters, client_manager):
         """Send the global weights (float16 with FP16=both) and this round's schedule to the sampled clients."""
+        if self.writing is not None and self.writing.done():
+            self.wait_for_files()  # a failed write (disk full) stops the run here
         self.sent = to_half(self.current) if self.cfg["FP16"] == "both" else self.current
         params = ndarrays_to_parameters(self.sent)
         self.pending["bytes_down"] = sum(len(t) for t in params.tensors)
@@ -342,24 +357,40 @@ class SaveFedAvg(FedAvg):
         self._finish_round()
         return (1.0 - metrics["map50_95"] if metrics else None), metrics
 
+    def _write_files(self, weights, r, score, improved, rows):
+        """Write last.pt, best.pt (when improved) and results.png of round r."""
+        model = self.run["model"]
+        set_weights(model, weights)
+        write_checkpoint(model, self.save_dir / "last.pt", self.run["train_args"], {"round": r})
+        if improved:
+            write_checkpoint(model, self.save_dir / "best.pt", self.run["train_args"], {"round": r, "map50_95": score})
+        plot(self.save_dir / "results.png", rows)
+
+    def wait_for_files(self):
+        """Wait until the last round's last.pt, best.pt and results.png are written; raise what writing raised."""
+        if self.writing is not None:
+            writing, self.writing = self.writing, None
+            writing.result()
+
     def _finish_round(self):
-        """Write the round's metrics row, results.png, last.pt and best.pt; log one line."""
+        """Write the round's metrics row; then last.pt, best.pt and results.png (while the next round trains)."""
         row, r = self.pending, self.pending.get("round")
         if r is None:
             return
         now = time.time()
         row["time_s"], row["time_round"], self.t_last = round(now - self.t0, 1), round(now - self.t_last, 2), now
         self.rows = [x for x in self.rows if int(x["round"]) != r] + [row]
-        model = self.run["model"]
-        set_weights(model, self.current)
-        write_checkpoint(model, self.save_dir / "last.pt", self.run["train_args"], {"round": r})
+        write_rows(self.save_dir / "metrics.csv", self.rows)  # with round{r}.npz: the round is complete (resume)
         score = row.get("map50_95", row.get("server_map50_95"))
         improved = score is None or self.best is None or score > self.best
         if improved:
             self.best = score
-            write_checkpoint(model, self.save_dir / "best.pt", self.run["train_args"], {"round": r, "map50_95": score})
-        write_rows(self.save_dir / "metrics.csv", self.rows)
-        plot(self.save_dir / "results.png", self.rows)
+        self.wait_for_files()  # one writer at a time: the previous round's files are done
+        args = (self.current, r, score, improved, list(self.rows))
+        if r >= self.cfg["NUM_ROUNDS"]:
+            self._write_files(*args)  # the last round: done before the run ends
+        else:  # a checkpoint and a plot take ~0.5 s of server time: overlap them with the next round's training
+            self.writing = self.writer.submit(self._write_files, *args)
         self.pending = {}
         n, elapsed, done = self.cfg["NUM_ROUNDS"], time.time() - self.t0, r - self.run["offset"]
         line = f"round {r}/{n}  {elapsed:.0f}s elapsed, ~{elapsed / done * (n - r):.0f}s left"
@@ -461,7 +492,8 @@ def prepare(cfg):
     hyp["device"] = pick_device(cfg["DEVICE"])
     hyp.update(resolve_optimizer(cfg, len(names), sum(c["train_images"] for c in checks)))  # 0 images: deployment
     spec = {"model": arch, "names": names, "hyp": hyp, "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]],
-            "work": str((save_dir / "work").resolve()), "fedbn": cfg["FEDBN"], "partial_labels": cfg["PARTIAL_LABELS"]}
+            "work": str((save_dir / "work").resolve()), "fedbn": cfg["FEDBN"], "partial_labels": cfg["PARTIAL_LABELS"],
+            "keep_optimizer": cfg["KEEP_OPTIMIZER"]}
     params, keys = {k for k, _ in model.named_parameters()}, list(model.state_dict())
     bn_pairs = [(i, keys.index(k[:-4] + "var")) for i, k in enumerate(keys) if k.endswith(".running_mean")]
     return {"initial": initial, "spec": spec, "trainable": [k in params for k in keys], "bn_pairs": bn_pairs,
@@ -536,6 +568,10 @@ def main(argv=None):
         num_supernodes=n,
         backend_config={"client_resources": cfg["CLIENT_RESOURCES"], "init_args": {"num_cpus": os.cpu_count()}},
     )
+    try:
+        strategy.wait_for_files()  # a run cut short may still be writing its last round's checkpoints
+    except OSError as e:
+        log(ERROR, "could not write last.pt, best.pt or results.png: %s", e)
     last = save_dir / f"round{cfg['NUM_ROUNDS']}.npz"
     if not last.exists():
         sys.exit(f"federated.py: the run ended without {last}; see the log above (continue it with --resume)")

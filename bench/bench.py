@@ -9,7 +9,8 @@ is scored on one held-out test split of the demo data (every style and class). S
 split four ways):
 - non-iid-3: the demo federation (3 clients: dark / light / noisy backgrounds, different class mixes and sizes);
 - iid-3, iid-8: the union of the demo clients' images dealt out at random (utils/partition.py --mode iid);
-- non-iid-8: each demo client split at random into 3, 3 and 2 clients (the style skew stays, the clients shrink).
+- non-iid-8: each demo client split at random into 3, 3 and 2 clients (the style skew stays, the clients shrink);
+- partial-3: iid-3's clients, but each labels only its own classes (PARTIAL): the others are in its images, unlabelled.
 Runs: `centralized` (`YOLO(base).train` on the union, batch 8 / nbs 8 like the clients; the same for every
 setting, so trained once), `naive` (the seed README's loop; non-iid-3 only), one row per strategy with its defaults,
 and the variants in VARIANTS. Federated runs have per-round evaluation off, so their wall time is training (and
@@ -31,6 +32,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
 
 from utils.aggregate import weighted_average  # noqa: E402
@@ -40,10 +42,13 @@ from utils.export_federated import export  # noqa: E402
 from utils.params import get_weights, save_npz  # noqa: E402
 from utils.strategies import STRATEGIES  # noqa: E402
 
-SETTINGS = ("non-iid-3", "iid-3", "non-iid-8", "iid-8")
+SETTINGS = ("non-iid-3", "iid-3", "non-iid-8", "iid-8", "partial-3")
+PARTIAL = [["circle", "square"], ["triangle"], ["cross"]]  # partial-3: the classes each client labels
 VARIANTS = {  # name: federated.py flags (run on non-iid-3 unless --settings says otherwise)
     "fedavg fp16 up": ["--fp16", "up"],
     "fedavg fp16 both": ["--fp16", "both"],
+    "fedavg fedbn": ["--fedbn"],
+    "fedavg no partial-label mask": ["--partial-labels", "false"],
 }
 ARGS = {"imgsz": 64, "batch": 8, "nbs": 8, "workers": 0, "device": "cpu"}  # federated.py's defaults, for all
 
@@ -61,8 +66,9 @@ def union_yaml(clients, work):
     checks = [check_dataset(c) for c in clients]
     union = work / "union.yaml"
     names = dict(enumerate(checks[0]["names"]))
-    union.write_text(json.dumps({"path": str(work), "train": [c["yaml"]["train"] for c in checks],
-                                 "val": [c["yaml"]["val"] for c in checks], "names": names}))
+    root = str(Path(clients[0]).parent.parent)  # the demo folder; every split below is absolute anyway
+    union.write_text(yaml.safe_dump({"path": root, "train": [c["yaml"]["train"] for c in checks],
+                                     "val": [c["yaml"]["val"] for c in checks], "names": names}))
     return union
 
 
@@ -72,11 +78,38 @@ def setting_clients(name, demo, work):
         return demo
     from utils.partition import partition
 
+    if name == "partial-3":
+        return [partial_client(c, keep, work / "partitions" / name / f"client{i}")
+                for i, (c, keep) in enumerate(zip(setting_clients("iid-3", demo, work), PARTIAL))]
     out = work / "partitions" / name
     if name.startswith("iid"):
         return partition(union_yaml(demo, work), int(name.split("-")[1]), mode="iid", seed=0, out=out, verbose=False)
     return [y for i, (c, k) in enumerate(zip(demo, (3, 3, 2)))
             for y in partition(c, k, mode="iid", seed=0, out=out / str(i), verbose=False)]
+
+
+def partial_client(client, keep, out):
+    """Write a copy of a client's labels holding only the classes `keep` (renumbered); images are linked."""
+    from utils.datasets import image_files
+
+    check = check_dataset(client)
+    names = check["names"]
+    for split in ("train", "val"):
+        for i, image in enumerate(image_files([check["yaml"][split]])):
+            link = out / split / "images" / f"{i:05d}{Path(image).suffix}"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():
+                link.symlink_to(image)
+            label = Path(image).parent.parent.parent / "labels" / Path(image).parent.name / f"{Path(image).stem}.txt"
+            lines = [line.split() for line in label.read_text().splitlines() if line.strip()]
+            kept = [" ".join([str(keep.index(names[int(x[0])]))] + x[1:]) for x in lines if names[int(x[0])] in keep]
+            dst = out / split / "labels" / f"{i:05d}.txt"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_text("\n".join(kept) + "\n" if kept else "")
+    out_yaml = out / "data.yaml"
+    out_yaml.write_text(yaml.safe_dump({"path": str(out), "train": "train/images", "val": "val/images",
+                                        "names": dict(enumerate(keep))}))
+    return out_yaml
 
 
 def centralized(clients, test_yaml, epochs, base, work):
@@ -104,7 +137,10 @@ def federated(clients, test_yaml, rounds, epochs, base, work, name, extra=()):
         raise RuntimeError(f"{name} failed:\n{(r.stdout + r.stderr)[-3000:]}")
     with (save / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
-    mean = {k: sum(float(x[k]) for x in rows) / len(rows) for k in rows[0] if k.startswith(("time_", "train_time_"))}
+    if any(int(row["updates"]) < len(clients) for row in rows):
+        raise RuntimeError(f"{name}: a round had fewer updates than clients; see {save / 'metrics.csv'}")
+    parts = [k for k in rows[0] if k.startswith(("time_", "train_time_")) and k != "time_s"]
+    mean = {k: sum(float(x[k]) for x in rows) / len(rows) for k in parts}
     m, m50 = test_map(export(base, save / f"round{rounds}.npz"), test_yaml)
     return {"map": m, "map50": m50, "seconds": seconds, "rounds_s": float(rows[-1]["time_s"]),
             "bytes": sum(float(rows[-1][k]) for k in ("bytes_down", "bytes_up")), "profile": mean}
@@ -172,6 +208,21 @@ def table(results, rounds, epochs, base):
     return "\n".join(lines) + "\n"
 
 
+def plan(setting, run, variants, explicit):
+    """Return the federated.py flags of a run in a setting, or None when the table does not have that cell.
+
+    Strategies run in every setting but partial-3; variants on non-iid-3 (or where --runs names them); the partial-
+    label rows (fedavg with and without the mask) on partial-3 only.
+    """
+    if setting == "partial-3":
+        return [] if run == "fedavg" else variants[run] if "partial" in run else None
+    if run in STRATEGIES:
+        return ["--strategy", run]
+    if run in variants and "partial" not in run and (setting == "non-iid-3" or explicit):
+        return variants[run]
+    return None
+
+
 def main():
     """Run the missing cells and write the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -210,13 +261,8 @@ def main():
         if "naive" in runs and setting == "non-iid-3":
             cell(setting, "naive", lambda: naive(clients, test_yaml, a.rounds, a.epochs, a.base_model, work))
         for run in runs:
-            if run in STRATEGIES:
-                flags = ["--strategy", run]
-            elif run in variants and (setting == "non-iid-3" or run in (a.runs or [])):
-                flags = variants[run]
-            else:
-                continue
-            if run == "krum" and len(clients) <= 2:
+            flags = plan(setting, run, variants, explicit=a.runs is not None)
+            if flags is None:
                 continue
             name = f"{setting}-{run}".replace(" ", "-")
             cell(setting, run, lambda: federated(clients, test_yaml, a.rounds, a.epochs, a.base_model, work, name,

@@ -139,7 +139,8 @@ def test_evaluation_leaves_the_global_parameters_untouched(tiny_fed, tiny_model,
     cfg, names = tiny_model
     sent = _random_weights(build_model(cfg, names), seed=3)
     copy = [a.copy() for a in sent]
-    spec = {"model": cfg, "names": names, "hyp": TINY, "datasets": [str(tiny_fed[0][0])]}
+    spec = {"model": cfg, "names": names, "hyp": TINY, "datasets": [str(tiny_fed[0][0])], "work": str(tmp_path),
+            "fedbn": False, "partial_labels": True, "keep_optimizer": False}
     client = federated.YoloClient(partition_id=0)
 
     loss, n, metrics = client.evaluate(sent, {"spec": json.dumps(spec)})
@@ -151,7 +152,7 @@ def test_evaluation_leaves_the_global_parameters_untouched(tiny_fed, tiny_model,
     from flwr.common import ndarrays_to_parameters
 
     settings = {**federated.DEFAULTS, "SAVE_DIR": str(tmp_path), "SERVER_DATA": str(tiny_fed[1])}
-    run = {"initial": sent, "spec": spec, "trainable": [], "offset": 0, "rows": [], "train_images": {},
+    run = {"initial": sent, "spec": spec, "trainable": [], "bn_pairs": [], "offset": 0, "rows": [], "train_images": {},
            "server_check": check_dataset(tiny_fed[1])}
     strategy = federated.SaveFedAvg(settings, run)
     save_npz(tmp_path / "round1.npz", sent)
@@ -161,7 +162,7 @@ def test_evaluation_leaves_the_global_parameters_untouched(tiny_fed, tiny_model,
         assert all(np.array_equal(a, b) for a, b in zip(arrays, copy))
 
 
-def test_client_withholds_nan_weights(tiny_fed, tiny_model):
+def test_client_withholds_nan_weights(tiny_fed, tiny_model, tmp_path):
     import json
 
     import federated
@@ -169,8 +170,31 @@ def test_client_withholds_nan_weights(tiny_fed, tiny_model):
     cfg, names = tiny_model
     arrays = get_weights(build_model(cfg, names))
     sent = [np.full(a.shape, np.nan, a.dtype) if a.dtype.kind == "f" else a for a in arrays]
-    spec = {"model": cfg, "names": names, "hyp": TINY, "datasets": [str(tiny_fed[0][0])]}
-    config = {"spec": json.dumps(spec), "server-round": 1, "start-epoch": 0, "epochs": 1, "total-epochs": 1}
+    spec = {"model": cfg, "names": names, "hyp": TINY, "datasets": [str(tiny_fed[0][0])], "work": str(tmp_path),
+            "fedbn": False, "partial_labels": True, "keep_optimizer": False}
+    config = {"spec": json.dumps(spec), "server-round": 1, "start-epoch": 0, "epochs": 1, "total-epochs": 1,
+              "proximal-mu": 0.0, "fp16": "off"}
 
     with pytest.raises(RuntimeError, match="NaN/Inf weights; the update is withheld"):
         federated.YoloClient(partition_id=0).fit(sent, config)
+
+
+def test_optimizer_state_continues_into_the_next_round(data_yaml, tiny_model):
+    cfg, names = tiny_model
+    model = build_model(cfg, names, seed=0)
+    hyp = {**TINY, "nbs": 4}
+    first = train_round(model, data_yaml, 0, 1, 2, hyp)
+    keys, arrays = first["optimizer_state"]
+    assert first["optimizer_kept"] == 0 and "exp_avg_sq" in keys and any(np.abs(a).sum() > 0 for a in arrays)
+    seen = {}
+
+    def at_start(tr):  # after the state was loaded, before the first step of round 2
+        seen["state"] = [torch.as_tensor(tr.optimizer.state[p][k]).numpy().copy()
+                         for g in tr.optimizer.param_groups for p in g["params"] for k in keys]
+
+    second = train_round(model, data_yaml, 1, 1, 2, hyp, callbacks={"on_train_start": at_start},
+                         optimizer_state=(keys, arrays))
+    assert second["optimizer_kept"] == 1
+    assert all(np.array_equal(a, b) for a, b in zip(seen["state"], arrays))
+    fresh = train_round(build_model(cfg, names, seed=0), data_yaml, 1, 1, 2, hyp, optimizer_state=(keys, arrays[:-1]))
+    assert fresh["optimizer_kept"] == 0  # a state that does not fit the optimizer is not loaded

@@ -7,7 +7,8 @@ Usage:
 Writes DIR/client0 ... DIR/client{K-1}, each with a `data.yaml` (absolute `path`, `train: train.txt`,
 `val: val.txt`, the source's `names`) and `train.txt` / `val.txt` listing the absolute paths of the original
 images: nothing is copied or linked, and Ultralytics finds each image's labels beside it as usual. Nothing is
-written into the source dataset (Ultralytics itself may later write its labels `.cache` there when it trains).
+written into the source dataset (federated.py trains through per-client views, so no label cache lands there
+either; plain `yolo train` on a client's data.yaml would write Ultralytics' usual `labels/*.cache`).
 
 Modes:
 - `iid`: the train images are shuffled with the seed and dealt out in equal shares.

@@ -58,6 +58,28 @@ class ProximalLoss:
         return getattr(self.__dict__["criterion"], name)
 
 
+def get_optimizer_state(optimizer):
+    """Return (state keys, arrays): the optimizer's per-weight state (Adam moments, step) in parameter order."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    keys = sorted(next((optimizer.state[p] for p in params if optimizer.state[p]), {}))
+    zero = {k: 0.0 if k == "step" else None for k in keys}  # a weight without state (frozen): zeros, step 0
+    return keys, [torch.as_tensor(optimizer.state[p].get(k, zero[k] if k == "step" else torch.zeros_like(p)))
+                  .detach().cpu().numpy().copy() for p in params for k in keys]
+
+
+def set_optimizer_state(optimizer, keys, arrays):
+    """Load state saved by get_optimizer_state into a fresh optimizer of the same model; False if it does not fit."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not keys or len(arrays) != len(params) * len(keys):
+        return False
+    for i, p in enumerate(params):
+        state = {k: torch.tensor(arrays[i * len(keys) + j], device=p.device) for j, k in enumerate(keys)}  # a copy
+        if any(v.shape != p.shape for k, v in state.items() if k != "step"):
+            return False
+        optimizer.state[p] = state
+    return True
+
+
 def set_loss(model, proximal_mu=0.0, classes=None):
     """Give `model` a fresh criterion with the FedProx term and/or the partial-label class mask (see module doc)."""
     if classes is not None:
@@ -72,7 +94,7 @@ def set_loss(model, proximal_mu=0.0, classes=None):
 
 
 def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callbacks=None, proximal_mu=0.0,
-                classes=None):
+                classes=None, optimizer_state=None):
     """Train `model` in place for one round of the federation's schedule.
 
     Args:
@@ -85,11 +107,14 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         callbacks (dict | None): extra {event: fn} callbacks (tests use them to look inside the trainer).
         proximal_mu (float): FedProx's mu; 0 trains on the plain YOLO loss.
         classes (list[int] | None): the classes this client annotates (partial labels); None: all of them.
+        optimizer_state (tuple | None): (keys, arrays) of this client's optimizer at the end of its last round, to
+            continue with (Adam moments); None: a fresh optimizer.
 
     Returns:
         (dict): `train_images` (the FedAvg weight), the mean train losses of the round's last epoch, `lr` (the
-            learning rate of the weights at the end of the round) and seconds spent: `time_setup` (trainer,
-            dataset scan, dataloaders) and `time_train` (the epochs).
+            learning rate of the weights at the end of the round), seconds spent: `time_setup` (trainer,
+            dataset scan, dataloaders) and `time_train` (the epochs), `optimizer_state` (keys, arrays) to pass to
+            the next round and `optimizer_kept` (1 if `optimizer_state` was loaded).
     """
     no_downloads()
     t0, marks = time.time(), {}
@@ -102,6 +127,7 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         trainer.scheduler.last_epoch = start_epoch - 1  # the epoch loop steps it to start_epoch first
         if proximal_mu or classes is not None:
             set_loss(unwrap_model(trainer.model), proximal_mu, classes)
+        marks["kept"] = bool(optimizer_state) and set_optimizer_state(trainer.optimizer, *optimizer_state)
         marks["setup"] = time.time()
 
     def end_round(trainer):
@@ -130,4 +156,5 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         lr = float(trainer.optimizer.param_groups[0]["lr"])  # the weights' learning rate at the end of the round
         t1 = time.time()
         return {"train_images": len(trainer.train_loader.dataset), **losses, "lr": lr,
-                "time_setup": marks["setup"] - t0, "time_train": t1 - marks["setup"]}
+                "time_setup": marks["setup"] - t0, "time_train": t1 - marks["setup"],
+                "optimizer_state": get_optimizer_state(trainer.optimizer), "optimizer_kept": int(marks["kept"])}
