@@ -30,7 +30,7 @@ MIN_UPDATES = 1  # (int) valid client updates a round needs; with fewer the roun
 STRATEGY = "fedavg"  # (str) fedavg, fedprox, fedavgm, fedadam, fedyogi, fedmedian, fedtrimmedavg or krum (README)
 SERVER_LR = 1.0  # (float) server learning rate: trainable weights move SERVER_LR x the aggregated client update
 PROXIMAL_MU = 0.01  # (float) fedprox: weight mu of the proximal term mu/2 ||w - w_global||^2 in the client loss
-SERVER_MOMENTUM = 0.9  # (float) fedavgm: server momentum on the trainable weights
+SERVER_MOMENTUM = 0.5  # (float) fedavgm: server momentum, v = m v + (1 - m) update (README "Strategies")
 ADAPTIVE_LR = 0.01  # (float) fedadam, fedyogi: server learning rate of the Adam/Yogi step
 ADAPTIVE_BETA1 = 0.9  # (float) fedadam, fedyogi: first-moment decay
 ADAPTIVE_BETA2 = 0.99  # (float) fedadam, fedyogi: second-moment decay
@@ -243,7 +243,7 @@ class SaveFedAvg(FedAvg):
         """Keep the run's settings and state (see `prepare`)."""
         self.cfg, self.run, self.spec_json = cfg, run, json.dumps(run["spec"])
         self.current, self.rows, self.pending = run["initial"], run["rows"], {}
-        self.sent, self.aggregator = self.current, Aggregator(cfg, run["trainable"], run["bn_pairs"])
+        self.aggregator = Aggregator(cfg, run["trainable"], run["bn_pairs"])
         self.writer, self.writing = ThreadPoolExecutor(max_workers=1), None
         self.save_dir, self.t0 = Path(cfg["SAVE_DIR"]), time.time()
         self.t_last = self.t0
@@ -265,8 +265,7 @@ class SaveFedAvg(FedAvg):
         """Send the global weights (float16 with FP16=both) and this round's schedule to the sampled clients."""
         if self.writing is not None and self.writing.done():
             self.wait_for_files()  # a failed write (disk full) stops the run here
-        self.sent = to_half(self.current) if self.cfg["FP16"] == "both" else self.current
-        params = ndarrays_to_parameters(self.sent)
+        params = ndarrays_to_parameters(to_half(self.current) if self.cfg["FP16"] == "both" else self.current)
         self.pending["bytes_down"] = sum(len(t) for t in params.tensors)
         return [(c, type(ins)(params, self._config(server_round)))
                 for c, ins in super().configure_fit(server_round, parameters, client_manager)]
@@ -290,8 +289,8 @@ class SaveFedAvg(FedAvg):
                 log(WARNING, "round %d: update of client %s rejected: %s", r, proxy.cid, problem)
                 continue
             sizes.append(sum(len(t) for t in res.parameters.tensors))
-            if self.cfg["FP16"] in ("up", "both"):
-                arrays = decode_update(arrays, self.sent)
+            if self.cfg["FP16"] in ("up", "both"):  # the change is added to the float32 global model, not to the
+                arrays = decode_update(arrays, self.current)  # float16 copy sent: rounding never accumulates
             n, known = res.num_examples, self.run["train_images"].get(res.metrics.get("dataset"))
             if known is not None and n > known:  # simulation: the server knows every dataset's size
                 log(WARNING, "round %d: client %s reported %d train images, its dataset has %d; counted as %d",

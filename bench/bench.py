@@ -48,6 +48,8 @@ VARIANTS = {  # name: federated.py flags (run on non-iid-3 unless --settings say
     "fedavg fp16 up": ["--fp16", "up"],
     "fedavg fp16 both": ["--fp16", "both"],
     "fedavg fedbn": ["--fedbn"],
+    "fedavg pooled-bn-var": ["--pooled-bn-var"],
+    "fedavg keep-optimizer": ["--keep-optimizer"],
     "fedavg no partial-label mask": ["--partial-labels", "false"],
 }
 ARGS = {"imgsz": 64, "batch": 8, "nbs": 8, "workers": 0, "device": "cpu"}  # federated.py's defaults, for all
@@ -112,13 +114,13 @@ def partial_client(client, keep, out):
     return out_yaml
 
 
-def centralized(clients, test_yaml, epochs, base, work):
+def centralized(clients, test_yaml, epochs, base, work, seed=0):
     """Train plain Ultralytics on the union of the clients' train splits; return a result dict."""
     union = union_yaml(clients, work)
     t = time.time()
     model = YOLO(base)
-    model.train(data=str(union), epochs=epochs, val=False, plots=False, project=str(work), name="central",
-                exist_ok=True, **ARGS)
+    model.train(data=str(union), epochs=epochs, val=False, plots=False, project=str(work), name=f"central{seed}",
+                exist_ok=True, seed=seed, **ARGS)
     seconds = time.time() - t
     m, m50 = test_map(Path(model.trainer.last), test_yaml)
     return {"map": m, "map50": m50, "seconds": seconds, "bytes": 0}
@@ -186,9 +188,11 @@ def table(results, rounds, epochs, base):
         "MB / client / round | date |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for k, v in results.items():
-        setting, run, kk = k.split("|")
-        if kk != key:
+    order = ("all", *SETTINGS)
+    cells = sorted(results.items(), key=lambda kv: (order.index(kv[0].split("|")[0]), "tuning" in kv[0]))
+    for k, v in cells:
+        setting, run, kk = k.split("|")[:3]
+        if kk != key or len(k.split("|")) > 3:  # other seeds: in the seed section
             continue
         ratio = f"{v['map'] / central['map']:.2f}x" if central else "-"
         wall = f"{v['seconds'] / central['seconds']:.2f}x" if central else "-"
@@ -196,6 +200,21 @@ def table(results, rounds, epochs, base):
         mb = f"{v['bytes'] / 1e6:.1f}" if v["bytes"] else "-"
         lines.append(f"| {setting} | {run} | {v['map']:.4f} | {v['map50']:.4f} | {ratio} | {v['seconds']:.0f} | {wall} "
                      f"| {rounds_s} | {mb} | {v.get('date', '')} |")
+    seeds = {}  # (setting, run) -> {seed: mAP} for the cells measured with more than one seed
+    for k, v in results.items():
+        parts = k.split("|")
+        if parts[2] == key:
+            seeds.setdefault(tuple(parts[:2]), {})[parts[3] if len(parts) > 3 else "seed0"] = v["map"]
+    seeds = {k: v for k, v in seeds.items() if len(v) > 1}
+    if seeds:
+        lines += ["", "## Seeds: the same cells with other seeds (initial weights, augmentation)", "",
+                  "| setting | run | mAP50-95 per seed | mean | / mean centralized |", "|---|---|---|---|---|"]
+        c_seeds = seeds.get(("all", "centralized")) or ({"seed0": central["map"]} if central else {})
+        c_mean = sum(c_seeds.values()) / len(c_seeds) if c_seeds else None
+        for (setting, run), v in seeds.items():
+            mean = sum(v.values()) / len(v)
+            per = ", ".join(f"{m:.3f}" for _, m in sorted(v.items()))
+            lines.append(f"| {setting} | {run} | {per} | {mean:.4f} | {f'{mean / c_mean:.2f}x' if c_mean else '-'} |")
     prof = results.get(f"non-iid-3|fedavg|{key}", {}).get("profile")
     if prof:
         lines += ["", "## Where a round's time goes (non-iid-3, fedavg; mean over rounds, seconds)", "",
@@ -235,13 +254,14 @@ def main():
     p.add_argument("--work", default="runs/bench", help="scratch folder (data, runs, results.json)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
     p.add_argument("--fresh", action="store_true", help="measure again even when a cell is cached")
+    p.add_argument("--seed", type=int, default=0, help="seed of the runs (init, augmentation); the table shows 0")
     a = p.parse_args()
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "results.json"
     results = json.loads(cache.read_text()) if cache.is_file() else {}
     demo, test_yaml = make_demo(work / "demo")
-    key, total = f"{a.rounds}x{a.epochs}", a.rounds * a.epochs
+    key, total = f"{a.rounds}x{a.epochs}" + (f"|seed{a.seed}" if a.seed else ""), a.rounds * a.epochs
     variants = {**VARIANTS, **{e.split("=", 1)[0]: e.split("=", 1)[1].split() for e in a.extra}}
     runs = a.runs or ["centralized", "naive", *STRATEGIES, *variants]
 
@@ -255,7 +275,7 @@ def main():
         print(f"  mAP50-95 {results[k]['map']:.4f}, {results[k]['seconds']:.0f} s", flush=True)
 
     if "centralized" in runs:
-        cell("all", "centralized", lambda: centralized(demo, test_yaml, total, a.base_model, work))
+        cell("all", "centralized", lambda: centralized(demo, test_yaml, total, a.base_model, work, a.seed))
     for setting in a.settings:
         clients = setting_clients(setting, demo, work)
         if "naive" in runs and setting == "non-iid-3":
@@ -264,7 +284,8 @@ def main():
             flags = plan(setting, run, variants, explicit=a.runs is not None)
             if flags is None:
                 continue
-            name = f"{setting}-{run}".replace(" ", "-")
+            name = f"{setting}-{run}".replace(" ", "-") + (f"-seed{a.seed}" if a.seed else "")
+            flags = [*flags, "--seed", str(a.seed)]
             cell(setting, run, lambda: federated(clients, test_yaml, a.rounds, a.epochs, a.base_model, work, name,
                                                  flags))
     text = table(results, a.rounds, a.epochs, a.base_model)

@@ -37,7 +37,7 @@ def test_fedavg_weights_by_images_and_keeps_dtypes():
 
 @pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "fedyogi"])
 def test_server_optimizers_move_trainable_weights_only(strategy):
-    agg = Aggregator(_cfg(strategy, SERVER_LR=2.0, ADAPTIVE_LR=0.5), TRAINABLE, BN_PAIRS)
+    agg = Aggregator(_cfg(strategy, SERVER_LR=3.0, ADAPTIVE_LR=0.5), TRAINABLE, BN_PAIRS)
     current, updates = _arrays(0.0), [(_arrays(1.0), 1), (_arrays(3.0), 1)]
     first = _round(agg, current, updates)
     second = _round(agg, first, updates)
@@ -46,9 +46,9 @@ def test_server_optimizers_move_trainable_weights_only(strategy):
         np.testing.assert_allclose(new[3], 3.0)
         assert int(new[4]) == 5
     assert not np.allclose(first[0], 2.0)  # the trainable weights took the optimizer's step, not the mean
-    if strategy == "fedavgm":  # v1 = 2, w1 = 0 + 2 * 2; v2 = 0.9 * 2 + (2 - 4) = -0.2, w2 = 4 - 0.4
-        np.testing.assert_allclose(first[0], 4.0)
-        np.testing.assert_allclose(second[0], 3.6, rtol=1e-6)
+    if strategy == "fedavgm":  # momentum 0.5: v1 = 0.5 * 2 = 1, w1 = 0 + 3 * 1; v2 = 0.5 + 0.5 * (2 - 3) = 0, w2 = 3
+        np.testing.assert_allclose(first[0], 3.0)
+        np.testing.assert_allclose(second[0], 3.0, rtol=1e-6)
     else:  # first Adam/Yogi step with bias correction: lr * sign(delta) (tau is small next to delta)
         np.testing.assert_allclose(first[0], 0.5, rtol=1e-2)
 

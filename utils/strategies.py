@@ -4,7 +4,9 @@ Every strategy splits the state_dict into trainable weights and buffers (BatchNo
 `num_batches_tracked`). Buffers always take the strategy's plain aggregate (mean, median or Krum's pick), never a
 server learning rate, momentum or Adam step (PITFALLS 19). Trainable weights take the server step:
 - fedavg, fedprox:        w + SERVER_LR * (mean - w)              (fedprox differs on the client: proximal term)
-- fedavgm:                v = SERVER_MOMENTUM * v + (mean - w);  w + SERVER_LR * v
+- fedavgm:                v = SERVER_MOMENTUM * v + (1 - SERVER_MOMENTUM) * (mean - w);  w + SERVER_LR * v
+                          (an average of recent updates, so SERVER_LR 1 moves as far as FedAvg on a steady
+                          direction; Flower's FedAvgM, v = b v + (mean - w), is this with SERVER_LR / (1 - b))
 - fedadam, fedyogi:       Adam / Yogi on the pseudo-gradient (mean - w) with ADAPTIVE_LR, ADAPTIVE_BETA1/2, ADAPTIVE_TAU
 - fedmedian:              coordinate-wise median of the updates (unweighted), then the SERVER_LR step
 - fedtrimmedavg:          coordinate-wise mean without the TRIM_BETA largest and smallest fraction, then SERVER_LR
@@ -111,7 +113,7 @@ class Aggregator:
         self.t += 1
         if self.name == "fedavgm":
             beta = self.cfg["SERVER_MOMENTUM"]
-            self.m = [beta * m + d for m, d in zip(self.m, delta)]
+            self.m = [beta * m + (1 - beta) * d for m, d in zip(self.m, delta)]
             step = [self.cfg["SERVER_LR"] * m for m in self.m]
         else:
             b1, b2, tau = self.cfg["ADAPTIVE_BETA1"], self.cfg["ADAPTIVE_BETA2"], self.cfg["ADAPTIVE_TAU"]
