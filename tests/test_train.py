@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tests.conftest import TINY
-from utils.datasets import check_dataset, write_resolved
+from utils.classes import client_view
+from utils.datasets import check_dataset
 from utils.model import build_model, read_base
 from utils.params import get_weights, set_weights
 from utils.train import train_round
@@ -41,7 +42,8 @@ def _run(model, data_yaml, start, epochs, total, **hyp):
 
 @pytest.fixture()
 def data_yaml(tiny_fed, tmp_path):
-    return write_resolved(check_dataset(tiny_fed[0][0]), tmp_path)
+    check = check_dataset(tiny_fed[0][0])
+    return client_view(check, check["names"], tmp_path / "view")
 
 
 @pytest.mark.parametrize("base", ["yaml", "pt"])
@@ -125,7 +127,7 @@ def test_labels_malformed_or_beyond_nc_are_skipped_not_trained(tiny_fed, tiny_mo
     check = check_dataset(data)
     cfg, names = tiny_model
 
-    out, _ = _run(build_model(cfg, names), write_resolved(check, tmp_path), 0, 1, 1)
+    out, _ = _run(build_model(cfg, names), client_view(check, names, tmp_path / "view"), 0, 1, 1)
 
     assert out["train_images"] == 6  # Ultralytics drops the images with bad labels (a warning), trains the rest
 

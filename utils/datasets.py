@@ -1,4 +1,4 @@
-"""Check client data.yaml files before any training, and write the resolved copy a trainer reads."""
+"""Check client data.yaml files before any training: splits, class names, labelled images."""
 
 import glob
 import os
@@ -149,13 +149,6 @@ def check_federation(files):
     if not files:
         raise ValueError("no datasets given: set DATASETS or --datasets to one data.yaml per client")
     return [check_dataset(f) for f in files]
-
-
-def write_resolved(check, folder):
-    """Write a checked dataset's resolved data.yaml into folder (never beside the user's data); return its path."""
-    out = Path(folder) / "data.yaml"
-    out.write_text(yaml.safe_dump(check["yaml"], sort_keys=False))
-    return out
 
 
 def client_label(file):

@@ -27,7 +27,6 @@ gets the whole val list. The same arguments give byte-identical files.
 """
 
 import argparse
-import glob
 import os
 import sys
 from collections import Counter
@@ -39,16 +38,11 @@ import yaml
 if __package__ in {None, ""}:  # run as a script: make `utils` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ultralytics.data.utils import IMG_FORMATS, img2label_paths  # noqa: E402
+from ultralytics.data.utils import img2label_paths  # noqa: E402
 
-from utils.datasets import SPLITS, check_dataset  # noqa: E402
+from utils.datasets import SPLITS, check_dataset, image_files  # noqa: E402
 
 MODES = ("iid", "dirichlet")
-
-
-def _is_image(path):
-    """Return True if `path` has an image suffix Ultralytics reads."""
-    return str(path).rpartition(".")[-1].lower() in IMG_FORMATS
 
 
 def split_images(entries):
@@ -62,22 +56,10 @@ def split_images(entries):
     Returns:
         (tuple[list[str], list[str]]): the existing images and the missing ones named by .txt lists.
     """
-    found, missing = set(), set()
-    for e in entries if isinstance(entries, list) else [entries]:
-        p = Path(e)
-        if p.is_dir():
-            pattern = os.path.join(glob.escape(str(p)), "**", "*.*")
-            found.update(f for f in glob.glob(pattern, recursive=True) if _is_image(f) and os.path.isfile(f))
-        elif p.suffix == ".txt":
-            for line in p.read_text(encoding="utf-8-sig").splitlines():
-                line = line.strip()
-                if line and _is_image(line):
-                    f = os.path.join(p.parent, line)  # absolute lines stay as they are
-                    f = os.path.abspath(f if os.path.exists(f) or not os.path.exists(line) else line)
-                    (found if Path(f).is_file() else missing).add(f)
-        elif _is_image(p):
-            found.add(str(p))
-    return sorted(found), sorted(missing)
+    files = image_files(entries if isinstance(entries, list) else [entries])
+    found = sorted({f for f in files if os.path.isfile(f)})
+    missing = sorted({f for f in files if not os.path.exists(f)})
+    return found, missing
 
 
 def image_classes(images, nc):
