@@ -39,14 +39,14 @@ TRIM_BETA = 0.2  # (float) fedtrimmedavg: fraction of updates cut at each end of
 KRUM_F = 0  # (int) krum: number of malicious clients to tolerate (needs more than 2 x KRUM_F + 2 clients)
 POOLED_BN_VAR = False  # (bool) BatchNorm running_var of the global model: variance of the pooled client data
 FP16 = "off"  # (str) send float weights as float16: off, up (client -> server) or both; integer buffers stay exact
-CLIENT_RESOURCES = {"num_cpus": 1, "num_gpus": 0.0}  # (dict) Ray resources per simulated client (num_cpus, num_gpus)
+CLIENT_RESOURCES = {"num_cpus": 1}  # (dict) Ray resources per simulated client; num_gpus derived from DEVICE unless set
 EVALUATE = True  # (bool) evaluate the new global model on every client's val split after each round
 SERVER_DATA = ""  # (str) optional data.yaml the server owns: the global model is also validated on its val split
 # Training (Ultralytics train arguments, the same on every client)
 IMGSZ = 64  # (int) train and val image size
 BATCH = 8  # (int) batch size per client
 NBS = 8  # (int) nominal batch size: one optimizer step per NBS images (NBS / BATCH batches accumulated)
-DEVICE = ""  # (str) "" picks cuda:0 when present, else cpu; or "cpu", "0", "cuda:1"
+DEVICE = ""  # (str) GPUs the simulated clients share: "" all (none: cpu), "cpu", "0", "0,1" (README "GPUs")
 WORKERS = 0  # (int) dataloader worker processes per client
 OPTIMIZER = "auto"  # (str) SGD, AdamW, ... or auto (resolved once on the server for the whole run)
 LR0 = 0.01  # (float) initial learning rate (ignored when OPTIMIZER is auto)
@@ -73,12 +73,13 @@ from flwr.common import Context, log, ndarrays_to_parameters, parameters_to_ndar
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig  # noqa: E402
 from flwr.server.strategy import FedAvg  # noqa: E402
 
-from utils.aggregate import check_update  # noqa: E402
+from utils.aggregate import check_update, failure_reason, first_line  # noqa: E402
 from utils.atomic import atomic_write_text, remove_stale_temps  # noqa: E402
 from utils.checkpoint import write_checkpoint  # noqa: E402
 from utils.classes import annotated, class_map, client_view, union_names  # noqa: E402
 from utils.config import get_args_parser, resolve  # noqa: E402
 from utils.datasets import check_dataset, check_federation, client_label, client_labels  # noqa: E402
+from utils.devices import client_device, count_gpus, plan_simulation, restrict_visible  # noqa: E402
 from utils.params import (  # noqa: E402
     decode_update,
     encode_update,
@@ -93,15 +94,6 @@ from utils.strategies import Aggregator, check_strategy  # noqa: E402
 
 TRAIN_KEYS = ("IMGSZ", "BATCH", "NBS", "DEVICE", "WORKERS", "OPTIMIZER", "LR0", "COS_LR", "WARMUP_EPOCHS",
               "CLOSE_MOSAIC", "AMP", "SEED")  # settings passed to the Ultralytics trainer as lower-case arguments
-
-
-def pick_device(device):
-    """Return `device`, or cuda:0 / cpu when it is empty."""
-    if device:
-        return device
-    import torch
-
-    return "0" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_optimizer(cfg, nc, train_images):
@@ -144,9 +136,18 @@ class YoloClient(NumPyClient):
     ids, Ultralytics' label cache kept there between rounds, the owner's files never written.
     """
 
-    def __init__(self, dataset=None, partition_id=None, work_dir=None, state=None):
-        """Keep the node's dataset (deployment) or partition id (simulation), work folder and persistent state."""
+    def __init__(self, dataset=None, partition_id=None, work_dir=None, state=None, device=None):
+        """Keep the node's dataset (deployment) or partition id (simulation), work folder, state and device."""
         self.dataset, self.partition_id, self.work_dir, self.state = dataset, partition_id, work_dir, state
+        self.device = device  # node config `device` of a SuperNode; None: the run's DEVICE
+
+    def _name(self, config):
+        """Return how the server's log names this client: its dataset's label, else its partition id."""
+        try:
+            dataset = self.dataset or json.loads(config["spec"])["datasets"][self.partition_id]
+            return f"client {client_label(dataset)}"
+        except (KeyError, IndexError, TypeError, ValueError):
+            return f"client {self.partition_id}"
 
     def _prepare(self, parameters, config):
         """Return (spec, dataset, its view's data.yaml, a model holding `parameters`, the classes it annotates)."""
@@ -155,6 +156,7 @@ class YoloClient(NumPyClient):
         from utils.model import build_model
 
         spec = json.loads(config["spec"])
+        spec["hyp"]["device"] = client_device(self.device or spec["hyp"]["device"])  # resolved where it trains
         if self.dataset is None and self.partition_id is None:
             raise ValueError("this SuperNode has no dataset: start it with --node-config 'dataset=\"/path/data.yaml\"'")
         dataset = self.dataset or spec["datasets"][self.partition_id]
@@ -177,7 +179,17 @@ class YoloClient(NumPyClient):
         return spec, dataset, data_yaml, model, classes if partial else None
 
     def fit(self, parameters, config):
-        """Train the sent weights for this round's epochs of the run; return fp32 weights, train images, losses."""
+        """Train the sent weights for this round's epochs of the run; return fp32 weights, train images, losses.
+
+        An error is raised again as one line naming this client, which the server's round line shows.
+        """
+        try:
+            return self._fit(parameters, config)
+        except Exception as e:
+            raise RuntimeError(f"{self._name(config)}: {first_line(e)}") from e
+
+    def _fit(self, parameters, config):
+        """Train the sent weights (see fit)."""
         from utils.train import train_round
 
         spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
@@ -214,8 +226,11 @@ class YoloClient(NumPyClient):
         """
         from utils.evaluate import evaluate
 
-        spec, dataset, data_yaml, model, _ = self._prepare(parameters, config)
-        m = evaluate(model, data_yaml, spec["hyp"])
+        try:
+            spec, dataset, data_yaml, model, _ = self._prepare(parameters, config)
+            m = evaluate(model, data_yaml, spec["hyp"])
+        except Exception as e:
+            raise RuntimeError(f"{self._name(config)}: {first_line(e)}") from e
         n, m["client"], m["dataset"] = m.pop("images"), client_label(dataset), str(Path(dataset).resolve())
         return 1.0 - m["map50_95"], n, m
 
@@ -224,11 +239,11 @@ def client_fn(context: Context):
     """Return the client of one node: its dataset from node config `dataset`, else DATASETS[partition-id].
 
     Node config `work-dir` sets where the node keeps its dataset views (default: SAVE_DIR/work in simulation, the
-    system temp folder on a SuperNode).
+    system temp folder on a SuperNode); `device` the device a SuperNode trains on (default: its first GPU, else cpu).
     """
     nc = context.node_config
     return YoloClient(dataset=nc.get("dataset"), partition_id=nc.get("partition-id"), work_dir=nc.get("work-dir"),
-                      state=context.state).to_client()
+                      state=context.state, device=nc.get("device")).to_client()
 
 
 class SaveFedAvg(FedAvg):
@@ -248,6 +263,7 @@ class SaveFedAvg(FedAvg):
         self.save_dir, self.t0 = Path(cfg["SAVE_DIR"]), time.time()
         self.t_last = self.t0
         self.best = max((float(r["map50_95"]) for r in self.rows if r.get("map50_95")), default=None)
+        self.trained, self.untrained, self.failed, self.first_error = 0, 0, [], None  # rounds with / without updates
         super().__init__(initial_parameters=ndarrays_to_parameters(self.current), **kwargs)
 
     def _round(self, server_round):
@@ -278,15 +294,18 @@ class SaveFedAvg(FedAvg):
     def aggregate_fit(self, server_round, results, failures):
         """Average the valid updates weighted by train images, save round{N}.npz, return the new global weights."""
         r = self._round(server_round)
-        for f in failures:
-            log(WARNING, "round %d: a client failed: %r", r, f if isinstance(f, BaseException) else f[1])
+        reasons = sorted(failure_reason(f) for f in failures)
+        for reason in reasons:
+            log(WARNING, "round %d: a client failed: %s", r, reason)
         t0, agg, counted, sizes = time.time(), self.aggregator, [], []
         agg.begin()  # mean-based strategies keep one running sum, never every update
         for proxy, res in results:
             arrays = parameters_to_ndarrays(res.parameters)
             problem = check_update(arrays, self.current, res.num_examples, res.metrics)
             if problem:
-                log(WARNING, "round %d: update of client %s rejected: %s", r, proxy.cid, problem)
+                name = self.run["labels"].get(res.metrics.get("dataset"), proxy.cid)
+                reasons.append(f"client {name}: update rejected: {problem}")
+                log(WARNING, "round %d: update of client %s rejected: %s", r, name, problem)
                 continue
             sizes.append(sum(len(t) for t in res.parameters.tensors))
             if self.cfg["FP16"] in ("up", "both"):  # the change is added to the float32 global model, not to the
@@ -300,11 +319,15 @@ class SaveFedAvg(FedAvg):
             counted.append((n, {k: v for k, v in res.metrics.items() if k != "dataset"}))
         self.pending = {"round": r, "updates": len(counted), "bytes_down": self.pending.get("bytes_down"),
                         "bytes_up": round(sum(sizes) / len(sizes)) if sizes else None}
+        self.failed = reasons
+        self.first_error = self.first_error or (reasons[0] if reasons else None)
         new, metrics = self.current, {}
         if len(counted) < max(self.cfg["MIN_UPDATES"], 1):  # the round's file then repeats the kept global model
             log(WARNING, "round %d skipped: %d valid client update(s), min-updates is %d; the global model is kept",
                 r, len(counted), self.cfg["MIN_UPDATES"])
+            self.untrained += 1
         else:
+            self.trained, self.untrained = self.trained + 1, 0
             new = agg.result(self.current)
             keys = sorted(set.intersection(*(set(m) for _, m in counted)))
             metrics = {k: sum(float(m[k]) * n for n, m in counted) / agg.total for k in keys}
@@ -329,11 +352,12 @@ class SaveFedAvg(FedAvg):
         from utils.evaluate import evaluate
         from utils.model import build_model
 
-        names = self.run["spec"]["names"]
+        names, hyp = self.run["spec"]["names"], dict(self.run["spec"]["hyp"])
+        hyp["device"] = client_device(hyp["device"])
         model = build_model(self.run["spec"]["model"], names)
         set_weights(model, parameters_to_ndarrays(parameters))
         view = client_view(self.run["server_check"], names, view_folder(self.run["spec"]["work"], "server", names))
-        m = evaluate(model, view, self.run["spec"]["hyp"])
+        m = evaluate(model, view, hyp)
         self.pending.update({f"server_{k}": v for k, v in m.items() if k != "images"})
         return 1.0 - m["map50_95"], m
 
@@ -395,11 +419,27 @@ class SaveFedAvg(FedAvg):
         line = f"round {r}/{n}  {elapsed:.0f}s elapsed, ~{elapsed / done * (n - r):.0f}s left"
         losses = [v for k, v in row.items() if k.startswith("train_") and k.endswith("_loss")]
         line += f"  train loss {sum(losses):.3f}" if losses else f"  skipped ({row['updates']} valid updates)"
+        if self.failed:
+            line += f"  {len(self.failed)} failed: " + "; ".join(self.failed)
         if "map50_95" in row:
             line += f"  val mAP50 {row['map50']:.3f}  mAP50-95 {row['map50_95']:.3f} (best {self.best:.3f})"
         if "server_map50_95" in row:
             line += f"  server mAP50-95 {row['server_map50_95']:.3f}"
         log(INFO, "%s", line)
+        if r >= n and self.failure():
+            log(ERROR, "%s", self.failure())
+
+    def failure(self):
+        """Return one sentence when the run trained nothing or its last rounds got no valid update, else None."""
+        last = min(STALL_ROUNDS, self.cfg["NUM_ROUNDS"] - self.run["offset"])
+        if self.trained and self.untrained < last:
+            return None
+        what = "no round got a valid client update" if not self.trained else \
+            f"the last {self.untrained} rounds got no valid client update"
+        return f"the run failed: {what} (first client error: {self.first_error or 'none reported'})"
+
+
+STALL_ROUNDS = 2  # a run whose last rounds (this many, or all) got no valid update ends with an error
 
 
 # Settings a resumed run may change; any other difference from the saved run is refused.
@@ -488,7 +528,7 @@ def prepare(cfg):
             "choose another --save-dir, or pass --exist-ok to overwrite them"
         )
     hyp = {k.lower(): cfg[k] for k in TRAIN_KEYS}
-    hyp["device"] = pick_device(cfg["DEVICE"])
+    hyp["device"] = cfg["DEVICE"]  # resolved by each client where it runs (utils/devices.py); main() plans simulation
     hyp.update(resolve_optimizer(cfg, len(names), sum(c["train_images"] for c in checks)))  # 0 images: deployment
     spec = {"model": arch, "names": names, "hyp": hyp, "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]],
             "work": str((save_dir / "work").resolve()), "fedbn": cfg["FEDBN"], "partial_labels": cfg["PARTIAL_LABELS"],
@@ -554,7 +594,15 @@ def main(argv=None):
     n, save_dir = len(run["spec"]["datasets"]), Path(cfg["SAVE_DIR"])
     if not n:
         sys.exit("federated.py: a simulation needs DATASETS (or neither DATASETS nor NAMES, for the demo)")
+    n_gpus, n_cpus = count_gpus(), os.cpu_count()
+    try:  # which device the clients train on and the Ray resources that let them see it, before Ray starts
+        plan = plan_simulation(cfg["DEVICE"], cfg["CLIENT_RESOURCES"], n, n_gpus, n_cpus)
+    except ValueError as e:
+        sys.exit(f"federated.py: {e}")
+    restrict_visible(plan["gpus"], n_gpus)
+    run["spec"]["hyp"]["device"] = plan["device"]
     log(INFO, "%d clients: %s", n, ", ".join(run["spec"]["datasets"]))
+    log(INFO, "%s", plan["line"])
     if run["offset"]:
         log(INFO, "resuming %s after round %d of %d", save_dir, run["offset"], cfg["NUM_ROUNDS"])
     strategy = make_strategy(cfg, run)
@@ -565,7 +613,8 @@ def main(argv=None):
         server_app=ServerApp(server_fn=lambda _: ServerAppComponents(strategy=strategy, config=rounds)),
         client_app=client_app,
         num_supernodes=n,
-        backend_config={"client_resources": cfg["CLIENT_RESOURCES"], "init_args": {"num_cpus": os.cpu_count()}},
+        backend_config={"client_resources": plan["resources"],
+                        "init_args": {"num_cpus": n_cpus, "num_gpus": len(plan["gpus"])}},
     )
     try:
         strategy.wait_for_files()  # a run cut short may still be writing its last round's checkpoints
@@ -574,6 +623,8 @@ def main(argv=None):
     last = save_dir / f"round{cfg['NUM_ROUNDS']}.npz"
     if not last.exists():
         sys.exit(f"federated.py: the run ended without {last}; see the log above (continue it with --resume)")
+    if strategy.failure():
+        sys.exit(f"federated.py: {strategy.failure()}")
     log(INFO, "done: %d rounds in %s", cfg["NUM_ROUNDS"], save_dir)
     log(INFO, "  best model  %s (best global mAP50-95 %s)", save_dir / "best.pt",
         f"{strategy.best:.3f}" if strategy.best is not None else "not measured")

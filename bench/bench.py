@@ -122,8 +122,11 @@ def centralized(clients, test_yaml, epochs, base, work, seed=0):
     model.train(data=str(union), epochs=epochs, val=False, plots=False, project=str(work), name=f"central{seed}",
                 exist_ok=True, seed=seed, **ARGS)
     seconds = time.time() - t
+    import torch
+
+    gpu = torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() and ARGS["device"] != "cpu" else None
     m, m50 = test_map(Path(model.trainer.last), test_yaml)
-    return {"map": m, "map50": m50, "seconds": seconds, "bytes": 0}
+    return {"map": m, "map50": m50, "seconds": seconds, "bytes": 0, "gpu_mem_mb": gpu}
 
 
 def federated(clients, test_yaml, rounds, epochs, base, work, name, extra=()):
@@ -144,7 +147,9 @@ def federated(clients, test_yaml, rounds, epochs, base, work, name, extra=()):
     parts = [k for k in rows[0] if k.startswith(("time_", "train_time_")) and k != "time_s"]
     mean = {k: sum(float(x[k]) for x in rows) / len(rows) for k in parts}
     m, m50 = test_map(export(base, save / f"round{rounds}.npz"), test_yaml)
+    gpu = [float(x["train_gpu_mem"]) for x in rows if x.get("train_gpu_mem")]  # peak MB per client (CUDA only)
     return {"map": m, "map50": m50, "seconds": seconds, "rounds_s": float(rows[-1]["time_s"]),
+            "gpu_mem_mb": max(gpu, default=None),
             "bytes": sum(float(rows[-1][k]) for k in ("bytes_down", "bytes_up")), "profile": mean}
 
 
@@ -257,7 +262,9 @@ def main():
     p.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
     p.add_argument("--fresh", action="store_true", help="measure again even when a cell is cached")
     p.add_argument("--seed", type=int, default=0, help="seed of the runs (init, augmentation); the table shows 0")
+    p.add_argument("--device", default="cpu", help="device of every run: cpu, or a GPU (0) for bench/gpu_check.sh")
     a = p.parse_args()
+    ARGS["device"] = a.device
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "results.json"

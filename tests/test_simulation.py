@@ -167,6 +167,39 @@ def test_client_whose_data_disappears_fails_alone_and_the_run_completes(tiny_fed
     assert float(rows[2]["map50_95_dark"]) >= 0 and rows[2].get("map50_95_light", "") == ""
 
 
+def test_run_whose_clients_all_stop_training_exits_nonzero_naming_them(tiny_fed, tmp_path):
+    import shutil
+
+    mine, cmd, save = [], _cmd(tiny_fed, tmp_path / "run", 4), tmp_path / "run"
+    for src in tiny_fed[0][:2]:
+        mine.append(tmp_path / src.parent.name)
+        shutil.copytree(src.parent, mine[-1])
+        (mine[-1] / "data.yaml").write_text(src.read_text().replace(str(src.parent), str(mine[-1])))
+        cmd[cmd.index(str(src))] = str(mine[-1] / "data.yaml")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not ((save / "metrics.csv").exists() and _rows(save)):
+            time.sleep(0.2)
+        for folder in mine:  # every data owner's data disappears after round 1
+            shutil.rmtree(folder / "images")
+        log, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    assert proc.returncode == 1, log[-3000:]
+    rows = _rows(save)
+    assert rows[0]["updates"] == "2" and rows[3]["updates"] == "0"
+    round4 = next(line for line in log.splitlines() if "round 4/4" in line)
+    assert "skipped (0 valid updates)  2 failed: client dark: " in round4 and "; client light: " in round4
+    assert "does not exist" in round4 and "Traceback" not in round4
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("federated.py: the run failed: the last ") and "rounds got no valid client update" in last
+    assert "(first client error: client " in last and "does not exist" in last
+
+
 def test_twenty_clients_complete_a_round(tmp_path):
     from utils.demo import make_demo
 

@@ -1,4 +1,6 @@
-"""Server-side checks and the weighted average of client updates."""
+"""Server-side checks and the weighted average of client updates, and one line for each client failure."""
+
+import re
 
 import numpy as np
 
@@ -19,6 +21,32 @@ def check_update(arrays, reference, num_examples, metrics=None):
         return problem
     bad = next((i for i, a in enumerate(arrays) if a.dtype.kind == "f" and not np.isfinite(a).all()), None)
     return None if bad is None else f"entry {bad} holds NaN or Inf values"
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(error):
+    """Return the first non-empty line of an error's text (its type name if it has none), at most 300 characters."""
+    lines = [ln.strip() for ln in ANSI.sub("", str(error)).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+def failure_reason(failure):
+    """Return one line saying why a client's reply failed: the client's own first error line where it is found.
+
+    Flower hands the strategy either (proxy, result with an error status) or an exception whose text wraps the
+    client's traceback (Ray's, in simulation); the client's message follows "Message: " or ":<'" there.
+    """
+    if isinstance(failure, tuple):
+        proxy, res = failure
+        return f"client {proxy.cid}: {res.status.code.name} {res.status.message}".strip()
+    text = ANSI.sub("", str(failure))
+    for mark in ("Message: ", ":<'"):
+        if mark in text:
+            return first_line(text.rsplit(mark, 1)[1].split("'>)")[0].strip("'>"))
+    errors = re.findall(r"^\s*(?:\w+\.)*\w*(?:Error|Exception): .+$", text, re.M)
+    return first_line(errors[-1] if errors else text)
 
 
 class WeightedMean:
@@ -69,7 +97,8 @@ def weighted_average(updates, reference):
 def server_step(current, average, trainable, lr=1.0):
     """Return the new global arrays: trainable weights move `lr` x (average - current); buffers take the average.
 
-    With lr = 1 this is plain FedAvg. BatchNorm statistics and integer buffers are never extrapolated (PITFALLS 19).
+    With lr = 1 this is plain FedAvg. BatchNorm statistics and integer buffers are never extrapolated (extrapolated,
+    they took a YOLO federation to 0 mAP).
     """
     if lr == 1.0:
         return average

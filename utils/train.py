@@ -114,7 +114,7 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         (dict): `train_images` (the FedAvg weight), the mean train losses of the round's last epoch, `lr` (the
             learning rate of the weights at the end of the round), seconds spent: `time_setup` (trainer,
             dataset scan, dataloaders) and `time_train` (the epochs), `optimizer_state` (keys, arrays) to pass to
-            the next round and `optimizer_kept` (1 if `optimizer_state` was loaded).
+            the next round, `optimizer_kept` (1 if `optimizer_state` was loaded) and on CUDA `gpu_mem` (peak MB).
     """
     no_downloads()
     t0, marks = time.time(), {}
@@ -155,6 +155,8 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         losses = {k: float(v) for k, v in (trainer.tloss or {}).items()}
         lr = float(trainer.optimizer.param_groups[0]["lr"])  # the weights' learning rate at the end of the round
         t1 = time.time()
+        if trainer.device.type == "cuda":  # peak GPU memory of this client process, MB (bench/gpu_check.sh)
+            losses["gpu_mem"] = torch.cuda.max_memory_reserved(trainer.device) / 2**20
         return {"train_images": len(trainer.train_loader.dataset), **losses, "lr": lr,
                 "time_setup": marks["setup"] - t0, "time_train": t1 - marks["setup"],
                 "optimizer_state": get_optimizer_state(trainer.optimizer), "optimizer_kept": int(marks["kept"])}
