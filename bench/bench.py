@@ -12,7 +12,7 @@ split four ways):
 - non-iid-8: each demo client split at random into 3, 3 and 2 clients (the style skew stays, the clients shrink);
 - partial-3: iid-3's clients, but each labels only its own classes (PARTIAL): the others are in its images, unlabelled.
 Runs: `centralized` (`YOLO(base).train` on the union, batch 8 / nbs 8 like the clients; the same for every
-setting, so trained once), `naive` (the seed README's loop; non-iid-3 only), one row per strategy with its defaults,
+setting, so trained once), `naive` (a plain loop of `YOLO.train()` per round and an average; non-iid-3 only), one row per strategy with its defaults,
 and the variants in VARIANTS. Federated runs have per-round evaluation off, so their wall time is training (and
 Ray start-up). Results are cached in WORK/results.json by (setting, run, rounds, epochs): delete it (or --fresh) to
 measure again.
@@ -154,7 +154,7 @@ def federated(clients, test_yaml, rounds, epochs, base, work, name, extra=()):
 
 
 def naive(clients, test_yaml, rounds, epochs, base, work):
-    """The seed README's loop; return a result dict."""
+    """A plain loop: `YOLO(npz weights).train(data, epochs)` per client per round, then the average; a result dict."""
     checks = [check_dataset(c) for c in clients]
     sizes, names = [c["train_images"] for c in checks], checks[0]["names"]
     current, t = base, time.time()
@@ -164,7 +164,7 @@ def naive(clients, test_yaml, rounds, epochs, base, work):
             model = YOLO(current)
             model.train(data=str(c), epochs=epochs, plots=False, project=str(work / "naive"), name=f"r{r}c{i}",
                         exist_ok=True, **ARGS)
-            updates.append(get_weights(model.model))  # what the seed reads back: best.pt, fp16 EMA
+            updates.append(get_weights(model.model))  # what a plain loop reads back: best.pt, fp16 EMA
         npz = work / "naive" / f"round{r}.npz"  # every array averaged, as Flower's FedAvg does
         save_npz(npz, weighted_average(list(zip(updates, sizes)), updates[0]))
         current = str(export(base, npz, names=names))

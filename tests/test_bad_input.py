@@ -1,6 +1,7 @@
 """Bad input stops federated.py before any training, with one clear last line, and leaves saved rounds alone."""
 
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,18 @@ def test_bad_dataset_is_named_before_training(case, tiny_fed, tmp_path):
     with pytest.raises(ValueError, match=words):
         check_federation([str(tiny_fed[0][1]), str(bad)])
     assert not (tmp_path / "PWNED").exists() and not (ROOT / "PWNED").exists()
+
+
+def test_dataset_given_as_a_folder_names_the_data_yaml_inside(tiny_fed, tmp_path):
+    y = _copy_client(tiny_fed, tmp_path)
+    folder, file = re.escape(str(y.parent)), re.escape(str(y))
+    with pytest.raises(ValueError, match=f"^dataset {folder} is a folder, not a data.yaml; did you mean {file}\\?$"):
+        check_federation([str(tiny_fed[0][0]), str(y.parent)])
+    y.unlink()
+    with pytest.raises(ValueError, match=f"^dataset {folder} is a folder, not a data.yaml, and holds no .yaml file"):
+        check_dataset(y.parent)
+    with pytest.raises(ValueError, match=f"^dataset {file} does not exist$"):
+        check_dataset(y)
 
 
 def test_clients_with_different_classes_form_the_union_and_names_must_cover_it(tiny_fed, tmp_path):

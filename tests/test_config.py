@@ -6,7 +6,7 @@ import pytest
 
 import federated
 from tests.conftest import ROOT
-from utils.config import coerce, get_args_parser, resolve
+from utils.config import coerce, get_args_parser, resolve, setting_help
 
 
 def test_pyproject_run_config_matches_the_constants():
@@ -34,3 +34,23 @@ def test_run_config_strings_and_type_errors():
         coerce("AMP", "maybe", True)
     with pytest.raises(ValueError, match="unknown setting 'rounds'"):
         resolve(federated.DEFAULTS, {"rounds": 3})
+
+
+def test_help_shows_every_setting_with_its_comment_and_default():
+    helps = setting_help(ROOT / "federated.py")
+    assert [k for k in federated.DEFAULTS if not helps.get(k)] == []
+    text = " ".join(get_args_parser(federated.DEFAULTS, "", helps).format_help().split())  # unwrapped
+    assert "--num-rounds INT federated rounds (default: 15)" in text
+    assert "--save-dir STR folder for round{N}.npz" in text and "(default: runs/federated)" in text
+    assert text.count("(default: ") == len(federated.DEFAULTS)
+
+
+def test_setting_help_reads_only_top_level_upper_case_comments(tmp_path):
+    f = tmp_path / "settings.py"
+    f.write_text('A = 1  # (int) first\nB = "x # y"  # (str) hash inside the value\nlower = 2  # not a setting\n'
+                 'C = 3\nD = {"k": 1,\n     "j": 2}  # (dict) spans lines\nif True:\n    E = 4  # indented\n'
+                 'F = 5  # 100% sure\n')
+    helps = setting_help(f)
+    assert helps == {"A": "first", "B": "hash inside the value", "D": "spans lines", "F": "100% sure"}
+    text = " ".join(get_args_parser({"A": 1, "C": 3, "F": 5}, "", helps).format_help().split())
+    assert "--a INT first (default: 1)" in text and "--c INT (default: 3)" in text and "100% sure (default: 5)" in text

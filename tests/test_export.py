@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from utils.model import build_model
+from utils.export_federated import main as export_main
+from utils.model import build_model, read_base
 from utils.params import get_weights, save_npz
 
 EXPORT = [sys.executable, str(ROOT / "utils" / "export_federated.py")]
@@ -110,3 +111,36 @@ def test_exported_model_exports_to_onnx_and_predicts_the_same(round_file, tiny_f
     image = str(next((tiny_fed[1].parent / "images" / "test").iterdir()))
     res = YOLO(onnx_path, task="detect").predict(image, imgsz=64, verbose=False, project=str(tmp_path))
     assert res[0].names == dict(enumerate(["circle", "square", "triangle", "cross"]))
+
+
+def _run_dir(folder, npz_names, config_names, settings=True):
+    """A folder holding round1.npz of a yolov8n for `npz_names` and a minimal config.json naming `config_names`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_npz(folder / "round1.npz", get_weights(build_model(read_base("yolov8n.yaml")[0], npz_names)))
+    info = {"settings": {"BASE_MODEL": "yolov8n.yaml"} if settings else {}, "names": config_names, "hyp": {}}
+    (folder / "config.json").write_text(json.dumps(info))
+    return folder / "round1.npz"
+
+
+def test_export_without_base_takes_it_from_config_json(tmp_path):
+    from ultralytics import YOLO
+
+    npz = _run_dir(tmp_path / "run", ["a", "b"], ["a", "b"])
+    r = subprocess.run([*EXPORT, str(npz)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ckpt = YOLO(str(npz.with_suffix(".pt")))
+    assert ckpt.names == {0: "a", 1: "b"} and ckpt.ckpt["train_args"]["model"] == "yolov8n.yaml"
+
+
+def test_export_without_base_refuses_a_mismatch_or_a_missing_base_model(tmp_path):
+    npz = _run_dir(tmp_path / "mismatch", ["a", "b", "c"], ["a", "b"])  # the npz has 3 classes, config.json 2
+    with pytest.raises(SystemExit, match=r"round1.npz entry \d+ \(model.22.cv3.0.2.weight\) has shape"):
+        export_main([str(npz)])
+    npz = _run_dir(tmp_path / "no_settings", ["a", "b"], ["a", "b"], settings=False)
+    with pytest.raises(SystemExit, match=r"no BASE given and .*config.json has no settings.BASE_MODEL: give BASE"):
+        export_main([str(npz)])
+    (npz.parent / "config.json").unlink()
+    with pytest.raises(SystemExit, match=r"no BASE given and there is no .*config.json: give BASE, the .pt or .yaml"):
+        export_main([str(npz)])
+    export_main(["yolov8n.yaml", str(npz), "--names", "a", "b"])  # BASE NPZ still works without a config.json
+    assert not (tmp_path / "mismatch" / "round1.pt").exists() and npz.with_suffix(".pt").is_file()

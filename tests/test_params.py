@@ -35,7 +35,7 @@ def test_npz_is_positional_and_loads_with_seed_recipe(tiny_model, tmp_path):
     with np.load(path) as z:
         assert z.files == [f"arr_{i}" for i in range(len(arrays))]
         loaded = [z[k] for k in z.files]
-    # the seed README's export recipe, with torch.as_tensor as PITFALLS 11 requires
+    # a hand-written export recipe, with torch.as_tensor (torch.Tensor turns a 0-d int64 buffer into floats)
     sd = {k: torch.as_tensor(v) for k, v in zip(model.state_dict().keys(), loaded)}
     fresh = build_model(cfg, names, seed=3)
     fresh.load_state_dict(sd, strict=True)

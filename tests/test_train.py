@@ -64,7 +64,7 @@ def test_trainer_starts_from_exactly_the_sent_weights(base, data_yaml, tiny_mode
 
     out, seen = _run(model, data_yaml, 0, 1, 3)
 
-    assert all(np.array_equal(a, b) for a, b in zip(seen["start"], sent))  # bit for bit, PITFALLS 1
+    assert all(np.array_equal(a, b) for a, b in zip(seen["start"], sent))  # training starts from them bit for bit
     back = get_weights(model)
     assert all(a.dtype == b.dtype and a.shape == b.shape for a, b in zip(back, sent))
     assert any(not np.array_equal(a, b) for a, b in zip(back, sent) if a.dtype.kind == "f")  # it trained
@@ -81,7 +81,7 @@ def test_round_continues_the_runs_schedule_without_local_validation(data_yaml, t
     # linear decay over the whole run: lr0 * lf(2) = lr0 * ((1 - 2/4) * 0.99 + 0.01); no warmup ramp any more
     assert seen["lf"] == pytest.approx(0.505)
     assert seen["lr"] == pytest.approx([TINY["lr0"] * 0.505] * 3)
-    assert seen["fitness"] is None and not seen["saved"]  # no local validation, no best.pt (PITFALLS 2, 5)
+    assert seen["fitness"] is None and not seen["saved"]  # no local validation, no best.pt from the client
 
 
 def test_last_round_of_the_run_skips_final_validation(data_yaml, tiny_model):

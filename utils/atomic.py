@@ -6,13 +6,42 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask_at_import():
+    """Return the process umask by setting and restoring it (the fallback where /proc/self/status has no Umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_IMPORT_UMASK = _umask_at_import()
+
+
+def current_umask():
+    """Return the process umask, read from /proc/self/status (no set-and-restore race with other threads).
+
+    Where that line is missing (not Linux, or a kernel before 4.7) the umask read once at import is returned.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORT_UMASK
+
+
 @contextmanager
 def atomic_open(path):
-    """Yield a binary file that replaces `path` only when the block ends without an exception."""
+    """Yield a binary file that replaces `path` only when the block ends without an exception.
+
+    The file gets the permissions an ordinary open() would give it (0o666 less the umask), not mkstemp's 0o600.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~current_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -3,11 +3,16 @@
 A constant NUM_ROUNDS is `--num-rounds` on the command line and `num-rounds` in the Flower run config.
 Values are checked against the constant's type: int, float, bool, str, list[str] (DATASETS: several values on the
 command line, a comma- or else space-separated string in the run config) and dict (CLIENT_RESOURCES: JSON or
-`key=value,key=value`).
+`key=value,key=value`). `--help` shows each flag's default and the comment beside its constant (`setting_help`).
 """
 
 import argparse
+import ast
+import io
 import json
+import re
+import tokenize
+from pathlib import Path
 
 
 def flag(name):
@@ -54,11 +59,48 @@ def coerce(name, value, default):
         raise ValueError(f"setting {key}: expected {kind} (like {default!r}), got {value!r}") from None
 
 
-def get_args_parser(defaults, description=""):
-    """Return an argparse parser with one `--flag` per constant in `defaults`, each showing its default."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def setting_help(path):
+    """Return {NAME: comment} for the top-level UPPER_CASE assignments of a settings file that end in a comment.
+
+    A line `NUM_ROUNDS = 15  # (int) federated rounds` gives {"NUM_ROUNDS": "federated rounds"}: the leading
+    `(type)` is dropped, as the flag's metavar shows the type.
+
+    Args:
+        path (str | Path): a Python file such as federated.py.
+
+    Returns:
+        (dict[str, str]): one entry per commented setting, in file order.
+    """
+    source = Path(path).read_text(encoding="utf-8")
+    comments = {t.start[0]: t.string for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                if t.type == tokenize.COMMENT}
+    out = {}
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        comment = comments.get(node.end_lineno)
+        for t in targets:
+            if isinstance(t, ast.Name) and t.id.isupper() and comment:
+                out[t.id] = re.sub(r"^#\s*(\([^)]*\)\s*)?", "", comment).strip()
+    return out
+
+
+def get_args_parser(defaults, description="", helps=None):
+    """Return an argparse parser with one `--flag` per constant in `defaults`, each showing its help and default.
+
+    Args:
+        defaults (dict): constant name -> default value (its type is the flag's type).
+        description (str): the text above the flags.
+        helps (dict[str, str] | None): constant name -> one-line description (see `setting_help`).
+
+    Returns:
+        (argparse.ArgumentParser): `--help` prints every flag as `description (default: value)`.
+    """
+    helps = helps or {}
+    parser = argparse.ArgumentParser(description=description)
     for name, default in defaults.items():
         kw = {"default": default, "dest": name, "metavar": type(default).__name__.upper()}
+        shown = '""' if default == "" else default  # written here, as ArgumentDefaultsHelpFormatter skips empty helps
+        kw["help"] = f"{helps.get(name, '')} (default: {shown})".strip().replace("%", "%%")
         if isinstance(default, bool):
             kw.update(nargs="?", const=True)
         elif isinstance(default, list):
@@ -77,3 +119,11 @@ def resolve(defaults, overrides):
             raise ValueError(f"unknown setting {k!r}; known settings: {', '.join(sorted(by_key))}")
         out[name] = coerce(name, v, defaults[name])
     return out
+
+
+def explicit_settings(parser, argv=None):
+    """Return the constant names whose flags appear in `argv` (a flag given its default value counts too)."""
+    unset = object()
+    names = [a.dest for a in parser._actions if a.dest != "help"]
+    ns = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, unset)))  # defaults fill only what's absent
+    return {k for k, v in vars(ns).items() if v is not unset}

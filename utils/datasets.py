@@ -83,6 +83,15 @@ def _labelled(images, file):
     return n
 
 
+def _folder_message(folder):
+    """Return the sentence for a dataset given as a folder, naming the data.yaml (or other .yaml files) inside it."""
+    found = sorted(p for p in folder.iterdir() if p.suffix in {".yaml", ".yml"} and p.is_file())
+    found = [p for p in found if p.name == "data.yaml"] or found
+    if not found:
+        return f"dataset {folder} is a folder, not a data.yaml, and holds no .yaml file: give each client's data.yaml"
+    return f"dataset {folder} is a folder, not a data.yaml; did you mean {' or '.join(map(str, found[:3]))}?"
+
+
 def check_dataset(file):
     """Check one client data.yaml; never runs a `download:` script.
 
@@ -99,6 +108,8 @@ def check_dataset(file):
             `labelled_images` (train images with at least one label line).
     """
     file = Path(file)
+    if file.is_dir():
+        raise ValueError(_folder_message(file))
     if not file.is_file():
         raise ValueError(f"dataset {file} does not exist")
     try:

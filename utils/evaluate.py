@@ -19,8 +19,8 @@ KEYS = {
 def evaluate(model, data_yaml, hyp, split="val"):
     """Return precision, recall, map50, map50_95 and the image count of `model` on `split` of `data_yaml`.
 
-    The validator fuses Conv+BN in place (PITFALLS 9): pass a model built for evaluation only, never one whose
-    parameters are read afterwards.
+    The validator fuses Conv+BN in place (BatchNorm folded into the convolutions): pass a model built for evaluation
+    only, never one whose parameters are read afterwards.
     """
     no_downloads()
     keep = ("imgsz", "batch", "device", "workers")

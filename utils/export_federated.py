@@ -1,11 +1,11 @@
 """Rebuild an ordinary Ultralytics .pt from the base model a run started from and one of its round npz files.
 
 Usage:
-    python3 utils/export_federated.py BASE NPZ [-o OUT.pt] [--names a b c]
+    python3 utils/export_federated.py [BASE] NPZ [-o OUT.pt] [--names a b c]
 
-BASE is the .pt or .yaml the run started from. The class names come from --names, else from the run's
-config.json beside NPZ, else from BASE itself. The output loads with YOLO(OUT) and works with `yolo val`,
-`yolo predict` and `yolo export`; its weights are the npz's, stored in float32.
+BASE is the .pt or .yaml the run started from; without it, the run's config.json beside NPZ names it (its
+BASE_MODEL). The class names come from --names, else from that config.json, else from BASE itself. The output loads
+with YOLO(OUT) and works with `yolo val`, `yolo predict` and `yolo export`; its weights are the npz's, in float32.
 """
 
 import argparse
@@ -17,20 +17,54 @@ if __package__ in {None, ""}:  # run as a script: make `utils` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def run_names(npz):
-    """Return (names, train settings) from the run's config.json beside `npz`, or (None, {}) if there is none."""
+def run_config(npz):
+    """Return the run's config.json beside `npz` as a dict, or None if there is none."""
     cfg = Path(npz).parent / "config.json"
     if not cfg.is_file():
-        return None, {}
+        return None
     try:
         info = json.loads(cfg.read_text())
-        return list(info["names"]), dict(info.get("hyp", {}))
-    except (ValueError, KeyError, TypeError) as e:
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+        return info
+    except ValueError as e:
         raise ValueError(f"{cfg} is not a federated.py config.json: {e}") from None
+
+
+def run_names(npz):
+    """Return (names, train settings) from the run's config.json beside `npz`, or (None, {}) if there is none."""
+    info = run_config(npz)
+    if info is None:
+        return None, {}
+    try:
+        return list(info["names"]), dict(info.get("hyp", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{Path(npz).parent / 'config.json'} is not a federated.py config.json: {e}") from None
+
+
+def run_base(npz):
+    """Return the base model the run started from (BASE_MODEL in the config.json beside `npz`); ValueError if none."""
+    info = run_config(npz)
+    settings = info.get("settings") if info else None
+    base = settings.get("BASE_MODEL") if isinstance(settings, dict) else None
+    if not base:
+        cfg = Path(npz).parent / "config.json"
+        where = f"there is no {cfg}" if info is None else f"{cfg} has no settings.BASE_MODEL"
+        raise ValueError(f"no BASE given and {where}: give BASE, the .pt or .yaml the run started from")
+    return str(base)
 
 
 def export(base, npz, out=None, names=None):
     """Write the Ultralytics checkpoint for round file `npz` of a run that started from `base`; return its path.
+
+    Args:
+        base (str | Path | None): the .pt or .yaml the run started from; None: BASE_MODEL of the config.json beside npz.
+        npz (str | Path): a round file.
+        out (str | Path | None): the .pt to write; None: the npz path with .pt.
+        names (list[str] | None): class names; None: the config.json's, else the base model's.
+
+    Returns:
+        (Path): the written checkpoint.
 
     Raises:
         ValueError: one sentence naming the file and the first entry that does not fit; no output is written.
@@ -42,6 +76,7 @@ def export(base, npz, out=None, names=None):
     npz = Path(npz)
     if not npz.is_file():
         raise ValueError(f"{npz} does not exist")
+    base = base or run_base(npz)
     arrays = load_npz(npz)
     run_cls, hyp = run_names(npz)
     arch, base_model = read_base(base)
@@ -60,7 +95,8 @@ def export(base, npz, out=None, names=None):
 def get_args_parser():
     """Return the exporter's argument parser."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("base", help="the .pt or .yaml the federated run started from (its BASE_MODEL)")
+    p.add_argument("base", nargs="?", help="the .pt or .yaml the run started from (default: BASE_MODEL in the "
+                   "run's config.json beside the npz)")
     p.add_argument("npz", help="a round file, e.g. runs/federated/round10.npz")
     p.add_argument("-o", "--out", help="output .pt (default: the npz path with .pt)")
     p.add_argument("--names", nargs="+", help="class names (default: the run's config.json beside the npz)")

@@ -59,12 +59,16 @@ def plot(path, rows):
         ax1.plot(*series("server_map50_95"), marker="s", lw=2, ls="--", color="gray", label="server data")
     ax1.set(title="global model mAP50-95 on val splits", xlabel="round", ylabel="mAP50-95")
     ax1.grid(alpha=0.3)
-    ax1.legend(fontsize=8)
+    if ax1.get_legend_handles_labels()[0]:  # nothing evaluated (EVALUATE off): an empty panel, no legend
+        ax1.legend(fontsize=8)
+    else:
+        ax1.text(0.5, 0.5, "not evaluated (--evaluate false)", ha="center", va="center", transform=ax1.transAxes)
     for key in ("train_box_loss", "train_cls_loss", "train_dfl_loss"):
         ax2.plot(*series(key), marker=".", label=key.removeprefix("train_"))
     ax2.set(title="train loss (weighted over clients)", xlabel="round", ylabel="loss")
     ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
+    if ax2.get_legend_handles_labels()[0]:
+        ax2.legend(fontsize=8)
     for ax in (ax1, ax2):
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()

@@ -2,7 +2,8 @@
 
 Every strategy splits the state_dict into trainable weights and buffers (BatchNorm running statistics, integer
 `num_batches_tracked`). Buffers always take the strategy's plain aggregate (mean, median or Krum's pick), never a
-server learning rate, momentum or Adam step (PITFALLS 19). Trainable weights take the server step:
+server learning rate, momentum or Adam step (on BatchNorm statistics those took a YOLO federation to 0 mAP).
+Trainable weights take the server step:
 - fedavg, fedprox:        w + SERVER_LR * (mean - w)              (fedprox differs on the client: proximal term)
 - fedavgm:                v = SERVER_MOMENTUM * v + (1 - SERVER_MOMENTUM) * (mean - w);  w + SERVER_LR * v
                           (an average of recent updates, so SERVER_LR 1 moves as far as FedAvg on a steady
