@@ -17,7 +17,8 @@ NUM_ROUNDS = 15  # (int) federated rounds
 EPOCHS = 2  # (int) local epochs each client trains per round; the whole run is NUM_ROUNDS x EPOCHS epochs
 SAVE_DIR = "runs/federated"  # (str) folder for round{N}.npz, metrics.csv, results.png, last.pt, best.pt, config.json
 EXIST_OK = False  # (bool) allow a fresh run into a SAVE_DIR that already holds round files (they are overwritten)
-RESUME = False  # (bool) continue the run in SAVE_DIR from its last complete round, with the same settings
+RESUME = False  # (bool) continue the run in SAVE_DIR from its last complete round, with its saved settings
+KEEP_ROUNDS = 0  # (int) round{N}.npz files kept: 0 all; N the last N plus the best round's
 BASE_MODEL = "yolov8n.yaml"  # (str) model .yaml (random init) or .pt (its weights; adapted to the datasets' classes)
 DATASETS = []  # (list[str]) one Ultralytics data.yaml per client; empty (and no NAMES): the demo federation
 DEMO_DIR = "datasets/demo"  # (str) where the demo federation is generated when DATASETS and NAMES are empty
@@ -56,6 +57,7 @@ WARMUP_EPOCHS = 3.0  # (float) warmup epochs at the start of the whole run (not 
 CLOSE_MOSAIC = 10  # (int) turn mosaic off for the last CLOSE_MOSAIC epochs of the whole run
 AMP = True  # (bool) mixed precision on CUDA
 SEED = 0  # (int) seed for the initial weights, the demo data and each round's augmentation
+VERBOSE = False  # (bool) also print Flower's and Ray's own log (client tracebacks included)
 # -----------------------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if k.isupper()}  # only the settings are upper case up to here
 
@@ -69,7 +71,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 from flwr.client import ClientApp, NumPyClient  # noqa: E402
-from flwr.common import Context, log, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
+from flwr.common import Context, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig  # noqa: E402
 from flwr.server.strategy import FedAvg  # noqa: E402
 
@@ -77,9 +79,12 @@ from utils.aggregate import check_update, failure_reason, first_line  # noqa: E4
 from utils.atomic import atomic_write_text, remove_stale_temps  # noqa: E402
 from utils.checkpoint import write_checkpoint  # noqa: E402
 from utils.classes import annotated, class_map, client_view, union_names  # noqa: E402
-from utils.config import get_args_parser, resolve  # noqa: E402
+from utils.config import explicit_settings, get_args_parser, resolve, setting_help  # noqa: E402
+from utils.console import log  # noqa: E402
+from utils.console import setup as setup_console  # noqa: E402
 from utils.datasets import check_dataset, check_federation, client_label, client_labels  # noqa: E402
 from utils.devices import client_device, count_gpus, plan_simulation, restrict_visible  # noqa: E402
+from utils.interrupt import on_interrupt, start_ray  # noqa: E402
 from utils.params import (  # noqa: E402
     decode_update,
     encode_update,
@@ -199,7 +204,8 @@ class YoloClient(NumPyClient):
         if keep and "optimizer" in self.state:
             saved = (self.state["optimizer-keys"]["keys"].split(","), self.state["optimizer"].to_numpy_ndarrays())
         out = train_round(model, data_yaml, config["start-epoch"], config["epochs"], config["total-epochs"], hyp,
-                          proximal_mu=float(config["proximal-mu"]), classes=classes, optimizer_state=saved)
+                          proximal_mu=float(config["proximal-mu"]), classes=classes, optimizer_state=saved,
+                          label=client_label(dataset))
         keys, arrays = out.pop("optimizer_state")
         if keep and keys:
             from flwr.common import ArrayRecord, ConfigRecord
@@ -262,7 +268,8 @@ class SaveFedAvg(FedAvg):
         self.writer, self.writing = ThreadPoolExecutor(max_workers=1), None
         self.save_dir, self.t0 = Path(cfg["SAVE_DIR"]), time.time()
         self.t_last = self.t0
-        self.best = max((float(r["map50_95"]) for r in self.rows if r.get("map50_95")), default=None)
+        scored = [(float(x["map50_95"]), int(x["round"])) for x in self.rows if x.get("map50_95")]
+        self.best, self.best_round = max(scored, default=(None, None))
         self.trained, self.untrained, self.failed, self.first_error = 0, 0, [], None  # rounds with / without updates
         super().__init__(initial_parameters=ndarrays_to_parameters(self.current), **kwargs)
 
@@ -303,7 +310,7 @@ class SaveFedAvg(FedAvg):
             arrays = parameters_to_ndarrays(res.parameters)
             problem = check_update(arrays, self.current, res.num_examples, res.metrics)
             if problem:
-                name = self.run["labels"].get(res.metrics.get("dataset"), proxy.cid)
+                name = self.run.get("labels", {}).get(res.metrics.get("dataset"), proxy.cid)
                 reasons.append(f"client {name}: update rejected: {problem}")
                 log(WARNING, "round %d: update of client %s rejected: %s", r, name, problem)
                 continue
@@ -407,7 +414,7 @@ class SaveFedAvg(FedAvg):
         score = row.get("map50_95", row.get("server_map50_95"))
         improved = score is None or self.best is None or score > self.best
         if improved:
-            self.best = score
+            self.best, self.best_round = score, r
         self.wait_for_files()  # one writer at a time: the previous round's files are done
         args = (self.current, r, score, improved, list(self.rows))
         if r >= self.cfg["NUM_ROUNDS"]:
@@ -426,8 +433,30 @@ class SaveFedAvg(FedAvg):
         if "server_map50_95" in row:
             line += f"  server mAP50-95 {row['server_map50_95']:.3f}"
         log(INFO, "%s", line)
-        if r >= n and self.failure():
+        self.prune(r)
+        if r >= n:
+            self.summary()
+
+    def prune(self, r):
+        """Remove round files older than the last KEEP_ROUNDS, keeping the best round's."""
+        if self.cfg["KEEP_ROUNDS"] < 1:
+            return
+        for i in range(1, r - self.cfg["KEEP_ROUNDS"] + 1):
+            if i != self.best_round:
+                (self.save_dir / f"round{i}.npz").unlink(missing_ok=True)
+
+    def summary(self):
+        """Log where the run's outputs are (or why it failed): the run's last lines, under flwr run too."""
+        if self.failure():
             log(ERROR, "%s", self.failure())
+            return
+        d = self.save_dir
+        log(INFO, "done: %d rounds in %s", self.cfg["NUM_ROUNDS"], d)
+        log(INFO, "  best model  %s (best global mAP50-95 %s, round %s)", d / "best.pt",
+            f"{self.best:.3f}" if self.best is not None else "not measured", self.best_round)
+        log(INFO, "  last model  %s;  round files %s;  metrics %s;  plot %s", d / "last.pt", d / "round*.npz",
+            d / "metrics.csv", d / "results.png")
+        log(INFO, "  export a round: python3 utils/export_federated.py %s", d / f"round{self.cfg['NUM_ROUNDS']}.npz")
 
     def failure(self):
         """Return one sentence when the run trained nothing or its last rounds got no valid update, else None."""
@@ -442,32 +471,55 @@ class SaveFedAvg(FedAvg):
 STALL_ROUNDS = 2  # a run whose last rounds (this many, or all) got no valid update ends with an error
 
 
-# Settings a resumed run may change; any other difference from the saved run is refused.
-RESUME_MAY_CHANGE = {"RESUME", "EXIST_OK", "SAVE_DIR", "DEVICE", "WORKERS", "CLIENT_RESOURCES", "EVALUATE",
-                     "SERVER_DATA"}
+# Resuming takes the saved run's settings, except these, which belong to this machine or this start (they keep
+# their value from the command line or their default). A setting given on the command line that differs from the
+# saved run is refused, except these, NUM_ROUNDS (the run is extended or shortened; README "Resume"), EVALUATE and
+# SERVER_DATA.
+RESUME_LOCAL = {"RESUME", "EXIST_OK", "SAVE_DIR", "DEVICE", "WORKERS", "CLIENT_RESOURCES", "VERBOSE"}
+RESUME_MAY_CHANGE = RESUME_LOCAL | {"NUM_ROUNDS", "KEEP_ROUNDS", "EVALUATE", "SERVER_DATA"}
 
 
-def _resume_point(cfg, saved, save_dir):
-    """Return (last complete round, its rows) of the run in save_dir, refusing changed settings."""
-    was = saved["settings"]
-    changed = [k for k in cfg if k not in RESUME_MAY_CHANGE and k in was and cfg[k] != was[k]]
-    if changed:
-        diffs = "; ".join(f"{k.lower().replace('_', '-')} was {was[k]!r}, now {cfg[k]!r}" for k in changed)
-        raise ValueError(f"cannot resume the run in {save_dir} with other settings: {diffs}")
-    rows = read_rows(save_dir / "metrics.csv")
-    done = 0
-    for row in sorted(rows, key=lambda x: int(x["round"])):  # complete: its npz and its metrics row exist
-        if int(row["round"]) == done + 1 and (save_dir / f"round{done + 1}.npz").is_file():
-            done += 1
-    if done == 0:
-        raise ValueError(f"nothing to resume in {save_dir}: no complete round yet (start it again without --resume)")
-    if done >= cfg["NUM_ROUNDS"]:
-        raise ValueError(f"the run in {save_dir} already finished all {cfg['NUM_ROUNDS']} rounds")
+def complete_rounds(save_dir):
+    """Return (the last complete round in save_dir, 0 if none; the metrics rows).
+
+    A round is complete once its metrics row is written, which happens after its npz; rows run 1..N without gaps.
+    Older round files may be gone (KEEP_ROUNDS): only the last complete round's npz must exist.
+    """
+    rows = read_rows(Path(save_dir) / "metrics.csv") if (Path(save_dir) / "metrics.csv").is_file() else []
+    have, done = {int(x["round"]) for x in rows}, 0
+    while done + 1 in have:
+        done += 1
+    while done and not (Path(save_dir) / f"round{done}.npz").is_file():
+        done -= 1
     return done, [x for x in rows if int(x["round"]) <= done]
 
 
-def prepare(cfg):
+def _take_saved(cfg, was, given, save_dir):
+    """Fill cfg with the saved run's settings where the user gave none; refuse a given one that differs."""
+    changed = [k for k in given if k not in RESUME_MAY_CHANGE and k in was and cfg[k] != was[k]]
+    if changed:
+        diffs = "; ".join(f"{k.lower().replace('_', '-')} was {was[k]!r}, now {cfg[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume the run in {save_dir} with other settings: {diffs}")
+    for k, v in was.items():
+        if k in cfg and k not in given and k not in RESUME_LOCAL:
+            cfg[k] = v
+
+
+def _resume_point(cfg, save_dir):
+    """Return (last complete round, its rows) of the run in save_dir; refuse when there is nothing left to do."""
+    done, rows = complete_rounds(save_dir)
+    if done == 0:
+        raise ValueError(f"nothing to resume in {save_dir}: no complete round yet (start it again without --resume)")
+    if done >= cfg["NUM_ROUNDS"]:
+        raise ValueError(f"the run in {save_dir} already finished all {cfg['NUM_ROUNDS']} rounds; to train it "
+                         f"further, resume with a larger --num-rounds")
+    return done, rows
+
+def prepare(cfg, given=None):
     """Check every input and build the run's starting state; raise ValueError with one sentence if anything is off.
+
+    `given` names the settings the user set (command line); None: those that differ from the defaults. On resume,
+    the others are taken from the saved run's config.json.
 
     Returns:
         (dict): `initial` global arrays, `spec` (what every client receives), `trainable` (which state_dict entries
@@ -492,8 +544,8 @@ def prepare(cfg):
             saved = json.loads((save_dir / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot resume: {save_dir / 'config.json'} is missing or unreadable ({e})") from None
-        if not cfg["DATASETS"]:
-            cfg["DATASETS"] = saved["settings"]["DATASETS"]  # the demo datasets the run generated
+        given = {k for k in cfg if cfg[k] != DEFAULTS.get(k)} if given is None else set(given)
+        _take_saved(cfg, saved["settings"], given, save_dir)  # DATASETS too: the demo datasets the run generated
     if not cfg["DATASETS"] and not cfg["NAMES"]:
         from utils.demo import make_demo
 
@@ -519,7 +571,7 @@ def prepare(cfg):
     model = build_model(arch, names, weights=base, seed=cfg["SEED"])
     offset, rows, initial = 0, [], get_weights(model)
     if saved is not None:
-        offset, rows = _resume_point(cfg, saved, save_dir)
+        offset, rows = _resume_point(cfg, save_dir)
         initial = load_npz(save_dir / f"round{offset}.npz")
         set_weights(model, initial, source=str(save_dir / f"round{offset}.npz"))
     elif sorted(save_dir.glob("round*.npz")) and not cfg["EXIST_OK"]:
@@ -530,6 +582,9 @@ def prepare(cfg):
     hyp = {k.lower(): cfg[k] for k in TRAIN_KEYS}
     hyp["device"] = cfg["DEVICE"]  # resolved by each client where it runs (utils/devices.py); main() plans simulation
     hyp.update(resolve_optimizer(cfg, len(names), sum(c["train_images"] for c in checks)))  # 0 images: deployment
+    if saved is not None:  # the optimizer the run started with, even if a longer run would pick another
+        hyp.update({k: v for k, v in saved.get("hyp", {}).items() if k in ("optimizer", "lr0", "momentum",
+                                                                          "warmup_bias_lr")})
     spec = {"model": arch, "names": names, "hyp": hyp, "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]],
             "work": str((save_dir / "work").resolve()), "fedbn": cfg["FEDBN"], "partial_labels": cfg["PARTIAL_LABELS"],
             "keep_optimizer": cfg["KEEP_OPTIMIZER"]}
@@ -558,8 +613,8 @@ def make_strategy(cfg, run):
     save_dir = Path(cfg["SAVE_DIR"])
     save_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(save_dir)
+    write_config(cfg, run["spec"])  # on resume too: the settings it continues with (NUM_ROUNDS may have grown)
     if not run["offset"]:
-        write_config(cfg, run["spec"])
         (save_dir / "metrics.csv").unlink(missing_ok=True)
     n = cfg["MIN_CLIENTS"] or len(run["spec"]["datasets"])
     return SaveFedAvg(
@@ -581,12 +636,43 @@ client_app = ClientApp(client_fn=client_fn)
 server_app = ServerApp(server_fn=server_fn)
 
 
+def warn_short_warmup(cfg, run):
+    """Warn when warmup takes most of a short run (Ultralytics warms up min(WARMUP_EPOCHS, epochs - 1) epochs)."""
+    total = cfg["NUM_ROUNDS"] * cfg["EPOCHS"]
+    warm = min(cfg["WARMUP_EPOCHS"], max(total - 1, 0))
+    if run["offset"] == 0 and total > 1 and warm > total / 2:
+        log(WARNING, "warmup-epochs %g covers %g of the run's %d epochs: the learning rate ramps up for most of the "
+            "run and a model learns little; run more rounds or epochs, or lower --warmup-epochs", cfg["WARMUP_EPOCHS"],
+            warm, total)
+
+
+def resume_command(save_dir):
+    """Return the command line that continues the run in save_dir."""
+    import shlex
+
+    python = os.path.relpath(sys.executable) if not os.path.isabs(sys.argv[0]) else sys.executable
+    script = sys.argv[0] if sys.argv[0].endswith(".py") else "federated.py"
+    return f"{shlex.quote(python)} {shlex.quote(script)} --resume --save-dir {shlex.quote(str(save_dir))}"
+
+
+def interrupted_line(cfg):
+    """Return what a stopped run says: which rounds are complete and how to continue."""
+    save_dir = Path(cfg["SAVE_DIR"])
+    done, _ = complete_rounds(save_dir)
+    if not done:
+        return f"interrupted before any round was complete; nothing in {save_dir} to resume: start the run again"
+    return (f"interrupted: rounds 1-{done} of {cfg['NUM_ROUNDS']} are complete in {save_dir}; "
+            f"continue with: {resume_command(save_dir)}")
+
+
 def main(argv=None):
     """Run the federation in Flower's simulation engine (Ray), one simulated client per dataset."""
-    args = get_args_parser(DEFAULTS, __doc__.splitlines()[0]).parse_args(argv)
+    parser = get_args_parser(DEFAULTS, __doc__.splitlines()[0], setting_help(__file__))
+    args = parser.parse_args(argv)
+    setup_console(args.VERBOSE)
     try:
         cfg = resolve(DEFAULTS, vars(args))
-        run = prepare(cfg)  # every check before Ray starts
+        run = prepare(cfg, given=explicit_settings(parser, argv))  # every check before Ray starts
     except ValueError as e:
         sys.exit(f"federated.py: {e}")
     from flwr.simulation import run_simulation
@@ -605,16 +691,18 @@ def main(argv=None):
     log(INFO, "%s", plan["line"])
     if run["offset"]:
         log(INFO, "resuming %s after round %d of %d", save_dir, run["offset"], cfg["NUM_ROUNDS"])
+    warn_short_warmup(cfg, run)
     strategy = make_strategy(cfg, run)
     rounds = ServerConfig(num_rounds=cfg["NUM_ROUNDS"] - run["offset"])
     root = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)  # Ray workers
+    start_ray(num_cpus=n_cpus, num_gpus=len(plan["gpus"]), logging_level="WARNING", log_to_driver=True)
+    on_interrupt(lambda: interrupted_line(cfg))  # Ctrl-C: Ray ended, the resume command printed, exit 130
     run_simulation(
         server_app=ServerApp(server_fn=lambda _: ServerAppComponents(strategy=strategy, config=rounds)),
         client_app=client_app,
         num_supernodes=n,
-        backend_config={"client_resources": plan["resources"],
-                        "init_args": {"num_cpus": n_cpus, "num_gpus": len(plan["gpus"])}},
+        backend_config={"client_resources": plan["resources"]},  # on the Ray started above
     )
     try:
         strategy.wait_for_files()  # a run cut short may still be writing its last round's checkpoints
@@ -625,11 +713,6 @@ def main(argv=None):
         sys.exit(f"federated.py: the run ended without {last}; see the log above (continue it with --resume)")
     if strategy.failure():
         sys.exit(f"federated.py: {strategy.failure()}")
-    log(INFO, "done: %d rounds in %s", cfg["NUM_ROUNDS"], save_dir)
-    log(INFO, "  best model  %s (best global mAP50-95 %s)", save_dir / "best.pt",
-        f"{strategy.best:.3f}" if strategy.best is not None else "not measured")
-    log(INFO, "  last model  %s;  metrics %s;  plot %s", save_dir / "last.pt", save_dir / "metrics.csv",
-        save_dir / "results.png")
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the server (driver) process, not Ray's workers
@@ -637,4 +720,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # before Ray started (checks, demo data); from then on utils/interrupt.py handles it
+        print("\ninterrupted before the first round started; nothing was trained", file=sys.stderr)
+        sys.exit(130)

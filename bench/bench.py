@@ -11,11 +11,11 @@ split four ways):
 - iid-3, iid-8: the union of the demo clients' images dealt out at random (utils/partition.py --mode iid);
 - non-iid-8: each demo client split at random into 3, 3 and 2 clients (the style skew stays, the clients shrink);
 - partial-3: iid-3's clients, but each labels only its own classes (PARTIAL): the others are in its images, unlabelled.
-Runs: `centralized` (`YOLO(base).train` on the union, batch 8 / nbs 8 like the clients; the same for every
-setting, so trained once), `naive` (a plain loop of `YOLO.train()` per round and an average; non-iid-3 only), one row per strategy with its defaults,
-and the variants in VARIANTS. Federated runs have per-round evaluation off, so their wall time is training (and
-Ray start-up). Results are cached in WORK/results.json by (setting, run, rounds, epochs): delete it (or --fresh) to
-measure again.
+Runs: `centralized` (`YOLO(base).train` on the union, batch 8 / nbs 8 like the clients; the same for every setting,
+so trained once), `naive` (a plain loop of `YOLO.train()` per round and an average; non-iid-3 only), one row per
+strategy with its defaults, and the variants in VARIANTS. Federated runs have per-round evaluation off, so their
+wall time is training (and Ray start-up). Results are cached in WORK/results.json by (setting, run, rounds, epochs):
+delete it (or --fresh) to measure again.
 """
 
 import argparse

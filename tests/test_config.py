@@ -54,3 +54,14 @@ def test_setting_help_reads_only_top_level_upper_case_comments(tmp_path):
     assert helps == {"A": "first", "B": "hash inside the value", "D": "spans lines", "F": "100% sure"}
     text = " ".join(get_args_parser({"A": 1, "C": 3, "F": 5}, "", helps).format_help().split())
     assert "--a INT first (default: 1)" in text and "--c INT (default: 3)" in text and "100% sure (default: 5)" in text
+
+
+def test_federated_help_lists_every_flag_with_its_meaning_and_default():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "federated.py"), "--help"], capture_output=True, text=True)
+
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "--num-rounds INT federated rounds (default: 15)" in text
+    assert "--keep-rounds INT round{N}.npz files kept" in text and text.count("(default: ") == len(federated.DEFAULTS)

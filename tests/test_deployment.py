@@ -121,6 +121,7 @@ def test_tls_deployment_two_supernodes_two_rounds(deployment, tiny_fed, tmp_path
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
     assert "round 2/2" in log
+    assert f"done: 2 rounds in {save}" in log and "best model" in log  # the run's outputs, named under flwr run too
     assert (save / "round1.npz").is_file() and (save / "round2.npz").is_file()
     with (save / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))

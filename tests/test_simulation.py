@@ -29,6 +29,18 @@ def _rows(save):
         return list(csv.DictReader(f))
 
 
+def _start_until_round(cmd, save, cwd, rounds=1, **output):
+    """Start a run in its own process group (as a terminal's job); return it once `rounds` rows are in metrics.csv."""
+    output = output or {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    proc = subprocess.Popen(cmd, cwd=cwd, start_new_session=True, **output)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (save / "metrics.csv").exists() and len(_rows(save)) >= rounds:
+            break
+        time.sleep(0.2)
+    return proc
+
+
 def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -42,6 +54,9 @@ def test_simulation_two_clients_two_rounds(tiny_fed, tmp_path):
     assert r.returncode == 0, log[-3000:]
     assert "round 1/2" in log and "round 2/2" in log and "mAP50-95" in log and "best.pt" in log
     assert "Traceback" not in log
+    assert "client dark  round 2/2  epoch 1/1  loss " in log and " img/s" in log  # progress inside a round
+    for noise in ("[SUMMARY]", "History (", "DEPRECATED", "FutureWarning", "\x1b[", "configure_fit"):
+        assert noise not in log, noise  # Flower's and Ray's chatter (and colour codes off a terminal): --verbose
     rounds = [load_npz(save / f"round{i}.npz") for i in (1, 2)]
     for arrays in rounds:
         assert len(arrays) == 355
@@ -78,19 +93,12 @@ def test_simulation_two_clients_two_rounds(tiny_fed, tmp_path):
     assert YOLO(str(save / "round2.pt")).names[3] == "cross"
 
 
-def test_resume_after_kill_continues_the_run(tiny_fed, tmp_path):
+def test_resume_after_kill_continues_the_run_with_its_saved_settings_and_extends_it(tiny_fed, tmp_path):
     save = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(tiny_fed, save, 3), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:  # kill the whole run (driver and Ray) as soon as round 2 is complete
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None:
-            if (save / "metrics.csv").exists() and len(_rows(save)) >= 2:
-                break
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc = _start_until_round(_cmd(tiny_fed, save, 3), save, tmp_path, 2, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    os.killpg(proc.pid, signal.SIGKILL)  # kill the whole run (driver and Ray) as soon as round 2 is complete
+    proc.wait()
     assert [row["round"] for row in _rows(save)][:2] == ["1", "2"]
     for f in save.glob("round*.npz"):
         assert len(load_npz(f)) == 355  # every round file that exists is whole (a kill can only leave .*.tmp files)
@@ -98,7 +106,8 @@ def test_resume_after_kill_continues_the_run(tiny_fed, tmp_path):
     (save / ".round3.npz.x1y2z3.tmp").write_bytes(b"half a file")  # what a kill during a write leaves
     kept = {n: _sha(save / n) for n in ("round1.npz", "round2.npz")}
 
-    r = subprocess.run(_cmd(tiny_fed, save, 3, "--resume"), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    resume = [sys.executable, str(ROOT / "federated.py"), "--resume", "--save-dir", str(save)]  # no other flag
+    r = subprocess.run(resume, capture_output=True, text=True, cwd=tmp_path, timeout=600)
 
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
@@ -111,8 +120,10 @@ def test_resume_after_kill_continues_the_run(tiny_fed, tmp_path):
     assert float(rows[2]["train_lr"]) == pytest.approx(0.00375 * (1 / 3 * 0.99 + 0.01), rel=1e-4)
     assert len(load_npz(save / "round3.npz")) == 355
 
-    r = subprocess.run(_cmd(tiny_fed, save, 3, "--resume"), capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run(resume, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0 and "already finished all 3 rounds" in r.stderr.strip().splitlines()[-1]
+    r = subprocess.run([*resume, "--imgsz", "64"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.stderr.strip().splitlines()[-1].endswith("with other settings: imgsz was 32, now 64")
 
     # the same run never interrupted: on CPU, every round's weights are bit-identical
     whole = tmp_path / "whole"
@@ -121,6 +132,16 @@ def test_resume_after_kill_continues_the_run(tiny_fed, tmp_path):
     for i in (1, 2, 3):
         assert all(np.array_equal(a, b) for a, b in zip(load_npz(save / f"round{i}.npz"),
                                                          load_npz(whole / f"round{i}.npz"))), i
+
+    # a finished run extended by one round: the schedule is recomputed over 4 rounds, the optimizer kept
+    r = subprocess.run([*resume, "--num-rounds", "4"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = _rows(save)
+    assert [row["round"] for row in rows] == ["1", "2", "3", "4"]
+    assert float(rows[3]["train_lr"]) == pytest.approx(0.00375 * (1 / 4 * 0.99 + 0.01), rel=1e-4)
+    config = json.loads((save / "config.json").read_text())
+    assert config["settings"]["NUM_ROUNDS"] == 4 and config["settings"]["IMGSZ"] == 32
+    assert config["hyp"]["lr0"] == 0.00375  # the optimizer the run started with
 
 
 def test_resume_refuses_changed_settings(tiny_fed, tmp_path):
@@ -147,12 +168,8 @@ def test_client_whose_data_disappears_fails_alone_and_the_run_completes(tiny_fed
     save = tmp_path / "run"
     cmd = _cmd(tiny_fed, save, 3)
     cmd[cmd.index(str(tiny_fed[0][1]))] = str(mine / "data.yaml")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = _start_until_round(cmd, save, tmp_path)
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline and not ((save / "metrics.csv").exists() and _rows(save)):
-            time.sleep(0.2)
         shutil.rmtree(mine / "images")  # the data owner's data disappears after round 1
         log, _ = proc.communicate(timeout=600)
     finally:
@@ -176,12 +193,8 @@ def test_run_whose_clients_all_stop_training_exits_nonzero_naming_them(tiny_fed,
         shutil.copytree(src.parent, mine[-1])
         (mine[-1] / "data.yaml").write_text(src.read_text().replace(str(src.parent), str(mine[-1])))
         cmd[cmd.index(str(src))] = str(mine[-1] / "data.yaml")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = _start_until_round(cmd, save, tmp_path)
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline and not ((save / "metrics.csv").exists() and _rows(save)):
-            time.sleep(0.2)
         for folder in mine:  # every data owner's data disappears after round 1
             shutil.rmtree(folder / "images")
         log, _ = proc.communicate(timeout=600)
@@ -190,14 +203,66 @@ def test_run_whose_clients_all_stop_training_exits_nonzero_naming_them(tiny_fed,
             os.killpg(proc.pid, signal.SIGKILL)
 
     assert proc.returncode == 1, log[-3000:]
+    assert "warmup-epochs 3 covers 3 of the run's 4 epochs" in log  # warned at start: mostly warmup
     rows = _rows(save)
     assert rows[0]["updates"] == "2" and rows[3]["updates"] == "0"
     round4 = next(line for line in log.splitlines() if "round 4/4" in line)
     assert "skipped (0 valid updates)  2 failed: client dark: " in round4 and "; client light: " in round4
-    assert "does not exist" in round4 and "Traceback" not in round4
+    assert "Traceback" not in round4
     last = log.strip().splitlines()[-1]
     assert last.startswith("federated.py: the run failed: the last ") and "rounds got no valid client update" in last
-    assert "(first client error: client " in last and "does not exist" in last
+    first = last.split("(first client error: ", 1)[1][:-1]  # the first failure's line, as a round line showed it
+    assert first.startswith("client ") and any(f"failed: {first}" in line or f"; {first}" in line
+                                               for line in log.splitlines() if "valid updates)" in line)
+
+
+def test_ctrl_c_mid_round_stops_everything_and_says_how_to_resume(tiny_fed, tmp_path):
+    import psutil
+
+    save = tmp_path / "run"
+    proc = _start_until_round(_cmd(tiny_fed, save, 2), save, tmp_path)  # its own process group, as a terminal's job
+    try:
+        time.sleep(1.5)  # round 2's clients are training
+        t0 = time.time()
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: every process of the group gets it
+        log, _ = proc.communicate(timeout=60)
+        took = time.time() - t0
+        for _ in range(50):  # killed processes are gone (or zombies, dead but not yet reaped) within moments
+            left = [p.pid for p in psutil.process_iter() if _session(p) == proc.pid and _alive(p)]
+            if not left:
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    assert proc.returncode == 130, log[-3000:]
+    assert took < 20 and left == []  # within seconds; no Ray service or worker outlives the run
+    last = log.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted: rounds 1-1 of 2 are complete in {save}; continue with: "), last
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log
+    resume = last.split("continue with: ", 1)[1]
+
+    r = subprocess.run(resume, shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "resuming" in r.stdout + r.stderr and [row["round"] for row in _rows(save)] == ["1", "2"]
+
+
+def _session(process):
+    try:
+        return os.getsid(process.pid)
+    except OSError:
+        return None
+
+
+def _alive(process):
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def test_twenty_clients_complete_a_round(tmp_path):
@@ -234,12 +299,17 @@ def test_different_class_lists_train_into_their_union(tiny_fed, tmp_path):
     text = (src / "data.yaml").read_text().replace(str(src), str(mine))
     (mine / "data.yaml").write_text(text.replace("0: circle", "0: star").replace("1: square", "1: moon"))
     before, save = _snapshot(mine), tmp_path / "run"
-    cmd = _cmd(tiny_fed, save, 2, "--fedbn", "--fp16", "both", "--strategy", "fedavgm")
+    cmd = _cmd(tiny_fed, save, 2, "--fedbn", "--fp16", "both", "--strategy", "fedavgm", "--keep-rounds", "1",
+               "--verbose")
     cmd[cmd.index(str(tiny_fed[0][1]))] = str(mine / "data.yaml")
 
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
 
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "[SUMMARY]" in r.stdout + r.stderr  # --verbose: Flower's own log too
+    rows = _rows(save)
+    best = max(rows, key=lambda row: float(row["map50_95"]))["round"]  # KEEP_ROUNDS 1: the last round and the best
+    assert sorted(p.name for p in save.glob("round*.npz")) == sorted({"round2.npz", f"round{best}.npz"})
     union = ["circle", "square", "triangle", "cross", "star", "moon"]
     assert json.loads((save / "config.json").read_text())["names"] == union
     assert _snapshot(mine) == before  # no label cache or remapped label beside the owner's data

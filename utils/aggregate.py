@@ -44,7 +44,8 @@ def failure_reason(failure):
     text = ANSI.sub("", str(failure))
     for mark in ("Message: ", ":<'"):
         if mark in text:
-            return first_line(text.rsplit(mark, 1)[1].split("'>)")[0].strip("'>"))
+            message = text.rsplit(mark, 1)[1].split("'>)")[0]
+            return first_line(message[:-2] if message.endswith("'>") else message)
     errors = re.findall(r"^\s*(?:\w+\.)*\w*(?:Error|Exception): .+$", text, re.M)
     return first_line(errors[-1] if errors else text)
 

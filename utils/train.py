@@ -3,10 +3,13 @@
 The federation is one training run of `total_epochs` epochs (NUM_ROUNDS x EPOCHS); round r trains epochs
 [start_epoch, start_epoch + epochs). Every round builds a fresh trainer with `epochs=total_epochs` and then,
 through callbacks only:
-- puts the sent model object in place before setup, so training starts from exactly those weights (PITFALLS 1);
+- puts the sent model object in place before setup, so training starts from exactly those weights (a trainer
+  given a model name rebuilds it: a YAML model would restart from a random init);
 - moves the trainer to `start_epoch`, so warmup (counted from iteration 0 of the whole run), the learning-rate
-  schedule and `close_mosaic` follow the whole run instead of restarting every round (PITFALLS 3, 6);
-- stops after the round's last epoch without any local validation or checkpoint (PITFALLS 2, 5): the global
+  schedule and `close_mosaic` follow the whole run instead of restarting every round (each `train()` call would
+  otherwise restart warmup, optimizer and learning-rate decay, and close mosaic for any run of 10 epochs or less);
+- stops after the round's last epoch without any local validation or checkpoint (`train()` would validate twice
+  and hand back the best epoch's fp16 EMA copy instead of the weights it ended with): the global
   model is evaluated once per round instead, and the caller reads the live fp32 weights it trained.
 What restarts every round: the optimizer's moment buffers and the trainer's EMA (which is not used: the client
 returns the raw trained weights; see README "Training schedule").
@@ -22,11 +25,13 @@ Two optional changes to the loss, both made on the model's own criterion before 
 
 import tempfile
 import time
+from logging import INFO
 
 import torch
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils.torch_utils import unwrap_model
 
+from utils.console import log
 from utils.offline import no_downloads
 
 # Trainer settings that are fixed for federated clients (not user constants).
@@ -94,7 +99,7 @@ def set_loss(model, proximal_mu=0.0, classes=None):
 
 
 def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callbacks=None, proximal_mu=0.0,
-                classes=None, optimizer_state=None):
+                classes=None, optimizer_state=None, label=None):
     """Train `model` in place for one round of the federation's schedule.
 
     Args:
@@ -109,6 +114,7 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         classes (list[int] | None): the classes this client annotates (partial labels); None: all of them.
         optimizer_state (tuple | None): (keys, arrays) of this client's optimizer at the end of its last round, to
             continue with (Adam moments); None: a fresh optimizer.
+        label (str | None): the client's name; with it, one progress line per local epoch is logged.
 
     Returns:
         (dict): `train_images` (the FedAvg weight), the mean train losses of the round's last epoch, `lr` (the
@@ -134,6 +140,13 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         if trainer.epoch == stop_epoch - 1 and stop_epoch == trainer.epochs:
             trainer.epochs += 1  # the run's last epoch: skip the trainer's own final validation and best.pt
 
+    def progress(trainer):
+        seconds = max(time.time() - trainer.epoch_time_start, 1e-9)
+        loss = sum(float(v) for v in (trainer.tloss or {}).values())
+        log(INFO, "client %s  round %d/%d  epoch %d/%d  loss %.3f  %.0f img/s", label, start_epoch // epochs + 1,
+            total_epochs // epochs, trainer.epoch - start_epoch + 1, epochs, loss,
+            len(trainer.train_loader.dataset) / seconds)
+
     def stop_round(trainer):
         if trainer.epoch >= stop_epoch - 1:
             trainer.stop = True
@@ -146,6 +159,8 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         trainer.model = model
         trainer.add_callback("on_pretrain_routine_end", continue_schedule)
         trainer.add_callback("on_train_epoch_end", end_round)
+        if label:
+            trainer.add_callback("on_train_epoch_end", progress)
         trainer.add_callback("on_fit_epoch_end", stop_round)
         for event, fn in (callbacks or {}).items():
             trainer.add_callback(event, fn)

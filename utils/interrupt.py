@@ -1,0 +1,65 @@
+"""Ctrl-C stops a simulation at once: Ray and its workers with it, one line on how to resume, exit code 130.
+
+A terminal's Ctrl-C reaches every process of the foreground group: the driver and Ray's workers. Left to
+themselves, the workers die mid-task, the driver waits on actors whose owner is gone, and the run hangs until a
+second Ctrl-C. Instead the driver, on the first SIGINT (or SIGTERM), ends every process it started (Ray's
+services and workers: its descendants), says which rounds are complete and how to continue, and exits 130.
+Files are safe at any point: each output is written to a temp file and renamed into place (a temp file a kill
+leaves behind is removed by the next start).
+"""
+
+import logging
+import os
+import signal
+import sys
+
+
+def start_ray(**init_args):
+    """Start Ray for Flower's simulation with SIGINT ignored in every process Ray spawns (they inherit that).
+
+    So Ctrl-C reaches the driver alone, which then ends them itself (on_interrupt); a Ray service that got the
+    SIGINT would die first and take the driver down with a bare exit code 1. Flower's Ray backend uses this Ray
+    instead of starting its own; its usual arguments are given here (no dashboard, the driver's import path).
+    """
+    import ray
+
+    path = os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")])
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}, **init_args)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def end_descendants():
+    """Kill every process started by this one (recursively): Ray's services and workers, which hold no project file."""
+    import psutil
+
+    for p in psutil.Process().children(recursive=True):
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def on_interrupt(message):
+    """Install a SIGINT/SIGTERM handler that ends Ray, prints `message()` (a callable) and exits (130 on SIGINT).
+
+    Call it after Ray started: Ray replaces the SIGTERM handler when it starts.
+    """
+
+    def handler(signum, frame):  # exits with 128 + the signal's number: 130 for Ctrl-C
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        logging.disable(logging.CRITICAL)  # the server's threads would report the clients being ended as failures
+        try:
+            text = message()
+        except Exception as e:  # the line must not fail the stop
+            text = f"interrupted ({e})"
+        sys.stderr.write(f"\n{text}\n")
+        sys.stderr.flush()
+        end_descendants()  # right before exiting: Ray's driver code exits (code 1) once it notices its services gone
+        os._exit(128 + signum)  # no interpreter shutdown: it would wait on Flower's and Ray's threads
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
