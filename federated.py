@@ -515,6 +515,7 @@ def _resume_point(cfg, save_dir):
                          f"further, resume with a larger --num-rounds")
     return done, rows
 
+
 def prepare(cfg, given=None):
     """Check every input and build the run's starting state; raise ValueError with one sentence if anything is off.
 
