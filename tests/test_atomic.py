@@ -1,4 +1,4 @@
-"""Output files appear whole and get the permissions the umask gives, like files written with open()."""
+"""Output files appear whole and get the permissions the umask gives, like files written with open(); a quiet plot."""
 
 import os
 import stat
@@ -34,3 +34,16 @@ def test_every_output_writer_gives_umask_permissions(umask, mode, small_model, t
     files = ["config.json", "round1.npz", "metrics.csv", "results.png", "last.pt"]
     assert {f: oct(stat.S_IMODE((tmp_path / f).stat().st_mode)) for f in files} == {f: oct(mode) for f in files}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # no temp file left behind
+
+
+def test_plot_of_a_run_without_evaluation_warns_nothing(tmp_path):
+    import warnings
+
+    rows = [{"round": 1, "updates": 2}, {"round": 2, "updates": 2}]  # --evaluate false, every round skipped
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot(tmp_path / "results.png", rows)
+
+    assert [str(w.message) for w in caught] == []  # matplotlib's "No artists with labels found" among them before
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
