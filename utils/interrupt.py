@@ -15,11 +15,12 @@ import sys
 
 
 def start_ray(**init_args):
-    """Start Ray for Flower's simulation with SIGINT ignored in every process Ray spawns (they inherit that).
+    """Start Ray for Flower's simulation here, so that on_interrupt, called after it, holds SIGINT and SIGTERM.
 
-    So Ctrl-C reaches the driver alone, which then ends them itself (on_interrupt); a Ray service that got the
-    SIGINT would die first and take the driver down with a bare exit code 1. Flower's Ray backend uses this Ray
-    instead of starting its own; its usual arguments are given here (no dashboard, the driver's import path).
+    Ray replaces the SIGTERM handler when it starts, so Ray must start before on_interrupt; Flower's Ray backend then
+    uses this Ray instead of starting its own (its usual arguments are given here: no dashboard, the driver's import
+    path). SIGINT is ignored while Ray spawns its services, so a Ctrl-C during start-up cannot reach them half-made;
+    the processes Ray starts block SIGINT themselves, leaving Ctrl-C to the driver, which ends them (on_interrupt).
     """
     import ray
 
