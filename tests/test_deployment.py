@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import ROOT
@@ -49,7 +50,7 @@ class Deployment:
         c = self.certs
         cmd = [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile",
                str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key"), "--port", str(self.port),
-               "--disable-runtime-dependency-installation", "--database", str(self.tmp / "state.db")]
+               "--disable-runtime-dependency-installation"]  # in-memory state: see the README's deployment notes
         p = self._start("superlink", cmd + (["--enable-supernode-auth"] if self.auth else []))
         deadline = time.time() + 90
         while time.time() < deadline:
@@ -79,7 +80,9 @@ class Deployment:
                               timeout=timeout)
 
     def close(self):
-        """Stop every process this deployment started, whatever happened."""
+        """Stop every process this deployment started, whatever happened, and the apps their SuperExecs started
+        (a ServerApp or ClientApp process can outlive its SuperLink or SuperNode when a test fails mid-run)."""
+        apps = [c for p in self.procs if p.poll() is None for c in _children(p.pid)]
         for p in reversed(self.procs):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -89,6 +92,18 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+        for c in apps:
+            try:
+                c.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _children(pid):
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 @pytest.fixture()
