@@ -101,6 +101,22 @@ TRAIN_KEYS = ("IMGSZ", "BATCH", "NBS", "DEVICE", "WORKERS", "OPTIMIZER", "LR0", 
               "CLOSE_MOSAIC", "AMP", "SEED")  # settings passed to the Ultralytics trainer as lower-case arguments
 
 
+def resolve_warmup(cfg, trained):
+    """Return the warmup of the whole run in epochs (counted in each client's own iterations from the run's start).
+
+    A random init warms up as Ultralytics does: WARMUP_EPOCHS, capped to leave the run's last epoch at full rate.
+    A trained start (a `.pt` base) is never capped, however short the run, and with OPTIMIZER=auto it takes
+    LR_SCALE times as long, so the learning rate climbs as fast as Ultralytics' own rate would over its warmup
+    (reaching that rate at WARMUP_EPOCHS) and the federation's larger rate only later. A fresh Adam's first steps
+    move every weight by about the learning rate whatever its gradient, which knocks a converged model down
+    (one round of one epoch at full rate: test mAP50-95 0.55 -> 0.0004, README "Fine-tuning from a trained model").
+    """
+    total = cfg["NUM_ROUNDS"] * cfg["EPOCHS"]
+    if not trained:
+        return float(min(cfg["WARMUP_EPOCHS"], max(total - 1, 0)))
+    return float(cfg["WARMUP_EPOCHS"] * (max(cfg["LR_SCALE"], 1.0) if cfg["OPTIMIZER"].lower() == "auto" else 1.0))
+
+
 def resolve_optimizer(cfg, nc, train_images):
     """Resolve OPTIMIZER=auto once for the whole run, with Ultralytics' own rule, so every client uses the same one.
 
@@ -533,6 +549,9 @@ def prepare(cfg, given=None):
 
     if cfg["NUM_ROUNDS"] < 1 or cfg["EPOCHS"] < 1:
         raise ValueError(f"num-rounds ({cfg['NUM_ROUNDS']}) and epochs ({cfg['EPOCHS']}) must be at least 1")
+    if cfg["LR_SCALE"] <= 0 or cfg["WARMUP_EPOCHS"] < 0:
+        raise ValueError(f"lr-scale ({cfg['LR_SCALE']}) must be positive and warmup-epochs "
+                         f"({cfg['WARMUP_EPOCHS']}) 0 or more")
     cfg["STRATEGY"], cfg["FP16"] = cfg["STRATEGY"].lower(), cfg["FP16"].lower()
     if cfg["FP16"] not in ("off", "up", "both"):
         raise ValueError(f"fp16 must be off, up or both (got {cfg['FP16']!r})")
@@ -583,9 +602,10 @@ def prepare(cfg, given=None):
     hyp = {k.lower(): cfg[k] for k in TRAIN_KEYS}
     hyp["device"] = cfg["DEVICE"]  # resolved by each client where it runs (utils/devices.py); main() plans simulation
     hyp.update(resolve_optimizer(cfg, len(names), sum(c["train_images"] for c in checks)))  # 0 images: deployment
-    if saved is not None:  # the optimizer the run started with, even if a longer run would pick another
+    hyp["warmup_epochs"] = resolve_warmup(cfg, trained=base is not None)
+    if saved is not None:  # the optimizer and warmup the run started with, even if a longer run would pick others
         hyp.update({k: v for k, v in saved.get("hyp", {}).items() if k in ("optimizer", "lr0", "momentum",
-                                                                          "warmup_bias_lr")})
+                                                                          "warmup_bias_lr", "warmup_epochs")})
     spec = {"model": arch, "names": names, "hyp": hyp, "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]],
             "work": str((save_dir / "work").resolve()), "fedbn": cfg["FEDBN"], "partial_labels": cfg["PARTIAL_LABELS"],
             "keep_optimizer": cfg["KEEP_OPTIMIZER"]}
@@ -638,10 +658,13 @@ server_app = ServerApp(server_fn=server_fn)
 
 
 def warn_short_warmup(cfg, run):
-    """Warn when warmup takes most of a short run (Ultralytics warms up min(WARMUP_EPOCHS, epochs - 1) epochs)."""
+    """Warn when warmup takes most of a short run from a random init (a trained start is damped on purpose)."""
     total = cfg["NUM_ROUNDS"] * cfg["EPOCHS"]
-    warm = min(cfg["WARMUP_EPOCHS"], max(total - 1, 0))
-    if run["offset"] == 0 and total > 1 and warm > total / 2:
+    warm = run["spec"]["hyp"]["warmup_epochs"]
+    if run["offset"] == 0 and cfg["BASE_MODEL"].lower().endswith(".pt") and warm >= total:
+        log(INFO, "a trained start: the learning rate ramps up over %g epochs, longer than this %d-epoch run, so "
+            "the model is fine-tuned gently (README \"Fine-tuning from a trained model\")", warm, total)
+    elif run["offset"] == 0 and total > 1 and warm > total / 2 and cfg["BASE_MODEL"].lower().endswith(".yaml"):
         log(WARNING, "warmup-epochs %g covers %g of the run's %d epochs: the learning rate ramps up for most of the "
             "run and a model learns little; run more rounds or epochs, or lower --warmup-epochs", cfg["WARMUP_EPOCHS"],
             warm, total)

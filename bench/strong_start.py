@@ -1,7 +1,7 @@
 """Does a strong start survive? One client, one round, one epoch from a converged model: how much test mAP is kept.
 
 Usage:
-    python3 bench/strong_start.py                                    # the defaults and the measured alternatives
+    python3 bench/strong_start.py                                    # the defaults (3 seeds), the rule before, others
     python3 bench/strong_start.py "" "--optimizer RAdam --lr0 0.00125"   # chosen client flags ("" = the defaults)
 
 The converged model is plain Ultralytics trained EPOCHS epochs on the union of the demo clients (batch 8, nbs 8,
@@ -31,8 +31,8 @@ from bench import ARGS, test_map, union_yaml  # noqa: E402
 from utils.demo import make_demo  # noqa: E402
 from utils.export_federated import export  # noqa: E402
 
-RUNS = ["", "--lr-scale 1", "--optimizer SGD --lr0 0.01", "--optimizer AdamW --lr0 0.0002",
-        "--optimizer RAdam --lr0 0.00125", "--optimizer RAdam --lr0 0.00375"]
+RUNS = ["", "--seed 1", "--seed 2", "--warmup-epochs 0", "--warmup-epochs 0 --lr-scale 1",
+        "--warmup-epochs 0 --optimizer AdamW --lr0 0.0002", "--warmup-epochs 0 --optimizer RAdam --lr0 0.00125"]
 
 
 def converged(demo, work, epochs):

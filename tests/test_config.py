@@ -65,3 +65,15 @@ def test_federated_help_lists_every_flag_with_its_meaning_and_default():
     text = " ".join(r.stdout.split())
     assert r.returncode == 0 and "--num-rounds INT federated rounds (default: 15)" in text
     assert "--keep-rounds INT round{N}.npz files kept" in text and text.count("(default: ") == len(federated.DEFAULTS)
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_warmup_depends_on_the_start(trained):
+    # a random init: Ultralytics' warmup, capped to leave the last epoch at full rate; a trained .pt: never capped,
+    # and LR_SCALE times as long with OPTIMIZER=auto (the rate climbs as Ultralytics' own would over its warmup)
+    one = {**federated.DEFAULTS, "NUM_ROUNDS": 1, "EPOCHS": 1}
+    assert federated.resolve_optimizer(one, 4, 300)["lr0"] == pytest.approx(0.00125 * 3)  # LR_SCALE 3
+    assert federated.resolve_warmup(one, trained) == (9.0 if trained else 0.0)
+    assert federated.resolve_warmup({**one, "NUM_ROUNDS": 15, "EPOCHS": 2}, trained) == (9.0 if trained else 3.0)
+    explicit = {**one, "OPTIMIZER": "SGD", "NUM_ROUNDS": 4}
+    assert federated.resolve_warmup(explicit, trained) == 3.0  # no LR_SCALE applies to an explicit optimizer

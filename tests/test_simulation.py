@@ -326,3 +326,47 @@ def test_different_class_lists_train_into_their_union(tiny_fed, tmp_path):
     assert pt.returncode == 0, pt.stderr
     result = YOLO(str(save / "round2.pt")).predict(next((mine / "images" / "val").iterdir()), imgsz=32, verbose=False)
     assert result[0].names == dict(enumerate(union))
+
+
+def _map(weights, data):
+    from ultralytics import YOLO
+
+    return YOLO(str(weights)).val(data=str(data), imgsz=64, batch=8, device="cpu", plots=False, verbose=False).box.map
+
+
+@pytest.mark.slow
+def test_a_converged_model_survives_one_short_round(tiny_fed, tmp_path):
+    # A model fitted to one client's images (plain Ultralytics, 60 epochs), then one federated round of one epoch on
+    # the same images from it: the defaults keep what it knows. Ultralytics' own rule (no warmup in a 1-epoch run)
+    # at 3x its learning rate, the defaults for a random init, knock it down: the hazard is real on this data.
+    import shutil
+
+    from ultralytics import YOLO
+
+    dark = tiny_fed[0][0].parent
+    data = tmp_path / "fit.yaml"
+    data.write_text(f"path: {dark}\ntrain: images/train\nval: images/train\nnames: {NAMES}\n")
+    model = YOLO("yolov8n.yaml")
+    model.train(data=str(data), epochs=60, imgsz=64, batch=2, nbs=2, workers=0, device="cpu", seed=0,
+                optimizer="AdamW", lr0=0.00125, val=False, plots=False, project=str(tmp_path), name="fit")
+    base = tmp_path / "fitted.pt"
+    shutil.copy(model.trainer.last, base)
+    fitted = _map(base, data)
+    assert fitted > 0.3  # it learned these images
+
+    kept = {}
+    for name, flags in (("defaults", []), ("random-init rule", ["--warmup-epochs", "0", "--lr-scale", "3"])):
+        save = tmp_path / name
+        r = subprocess.run([sys.executable, str(ROOT / "federated.py"), "--datasets", str(data), "--base-model",
+                            str(base), "--num-rounds", "1", "--epochs", "1", "--imgsz", "64", "--batch", "2", "--nbs",
+                            "2", "--device", "cpu", "--evaluate", "false", "--save-dir", str(save), *flags],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        r = subprocess.run([sys.executable, str(ROOT / "utils" / "export_federated.py"), str(base),
+                            str(save / "round1.npz")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        kept[name] = _map(save / "round1.pt", data) / fitted
+
+    print(f"fitted mAP50-95 {fitted:.3f}, kept {kept}")
+    assert kept["defaults"] >= 0.8, (fitted, kept)
+    assert kept["random-init rule"] < 0.5, (fitted, kept)

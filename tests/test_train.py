@@ -84,6 +84,15 @@ def test_round_continues_the_runs_schedule_without_local_validation(data_yaml, t
     assert seen["fitness"] is None and not seen["saved"]  # no local validation, no best.pt from the client
 
 
+@pytest.mark.parametrize("warmup", [3.0, 0.0])
+def test_the_servers_warmup_applies_even_to_a_one_epoch_run(warmup, data_yaml, tiny_model):
+    # Ultralytics caps warmup to epochs - 1 (none in a 1-epoch run); a trained start needs it whatever the length
+    cfg, names = tiny_model
+    out, seen = _run(build_model(cfg, names), data_yaml, 0, 1, 1, warmup_epochs=warmup, warmup_bias_lr=0.0)
+    # 8 images / batch 4 = 2 batches; warmup 3 epochs = 6 iterations: the last batch (iteration 1) runs at lr0 / 6
+    assert seen["lr"] == pytest.approx([TINY["lr0"] / 6 if warmup else TINY["lr0"]] * 3)
+
+
 def test_last_round_of_the_run_skips_final_validation(data_yaml, tiny_model):
     cfg, names = tiny_model
     out, seen = _run(build_model(cfg, names), data_yaml, 1, 1, 2)

@@ -157,6 +157,8 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         args["model"] = "federated.yaml"  # a label only: the model object is set below
         trainer = DetectionTrainer(overrides=args)
         trainer.model = model
+        warm = float(hyp.get("warmup_epochs", 0))  # the server's resolved warmup, not capped to the run's length
+        trainer._get_warmup_iterations = lambda nb: round(warm * nb) if warm > 0 else 0
         trainer.add_callback("on_pretrain_routine_end", continue_schedule)
         trainer.add_callback("on_train_epoch_end", end_round)
         if label:
