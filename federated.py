@@ -47,6 +47,7 @@ SERVER_DATA = ""  # (str) optional data.yaml the server owns: the global model i
 IMGSZ = 64  # (int) train and val image size
 BATCH = 8  # (int) batch size per client
 NBS = 8  # (int) nominal batch size: one optimizer step per NBS images (NBS / BATCH batches accumulated)
+MIN_STEPS = 6  # (int) a small client halves BATCH and NBS (down to 2) until an epoch makes this many optimizer steps
 DEVICE = ""  # (str) GPUs the simulated clients share: "" all (none: cpu), "cpu", "0", "0,1" (README "GPUs")
 WORKERS = 0  # (int) dataloader worker processes per client
 OPTIMIZER = "auto"  # (str) SGD, AdamW, ... or auto (resolved once on the server for the whole run)
@@ -182,6 +183,7 @@ class YoloClient(NumPyClient):
             raise ValueError("this SuperNode has no dataset: start it with --node-config 'dataset=\"/path/data.yaml\"'")
         dataset = self.dataset or spec["datasets"][self.partition_id]
         check, names = check_dataset(dataset), spec["names"]
+        self.train_images = check["train_images"]
         try:
             class_map(check["names"], names)
         except ValueError as e:
@@ -211,10 +213,11 @@ class YoloClient(NumPyClient):
 
     def _fit(self, parameters, config):
         """Train the sent weights (see fit)."""
-        from utils.train import train_round
+        from utils.train import client_batch, train_round
 
         spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
         hyp = {**spec["hyp"], "seed": spec["hyp"]["seed"] + int(config["server-round"])}
+        hyp.update(client_batch(hyp["batch"], hyp["nbs"], self.train_images, spec.get("min_steps", 0)))
         keep = spec["keep_optimizer"] and self.state is not None
         saved = None
         if keep and "optimizer" in self.state:
@@ -549,9 +552,9 @@ def prepare(cfg, given=None):
 
     if cfg["NUM_ROUNDS"] < 1 or cfg["EPOCHS"] < 1:
         raise ValueError(f"num-rounds ({cfg['NUM_ROUNDS']}) and epochs ({cfg['EPOCHS']}) must be at least 1")
-    if cfg["LR_SCALE"] <= 0 or cfg["WARMUP_EPOCHS"] < 0:
-        raise ValueError(f"lr-scale ({cfg['LR_SCALE']}) must be positive and warmup-epochs "
-                         f"({cfg['WARMUP_EPOCHS']}) 0 or more")
+    if cfg["LR_SCALE"] <= 0 or cfg["WARMUP_EPOCHS"] < 0 or cfg["MIN_STEPS"] < 0:
+        raise ValueError(f"lr-scale ({cfg['LR_SCALE']}) must be positive, warmup-epochs ({cfg['WARMUP_EPOCHS']}) "
+                         f"and min-steps ({cfg['MIN_STEPS']}) 0 or more")
     cfg["STRATEGY"], cfg["FP16"] = cfg["STRATEGY"].lower(), cfg["FP16"].lower()
     if cfg["FP16"] not in ("off", "up", "both"):
         raise ValueError(f"fp16 must be off, up or both (got {cfg['FP16']!r})")
@@ -608,7 +611,7 @@ def prepare(cfg, given=None):
                                                                           "warmup_bias_lr", "warmup_epochs")})
     spec = {"model": arch, "names": names, "hyp": hyp, "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]],
             "work": str((save_dir / "work").resolve()), "fedbn": cfg["FEDBN"], "partial_labels": cfg["PARTIAL_LABELS"],
-            "keep_optimizer": cfg["KEEP_OPTIMIZER"]}
+            "keep_optimizer": cfg["KEEP_OPTIMIZER"], "min_steps": cfg["MIN_STEPS"]}
     params, keys = {k for k, _ in model.named_parameters()}, list(model.state_dict())
     bn_pairs = [(i, keys.index(k[:-4] + "var")) for i, k in enumerate(keys) if k.endswith(".running_mean")]
     return {"initial": initial, "spec": spec, "trainable": [k in params for k in keys], "bn_pairs": bn_pairs,

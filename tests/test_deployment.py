@@ -124,6 +124,7 @@ def _run_config(save, rounds):
             f'save-dir="{save}"')
 
 
+@pytest.mark.slow
 def test_tls_deployment_two_supernodes_two_rounds(deployment, tiny_fed, tmp_path):
     d = deployment()
     d.superlink()

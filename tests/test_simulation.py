@@ -76,6 +76,7 @@ def test_simulation_two_clients_two_rounds(tiny_fed, tmp_path):
         # the global mAP is the val-image-weighted mean of the clients' (4 val images each here)
         assert float(row["map50_95"]) == pytest.approx((float(row["map50_95_dark"]) + float(row["map50_95_light"])) / 2,
                                                        abs=1e-5)
+        assert float(row["train_batch"]) == 2  # 8 images at --batch 4 make 2 steps: halved for MIN_STEPS 6
     assert (save / "results.png").read_bytes()[:4] == b"\x89PNG"
 
     from ultralytics import YOLO

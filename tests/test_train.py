@@ -9,7 +9,7 @@ from utils.classes import client_view
 from utils.datasets import check_dataset
 from utils.model import build_model, read_base
 from utils.params import get_weights, set_weights
-from utils.train import train_round
+from utils.train import client_batch, train_round
 
 
 def _random_weights(model, seed):
@@ -209,3 +209,11 @@ def test_optimizer_state_continues_into_the_next_round(data_yaml, tiny_model):
     assert all(np.array_equal(a, b) for a, b in zip(seen["state"], arrays))
     fresh = train_round(build_model(cfg, names, seed=0), data_yaml, 1, 1, 2, hyp, optimizer_state=(keys, arrays[:-1]))
     assert fresh["optimizer_kept"] == 0  # a state that does not fit the optimizer is not loaded
+
+
+def test_a_small_client_halves_its_batch_until_an_epoch_makes_enough_steps():
+    assert client_batch(8, 8, 96, 6) == {"batch": 8, "nbs": 8}  # 12 steps already
+    assert client_batch(8, 8, 24, 6) == {"batch": 4, "nbs": 4}  # 3 steps -> 6
+    assert client_batch(16, 64, 16, 6) == {"batch": 2, "nbs": 2}  # nbs follows: one step per 2 images
+    assert client_batch(8, 8, 3, 6) == {"batch": 2, "nbs": 2}  # never below 2
+    assert client_batch(8, 8, 24, 0) == {"batch": 8, "nbs": 8}  # MIN_STEPS 0: as set

@@ -98,6 +98,18 @@ def set_loss(model, proximal_mu=0.0, classes=None):
         model.criterion = ProximalLoss(model.criterion, model, proximal_mu)
 
 
+def client_batch(batch, nbs, images, min_steps):
+    """Return this client's {batch, nbs}: both halved together (to 2 at least) until one epoch over its `images`
+    makes at least `min_steps` optimizer steps (one step per max(batch, nbs) images); unchanged when min_steps is 0.
+
+    A federation with many small clients otherwise takes a handful of steps per client and round, and averaging K
+    such short walks barely moves the model (8 clients of 24-32 images at batch 8: 3-4 steps per epoch).
+    """
+    while min_steps and max(batch, nbs) > 2 and images / max(batch, nbs) < min_steps:
+        batch, nbs = max(batch // 2, 2), max(nbs // 2, 2)
+    return {"batch": batch, "nbs": nbs}
+
+
 def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callbacks=None, proximal_mu=0.0,
                 classes=None, optimizer_state=None, label=None):
     """Train `model` in place for one round of the federation's schedule.
@@ -174,6 +186,6 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         t1 = time.time()
         if trainer.device.type == "cuda":  # peak GPU memory of this client process, MB (bench/gpu_check.sh)
             losses["gpu_mem"] = torch.cuda.max_memory_reserved(trainer.device) / 2**20
-        return {"train_images": len(trainer.train_loader.dataset), **losses, "lr": lr,
+        return {"train_images": len(trainer.train_loader.dataset), **losses, "lr": lr, "batch": trainer.batch_size,
                 "time_setup": marks["setup"] - t0, "time_train": t1 - marks["setup"],
                 "optimizer_state": get_optimizer_state(trainer.optimizer), "optimizer_kept": int(marks["kept"])}
