@@ -217,7 +217,8 @@ class YoloClient(NumPyClient):
 
         spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
         hyp = {**spec["hyp"], "seed": spec["hyp"]["seed"] + int(config["server-round"])}
-        hyp.update(client_batch(hyp["batch"], hyp["nbs"], self.train_images, spec.get("min_steps", 0)))
+        if spec.get("min_steps"):  # the server always sends nbs with min_steps; 64 is Ultralytics' own default
+            hyp.update(client_batch(hyp["batch"], hyp.get("nbs", 64), self.train_images, spec["min_steps"]))
         keep = spec["keep_optimizer"] and self.state is not None
         saved = None
         if keep and "optimizer" in self.state:
