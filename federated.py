@@ -40,6 +40,9 @@ TRIM_BETA = 0.2  # (float) fedtrimmedavg: fraction of updates cut at each end of
 KRUM_F = 0  # (int) krum: number of malicious clients to tolerate (needs more than 2 x KRUM_F + 2 clients)
 POOLED_BN_VAR = False  # (bool) BatchNorm running_var of the global model: variance of the pooled client data
 FP16 = "off"  # (str) send float weights as float16: off, up (client -> server) or both; integer buffers stay exact
+DP_CLIP = 0.0  # (float) differential privacy: clip each client's change to this L2 norm; 0: off (README "Privacy")
+DP_NOISE = 1.0  # (float) DP noise multiplier: Gaussian noise of std DP_NOISE x DP_CLIP / clients on the mean change
+DP_DELTA = 1e-5  # (float) DP delta at which the privacy spent (epsilon) is reported
 CLIENT_RESOURCES = {"num_cpus": 1}  # (dict) Ray resources per simulated client; num_gpus derived from DEVICE unless set
 EVALUATE = True  # (bool) evaluate the new global model on every client's val split after each round
 SERVER_DATA = ""  # (str) optional data.yaml the server owns: the global model is also validated on its val split
@@ -95,6 +98,7 @@ from utils.params import (  # noqa: E402
     set_weights,
     to_half,
 )
+from utils.privacy import check_privacy, epsilon, private_mean  # noqa: E402
 from utils.report import plot, read_rows, write_rows  # noqa: E402
 from utils.strategies import Aggregator, check_strategy  # noqa: E402
 
@@ -319,12 +323,13 @@ class SaveFedAvg(FedAvg):
                 for c, ins in super().configure_evaluate(server_round, parameters, client_manager)]
 
     def aggregate_fit(self, server_round, results, failures):
-        """Average the valid updates weighted by train images, save round{N}.npz, return the new global weights."""
+        """Average the valid updates weighted by train images (with DP_CLIP: clipped, unweighted, noised), save
+        round{N}.npz, return the new global weights."""
         r = self._round(server_round)
         reasons = sorted(failure_reason(f) for f in failures)
         for reason in reasons:
             log(WARNING, "round %d: a client failed: %s", r, reason)
-        t0, agg, counted, sizes = time.time(), self.aggregator, [], []
+        t0, agg, counted, sizes, private = time.time(), self.aggregator, [], [], []
         agg.begin()  # mean-based strategies keep one running sum, never every update
         for proxy, res in results:
             arrays = parameters_to_ndarrays(res.parameters)
@@ -342,7 +347,10 @@ class SaveFedAvg(FedAvg):
                 log(WARNING, "round %d: client %s reported %d train images, its dataset has %d; counted as %d",
                     r, proxy.cid, n, known, known)
                 n = known
-            agg.add(arrays, n)
+            if self.cfg["DP_CLIP"]:
+                private.append(arrays)  # differential privacy: clipped and averaged unweighted below
+            else:
+                agg.add(arrays, n)
             counted.append((n, {k: v for k, v in res.metrics.items() if k != "dataset"}))
         self.pending = {"round": r, "updates": len(counted), "bytes_down": self.pending.get("bytes_down"),
                         "bytes_up": round(sum(sizes) / len(sizes)) if sizes else None}
@@ -355,9 +363,14 @@ class SaveFedAvg(FedAvg):
             self.untrained += 1
         else:
             self.trained, self.untrained = self.trained + 1, 0
+            if private:  # the noised mean of the clipped changes is the one update the server step sees
+                mean, dp = private_mean(private, self.current, self.cfg["DP_CLIP"], self.cfg["DP_NOISE"],
+                                        [j for _, j in self.run["bn_pairs"]])
+                agg.add(mean, 1)
+                self.pending.update(dp, dp_epsilon=epsilon(self.cfg["DP_NOISE"], r, self.cfg["DP_DELTA"]))
             new = agg.result(self.current)
             keys = sorted(set.intersection(*(set(m) for _, m in counted)))
-            metrics = {k: sum(float(m[k]) * n for n, m in counted) / agg.total for k in keys}
+            metrics = {k: sum(float(m[k]) * n for n, m in counted) / sum(n for n, _ in counted) for k in keys}
         t1 = time.time()
         try:
             save_npz(self.save_dir / f"round{r}.npz", new)
@@ -575,7 +588,7 @@ def prepare(cfg, given=None):
 
         cfg["DATASETS"] = [str(p) for p in make_demo(cfg["DEMO_DIR"], seed=cfg["SEED"])[0]]
     checks = check_federation(cfg["DATASETS"]) if cfg["DATASETS"] else []  # none: a deployment's SuperNodes have them
-    problem = check_strategy(cfg, cfg["MIN_CLIENTS"] or len(cfg["DATASETS"]))
+    problem = check_strategy(cfg, cfg["MIN_CLIENTS"] or len(cfg["DATASETS"])) or check_privacy(cfg)
     if problem:
         raise ValueError(problem)
     names, notes = union_names(checks, cfg["DATASETS"]) if checks else (cfg["NAMES"], [])
@@ -630,6 +643,9 @@ def write_config(cfg, spec):
 
     info = {"settings": cfg, "names": spec["names"], "hyp": spec["hyp"], "datasets": spec["datasets"],
             "versions": {"flwr": flwr.__version__, "ultralytics": ultralytics.__version__, "torch": torch.__version__}}
+    if cfg["DP_CLIP"]:  # the privacy the whole run spends (per round: metrics.csv dp_epsilon)
+        info["privacy"] = {"epsilon": epsilon(cfg["DP_NOISE"], cfg["NUM_ROUNDS"], cfg["DP_DELTA"]),
+                           "delta": cfg["DP_DELTA"], "rounds": cfg["NUM_ROUNDS"], "accountant": "dp-accounting RDP"}
     atomic_write_text(Path(cfg["SAVE_DIR"]) / "config.json", json.dumps(info, indent=2, default=str))
 
 
@@ -642,6 +658,10 @@ def make_strategy(cfg, run):
     if not run["offset"]:
         (save_dir / "metrics.csv").unlink(missing_ok=True)
     n = cfg["MIN_CLIENTS"] or len(run["spec"]["datasets"])
+    if cfg["DP_CLIP"]:
+        log(INFO, "differential privacy: each client's change clipped to norm %g, noise std %g / clients; %d rounds "
+            "spend epsilon %.3g at delta %g", cfg["DP_CLIP"], cfg["DP_NOISE"] * cfg["DP_CLIP"], cfg["NUM_ROUNDS"],
+            epsilon(cfg["DP_NOISE"], cfg["NUM_ROUNDS"], cfg["DP_DELTA"]), cfg["DP_DELTA"])
     return SaveFedAvg(
         cfg, run,
         fraction_fit=1.0, fraction_evaluate=1.0 if cfg["EVALUATE"] else 0.0,

@@ -1,0 +1,90 @@
+"""Client-level differential privacy of the global model: each client's change clipped, the mean noised, accounted.
+
+DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent Language Models") with server-side fixed
+clipping, as Flower's `DifferentialPrivacyServerSideFixedClipping` does it: every valid client change (its weights
+minus the global weights it was sent) is scaled down to L2 norm DP_CLIP at most, the changes are averaged
+*unweighted* (one client's weight in the mean is then 1/n whatever its image count, the sensitivity the noise is
+calibrated to), and Gaussian noise of standard deviation DP_NOISE x DP_CLIP / n is added to the mean. Done here
+rather than through Flower's wrapper because the wrapper divides by each change's norm (a client whose weights did
+not move raises ZeroDivisionError and loses the round), averages with the inner strategy's weights, and would add
+its noise after this project's strategy has saved the round; the arithmetic is the same.
+
+What the vector covers: every floating-point entry the server averages, BatchNorm running statistics included
+(they are measured on the client's images, so they leak as much as weights do). Integer buffers (BatchNorm
+`num_batches_tracked`, unused by YOLO) are not taken from the clients at all: the global value is kept. A noised
+running_var is clamped at 0 (post-processing, which costs no privacy).
+
+Accounting: each round is one Gaussian mechanism with noise multiplier DP_NOISE on the sum of clipped changes of
+all clients (every client takes part in every round, so there is no sampling amplification); the rounds compose.
+The (epsilon, DP_DELTA) spent after r rounds comes from the RDP accountant of Google's `dp-accounting` library.
+
+The server sees each individual update before clipping (server-side clipping trusts the server); the protection
+is for what leaves the server: round files, checkpoints, the model sent to clients. The diagnostics written next
+to them (how many updates were clipped, their median norm, the clients' own validation metrics) are not noised.
+"""
+
+import numpy as np
+
+
+def check_privacy(cfg):
+    """Return None if the DP settings make sense, else one sentence naming the setting at fault."""
+    if cfg["DP_CLIP"] < 0 or cfg["DP_NOISE"] < 0:
+        return f"dp-clip ({cfg['DP_CLIP']}) and dp-noise ({cfg['DP_NOISE']}) must be 0 or more"
+    if not cfg["DP_CLIP"]:
+        return None
+    if not 0 < cfg["DP_DELTA"] < 1:
+        return f"dp-delta must be in (0, 1) (got {cfg['DP_DELTA']})"
+    if cfg["STRATEGY"] in ("fedmedian", "fedtrimmedavg", "krum"):
+        return (f"strategy {cfg['STRATEGY']} cannot be used with dp-clip: differential privacy here noises the mean "
+                "of the clipped updates; use fedavg, fedprox, fedavgm, fedadam or fedyogi")
+    if cfg["FEDBN"]:
+        return "fedbn cannot be used with dp-clip: the accountant assumes every averaged entry is clipped and noised"
+    return None
+
+
+def epsilon(noise, rounds, delta):
+    """Return the epsilon spent at `delta` by `rounds` Gaussian mechanisms of noise multiplier `noise` (RDP)."""
+    if rounds <= 0:
+        return 0.0
+    if noise <= 0:
+        return float("inf")
+    import dp_accounting
+
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(noise), count=int(rounds))
+    return float(accountant.get_epsilon(delta))
+
+
+def private_mean(updates, current, clip, noise, var_entries=()):
+    """Return the noised unweighted mean of the clipped client changes, and the round's clipping diagnostics.
+
+    Args:
+        updates (list[list[np.ndarray]]): each valid client's full arrays (the global model's entries and dtypes).
+        current (list[np.ndarray]): the global arrays the clients were sent.
+        clip (float): L2 norm each client's change over the float entries is clipped to.
+        noise (float): noise multiplier; the mean gets Gaussian noise of std noise x clip / len(updates).
+        var_entries (iterable[int]): BatchNorm running_var entries, clamped at 0 after the noise.
+
+    Returns:
+        (list[np.ndarray], dict): the new global arrays (integer entries: `current`'s) and
+            {"dp_clipped": updates scaled down, "dp_update_norm": median change norm before clipping,
+             "dp_noise_std": the noise's standard deviation}.
+    """
+    floats = [i for i, c in enumerate(current) if c.dtype.kind == "f"]
+    total = [np.zeros(current[i].shape, np.float64) for i in floats]
+    norms = []
+    for u in updates:
+        change = [u[i].astype(np.float64) - current[i] for i in floats]
+        norms.append(float(np.sqrt(sum(np.sum(c * c) for c in change))))
+        scale = min(1.0, clip / norms[-1]) if norms[-1] > 0 else 1.0  # FlatClip: the whole change, one factor
+        for t, c in zip(total, change):
+            t += c * scale
+    std = noise * clip / len(updates)
+    rng = np.random.default_rng()  # fresh OS entropy every round
+    out = list(current)
+    for i, t in zip(floats, total):
+        out[i] = (current[i] + t / len(updates) + rng.normal(0.0, std, t.shape)).astype(current[i].dtype)
+    for i in var_entries:
+        out[i] = out[i].clip(min=0)
+    return out, {"dp_clipped": sum(n > clip for n in norms), "dp_update_norm": float(np.median(norms)),
+                 "dp_noise_std": std}
