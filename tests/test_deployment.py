@@ -132,16 +132,21 @@ def test_tls_deployment_two_supernodes_two_rounds(deployment, tiny_fed, tmp_path
         d.supernode(f"node{i}", ds)
     save = tmp_path / "run"
 
-    r = d.flwr("run", ".", "fed", "--stream", "--run-config", _run_config(save, 2))
+    dp = " dp-clip=1000.0 dp-noise=0.0001 dp-delta=0.001"  # differential privacy runs in the ServerApp too
+    r = d.flwr("run", ".", "fed", "--stream", "--run-config", _run_config(save, 2) + dp)
 
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
-    assert "round 2/2" in log
+    assert "round 2/2" in log and "differential privacy: each client's change clipped to norm 1000" in log
     assert f"done: 2 rounds in {save}" in log and "best model" in log  # the run's outputs, named under flwr run too
     assert (save / "round1.npz").is_file() and (save / "round2.npz").is_file()
     with (save / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [row["round"] for row in rows] == ["1", "2"] and rows[1]["map50_95_dark"] != ""
+    from utils.privacy import epsilon
+
+    for row in rows:  # the privacy spent after each round, as the accountant computes it
+        assert float(row["dp_epsilon"]) == pytest.approx(epsilon(0.0001, int(row["round"]), 0.001), rel=1e-5)
     r = subprocess.run([sys.executable, str(ROOT / "utils" / "export_federated.py"), "yolov8n.yaml",
                         str(save / "round2.npz")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
