@@ -43,6 +43,11 @@ FP16 = "off"  # (str) send float weights as float16: off, up (client -> server) 
 DP_CLIP = 0.0  # (float) differential privacy: clip each client's change to this L2 norm; 0: off (README "Privacy")
 DP_NOISE = 1.0  # (float) DP noise multiplier: Gaussian noise of std DP_NOISE x DP_CLIP / clients on the mean change
 DP_DELTA = 1e-5  # (float) DP delta at which the privacy spent (epsilon) is reported
+SECAGG = False  # (bool) secure aggregation (Flower's SecAgg+): the server sees only the sum of the round's changes
+SECAGG_SHARES = 3  # (int) SecAgg+: clients holding a share of each client's mask secrets (itself included)
+SECAGG_THRESHOLD = 2  # (int) SecAgg+: shares that rebuild a dropped client's masks (fewer left: round skipped)
+SECAGG_CLIP = 8.0  # (float) SecAgg+: entries of each weighted change are clipped to +-this before quantization
+SECAGG_QUANT = 4194304  # (int) SecAgg+: quantization levels over [-secagg-clip, secagg-clip] (2**22)
 CLIENT_RESOURCES = {"num_cpus": 1}  # (dict) Ray resources per simulated client; num_gpus derived from DEVICE unless set
 EVALUATE = True  # (bool) evaluate the new global model on every client's val split after each round
 SERVER_DATA = ""  # (str) optional data.yaml the server owns: the global model is also validated on its val split
@@ -76,9 +81,11 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from flwr.client import ClientApp, NumPyClient  # noqa: E402
 from flwr.common import Context, ndarrays_to_parameters, parameters_to_ndarrays  # noqa: E402
-from flwr.server import ServerApp, ServerAppComponents, ServerConfig  # noqa: E402
+from flwr.server import ServerApp, ServerConfig  # noqa: E402
+from flwr.server.compat import start_grid  # noqa: E402
 from flwr.server.strategy import FedAvg  # noqa: E402
 
+from utils import secure  # noqa: E402
 from utils.aggregate import check_update, failure_reason, first_line  # noqa: E402
 from utils.atomic import atomic_write_text, remove_stale_temps  # noqa: E402
 from utils.checkpoint import write_checkpoint  # noqa: E402
@@ -92,13 +99,14 @@ from utils.interrupt import on_interrupt, start_ray  # noqa: E402
 from utils.params import (  # noqa: E402
     decode_update,
     encode_update,
+    entry_mismatch,
     get_weights,
     load_npz,
     save_npz,
     set_weights,
     to_half,
 )
-from utils.privacy import check_privacy, epsilon, private_mean  # noqa: E402
+from utils.privacy import add_noise, check_privacy, clip_change, epsilon, private_mean  # noqa: E402
 from utils.report import plot, read_rows, write_rows  # noqa: E402
 from utils.strategies import Aggregator, check_strategy  # noqa: E402
 
@@ -246,6 +254,14 @@ class YoloClient(NumPyClient):
             out["local_bn"] = int(self.local_bn)  # 1 from round 2 on: its BatchNorm came from its own state
         if config["fp16"] in ("up", "both"):  # the change since the received weights, as float16
             weights = encode_update(weights, parameters)
+        if config.get("secagg") and config.get("dp-clip"):  # DP under SecAgg+: each client clips its own change
+            weights, norm = clip_change(weights, parameters, config["dp-clip"])  # and weighs the same in the mean
+            out["dp_clipped"], out["train_images"] = int(norm > config["dp-clip"]), 1
+        if config.get("secagg"):  # the change since the received weights, for SecAgg+ (utils/secure.py)
+            trainable = {k for k, _ in model.named_parameters()}
+            weights = secure.encode(weights, parameters, [k in trainable for k in model.state_dict()])
+            out["secagg_clipped"] = secure.clipped_entries(weights, out["train_images"], config["secagg-weight"],
+                                                    config["secagg-clip"])
         n, out["dataset"] = out.pop("train_images"), str(Path(dataset).resolve())
         return weights, n, out
 
@@ -295,6 +311,8 @@ class SaveFedAvg(FedAvg):
         scored = [(float(x["map50_95"]), int(x["round"])) for x in self.rows if x.get("map50_95")]
         self.best, self.best_round = max(scored, default=(None, None))
         self.trained, self.untrained, self.failed, self.first_error = 0, 0, [], None  # rounds with / without updates
+        self.masked_bytes = secure.masked_bytes(self.current) if cfg["SECAGG"] else None  # SecAgg+'s upload per client
+        self.secagg_weight = secure.max_weight(run["train_images"], unweighted=cfg["DP_CLIP"] > 0)
         super().__init__(initial_parameters=ndarrays_to_parameters(self.current), **kwargs)
 
     def _round(self, server_round):
@@ -306,7 +324,9 @@ class SaveFedAvg(FedAvg):
         r, e = self._round(server_round), self.cfg["EPOCHS"]
         mu = self.cfg["PROXIMAL_MU"] if self.cfg["STRATEGY"] == "fedprox" else 0.0
         return {"server-round": r, "start-epoch": (r - 1) * e, "epochs": e, "total-epochs": self.cfg["NUM_ROUNDS"] * e,
-                "spec": self.spec_json, "proximal-mu": mu, "fp16": self.cfg["FP16"]}
+                "spec": self.spec_json, "proximal-mu": mu, "fp16": self.cfg["FP16"], "secagg": self.cfg["SECAGG"],
+                "secagg-clip": self.cfg["SECAGG_CLIP"], "secagg-weight": self.secagg_weight,
+                "dp-clip": self.cfg["DP_CLIP"] if self.cfg["SECAGG"] else 0.0}  # DP without SecAgg+: on the server
 
     def configure_fit(self, server_round, parameters, client_manager):
         """Send the global weights (float16 with FP16=both) and this round's schedule to the sampled clients."""
@@ -326,11 +346,15 @@ class SaveFedAvg(FedAvg):
         """Average the valid updates weighted by train images (with DP_CLIP: clipped, unweighted, noised), save
         round{N}.npz, return the new global weights."""
         r = self._round(server_round)
-        reasons = sorted(failure_reason(f) for f in failures)
+        reasons = sorted({failure_reason(f) for f in failures})  # SecAgg+'s workflow lists a failed reply twice
         for reason in reasons:
             log(WARNING, "round %d: a client failed: %s", r, reason)
         t0, agg, counted, sizes, private = time.time(), self.aggregator, [], [], []
         agg.begin()  # mean-based strategies keep one running sum, never every update
+        dp = {}
+        if self.cfg["SECAGG"]:
+            counted, sizes, dp = self._add_secure_mean(r, results, reasons)
+            results = []  # every result carries the same securely averaged change, no client's own
         for proxy, res in results:
             arrays = parameters_to_ndarrays(res.parameters)
             problem = check_update(arrays, self.current, res.num_examples, res.metrics)
@@ -367,6 +391,7 @@ class SaveFedAvg(FedAvg):
                 mean, dp = private_mean(private, self.current, self.cfg["DP_CLIP"], self.cfg["DP_NOISE"],
                                         [j for _, j in self.run["bn_pairs"]])
                 agg.add(mean, 1)
+            if dp:
                 self.pending.update(dp, dp_epsilon=epsilon(self.cfg["DP_NOISE"], r, self.cfg["DP_DELTA"]))
             new = agg.result(self.current)
             keys = sorted(set.intersection(*(set(m) for _, m in counted)))
@@ -384,6 +409,42 @@ class SaveFedAvg(FedAvg):
         if not self.cfg["EVALUATE"]:
             self._finish_round()
         return ndarrays_to_parameters(self.current), metrics
+
+    def skip_round(self, server_round, failures):
+        """Close a round no client update reached (SecAgg+ halted): the global model is kept, the round file written."""
+        self.aggregate_fit(server_round, [], failures)
+
+    def _add_secure_mean(self, r, results, reasons):
+        """SecAgg+: add the round's securely averaged change to the aggregator; return (counted, sizes, DP metrics).
+
+        Flower's workflow hands every client's result with the same parameters, the weighted mean of the encoded
+        changes (utils/secure.py); each result's own image count and metrics are the client's. With DP_CLIP the
+        clients clipped their changes and weigh 1 each: the noise goes on the mean here, as without SecAgg+.
+        """
+        if not results:
+            return [], [], {}
+        mean = parameters_to_ndarrays(results[0][1].parameters)
+        problem = entry_mismatch(mean, [(c.shape, "f") for c in self.current]) if len(mean) == len(self.current) \
+            else f"it holds {len(mean)} arrays, the global model has {len(self.current)}"
+        problem = problem or next((f"entry {i} holds NaN or Inf values" for i, a in enumerate(mean)
+                                   if not np.isfinite(a).all()), None)
+        if problem:
+            reasons.append(f"the secure sum was rejected: {problem}")
+            log(WARNING, "round %d: the secure sum of %d clients was rejected: %s", r, len(results), problem)
+            return [], [], {}
+        new, dp = secure.decode(mean, self.current, self.run["trainable"]), {}
+        if self.cfg["DP_CLIP"]:
+            std = self.cfg["DP_NOISE"] * self.cfg["DP_CLIP"] / len(results)
+            new = add_noise(new, std, [j for _, j in self.run["bn_pairs"]])
+            dp = {"dp_clipped": sum(int(res.metrics.get("dp_clipped", 0)) for _, res in results), "dp_noise_std": std}
+        self.aggregator.add(new, 1)
+        for proxy, res in results:
+            if res.metrics.get("secagg_clipped"):
+                log(WARNING, "round %d: client %s clipped %d entries of its change at +-%g before secure aggregation;"
+                    " raise secagg-clip", r, self.run["labels"].get(res.metrics.get("dataset"), proxy.cid),
+                    res.metrics["secagg_clipped"], self.cfg["SECAGG_CLIP"])
+        counted = [(res.num_examples, {k: v for k, v in res.metrics.items() if k != "dataset"}) for _, res in results]
+        return counted, [self.masked_bytes] * len(results), dp
 
     def evaluate(self, server_round, parameters):
         """Validate the new global model on SERVER_DATA's val split, when set (server-side evaluation)."""
@@ -588,7 +649,8 @@ def prepare(cfg, given=None):
 
         cfg["DATASETS"] = [str(p) for p in make_demo(cfg["DEMO_DIR"], seed=cfg["SEED"])[0]]
     checks = check_federation(cfg["DATASETS"]) if cfg["DATASETS"] else []  # none: a deployment's SuperNodes have them
-    problem = check_strategy(cfg, cfg["MIN_CLIENTS"] or len(cfg["DATASETS"])) or check_privacy(cfg)
+    clients = cfg["MIN_CLIENTS"] or len(cfg["DATASETS"])
+    problem = check_strategy(cfg, clients) or check_privacy(cfg) or secure.check_secagg(cfg, clients)
     if problem:
         raise ValueError(problem)
     names, notes = union_names(checks, cfg["DATASETS"]) if checks else (cfg["NAMES"], [])
@@ -662,6 +724,10 @@ def make_strategy(cfg, run):
         log(INFO, "differential privacy: each client's change clipped to norm %g, noise std %g / clients; %d rounds "
             "spend epsilon %.3g at delta %g", cfg["DP_CLIP"], cfg["DP_NOISE"] * cfg["DP_CLIP"], cfg["NUM_ROUNDS"],
             epsilon(cfg["DP_NOISE"], cfg["NUM_ROUNDS"], cfg["DP_DELTA"]), cfg["DP_DELTA"])
+    if cfg["SECAGG"]:
+        log(INFO, "secure aggregation (SecAgg+): the server sees only the sum of each round's changes; each "
+            "client's secrets shared with %d clients, %d rebuild a dropped one", cfg["SECAGG_SHARES"],
+            cfg["SECAGG_THRESHOLD"])
     return SaveFedAvg(
         cfg, run,
         fraction_fit=1.0, fraction_evaluate=1.0 if cfg["EVALUATE"] else 0.0,
@@ -669,16 +735,27 @@ def make_strategy(cfg, run):
     )
 
 
-def server_fn(context: Context):
+def serve(grid, context, cfg, strategy, rounds):
+    """Run the rounds: Flower's own round loop, or with SECAGG its SecAgg+ workflow (utils/secure.py)."""
+    if not cfg["SECAGG"]:
+        start_grid(grid=grid, strategy=strategy, config=rounds)
+        return
+    from flwr.server import LegacyContext
+
+    legacy = LegacyContext(context=context, config=rounds, strategy=strategy)
+    secure.workflow(cfg, strategy.secagg_weight, strategy.skip_round)(grid, legacy)
+
+
+def server_main(grid, context: Context):
     """ServerApp entry for `flwr run`: the constants above, overridden by the run config."""
     cfg = resolve(DEFAULTS, dict(context.run_config))
     run = prepare(cfg)
-    rounds = ServerConfig(num_rounds=cfg["NUM_ROUNDS"] - run["offset"])
-    return ServerAppComponents(strategy=make_strategy(cfg, run), config=rounds)
+    serve(grid, context, cfg, make_strategy(cfg, run), ServerConfig(num_rounds=cfg["NUM_ROUNDS"] - run["offset"]))
 
 
-client_app = ClientApp(client_fn=client_fn)
-server_app = ServerApp(server_fn=server_fn)
+client_app = ClientApp(client_fn=client_fn, mods=[secure.when_asked])  # the mod acts only in SecAgg+ rounds
+server_app = ServerApp()
+server_app.main()(server_main)
 
 
 def warn_short_warmup(cfg, run):
@@ -746,8 +823,10 @@ def main(argv=None):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)  # Ray workers
     start_ray(num_cpus=n_cpus, num_gpus=len(plan["gpus"]), logging_level="WARNING", log_to_driver=True)
     on_interrupt(lambda: interrupted_line(cfg))  # Ctrl-C: Ray ended, the resume command printed, exit 130
+    app = ServerApp()
+    app.main()(lambda grid, context: serve(grid, context, cfg, strategy, rounds))
     run_simulation(
-        server_app=ServerApp(server_fn=lambda _: ServerAppComponents(strategy=strategy, config=rounds)),
+        server_app=app,
         client_app=client_app,
         num_supernodes=n,
         backend_config={"client_resources": plan["resources"]},  # on the Ray started above

@@ -6,10 +6,11 @@ Usage:
 
 Every run starts from the same base model, sees the same image-epochs (every train image ROUNDS x EPOCHS times) and
 is scored on one held-out test split of the demo data (every style and class). Settings (the same train images,
-split four ways):
+split five ways):
 - non-iid-3: the demo federation (3 clients: dark / light / noisy backgrounds, different class mixes and sizes);
 - iid-3, iid-8: the union of the demo clients' images dealt out at random (utils/partition.py --mode iid);
-- non-iid-8: each demo client split at random into 3, 3 and 2 clients (the style skew stays, the clients shrink);
+- non-iid-8, non-iid-16: each demo client split at random into 3, 3 and 2 (6, 5 and 5) clients (the style skew stays,
+  the clients shrink);
 - partial-3: iid-3's clients, but each labels only its own classes (PARTIAL): the others are in its images, unlabelled.
 Runs: `centralized` (`YOLO(base).train` on the union, batch 8 / nbs 8 like the clients; the same for every setting,
 so trained once), `naive` (a plain loop of `YOLO.train()` per round and an average; non-iid-3 only), one row per
@@ -42,7 +43,8 @@ from utils.export_federated import export  # noqa: E402
 from utils.params import get_weights, save_npz  # noqa: E402
 from utils.strategies import STRATEGIES  # noqa: E402
 
-SETTINGS = ("non-iid-3", "iid-3", "non-iid-8", "iid-8", "partial-3")
+SETTINGS = ("non-iid-3", "iid-3", "non-iid-8", "iid-8", "partial-3", "non-iid-16")
+SPLITS = {"non-iid-8": (3, 3, 2), "non-iid-16": (6, 5, 5)}  # each demo client split IID into this many
 PARTIAL = [["circle", "square"], ["triangle"], ["cross"]]  # partial-3: the classes each client labels
 VARIANTS = {  # name: federated.py flags (run on non-iid-3 unless --settings says otherwise)
     "fedavg fp16 up": ["--fp16", "up"],
@@ -53,6 +55,8 @@ VARIANTS = {  # name: federated.py flags (run on non-iid-3 unless --settings say
     "fedavg no partial-label mask": ["--partial-labels", "false"],
     "fedavg dp clip 100 no noise": ["--dp-clip", "100", "--dp-noise", "0"],  # README "Privacy": clipping's cost
     "fedavg dp clip 100 noise 0.01": ["--dp-clip", "100", "--dp-noise", "0.01"],
+    "fedavg secagg": ["--secagg"],  # README "Secure aggregation (SecAgg+)": its cost in mAP, seconds and bytes
+    "fedavg secagg dp clip 100 no noise": ["--secagg", "--dp-clip", "100", "--dp-noise", "0"],
 }
 ARGS = {"imgsz": 64, "batch": 8, "nbs": 8, "workers": 0, "device": "cpu"}  # federated.py's defaults, for all
 
@@ -88,7 +92,7 @@ def setting_clients(name, demo, work):
     out = work / "partitions" / name
     if name.startswith("iid"):
         return partition(union_yaml(demo, work), int(name.split("-")[1]), mode="iid", seed=0, out=out, verbose=False)
-    return [y for i, (c, k) in enumerate(zip(demo, (3, 3, 2)))
+    return [y for i, (c, k) in enumerate(zip(demo, SPLITS[name]))
             for y in partition(c, k, mode="iid", seed=0, out=out / str(i), verbose=False)]
 
 

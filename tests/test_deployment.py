@@ -231,3 +231,46 @@ def test_supernode_killed_mid_round_then_restarted_rejoins(deployment, tiny_fed,
     rows = list(csv.DictReader((save / "metrics.csv").open()))
     assert [row["round"] for row in rows] == ["1", "2"]
     assert rows[0]["updates"] == "1" and rows[1]["updates"] == "2"  # round 1 without it, round 2 with it again
+
+
+@pytest.mark.slow
+def test_secagg_deployment_survives_a_supernode_killed_while_it_trains(deployment, tiny_fed, tmp_path):
+    d = deployment()
+    d.superlink()
+    d.supernode("steady0", tiny_fed[0][0])
+    d.supernode("steady1", tiny_fed[0][1])
+    victim = d.supernode("victim", tiny_fed[0][2])
+    save = tmp_path / "run"
+    dp = " dp-clip=1000.0 dp-noise=0.00001 dp-delta=0.001"  # with SecAgg+, the clients clip their own changes
+    config = _run_config(save, 2).replace("min-clients=2", "min-clients=3") + " secagg=true evaluate=false" + dp
+    run = subprocess.Popen([str(BIN / "flwr"), "run", ".", "fed", "--stream", "--run-config", config], cwd=ROOT,
+                           env=d.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    d.procs.append(run)
+    deadline = time.time() + 300  # SecAgg+ starts a ClientApp per stage: setup, share keys, then train + mask
+    while time.time() < deadline and victim.log_path.read_text().count("Start `flwr-clientapp` process") < 3:
+        time.sleep(0.1)
+    os.killpg(victim.pid, signal.SIGKILL)  # after it shared its secrets, before it sent its masked update
+    victim.wait()
+    d.supernode("victim-restarted", tiny_fed[0][2])
+
+    log, _ = run.communicate(timeout=900)
+
+    assert run.returncode == 0, log[-3000:]
+    assert "secure aggregation (SecAgg+)" in log
+    rows = list(csv.DictReader((save / "metrics.csv").open()))
+    assert [row["updates"] for row in rows] == ["2", "3"]  # round 1: the victim's masks rebuilt from its shares
+    from utils.privacy import epsilon
+
+    for row in rows:  # noise on the mean of the clients that made it into the secure sum
+        assert float(row["dp_noise_std"]) == pytest.approx(0.00001 * 1000.0 / int(row["updates"]), rel=1e-5)
+        assert float(row["dp_epsilon"]) == pytest.approx(epsilon(0.00001, int(row["round"]), 0.001), rel=1e-5)
+    from utils.model import build_model, read_base
+    from utils.params import get_weights, load_npz
+
+    model = build_model(read_base("yolov8n.yaml")[0], NAMES.split(","), seed=0)
+    params = {k for k, _ in model.named_parameters()}
+    start, one = get_weights(model), load_npz(save / "round1.npz")
+    keys = list(model.state_dict())
+    change = max(float(abs(b.astype(float) - a).max()) for a, b, k in zip(start, one, keys) if k in params)
+    assert 0 < change < 1.0  # a mask left in the sum would throw weights by up to +-8 (the clipping range)

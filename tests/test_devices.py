@@ -132,6 +132,9 @@ def test_failure_reason_is_the_clients_first_error_line():
     assert failure_reason(ValueError(ray_text)) == "client dark: Invalid CUDA 'device=0' requested."
     assert failure_reason(Exception("<class 'RuntimeError'>:<'client b: gone\nmore'>")) == "client b: gone"
     assert failure_reason(Exception("Traceback:\n  x\nKeyError: 'spec'")) == "KeyError: 'spec'"
+    from flwr.app import Error  # an error reply, as SecAgg+'s workflow hands it on
+
+    assert failure_reason(Exception(Error(0, "<class 'RuntimeError'>:<'client c: gone'>"))) == "client c: gone"
 
 
 def test_run_in_which_no_client_trained_is_a_failure_naming_the_first_error(tiny_fed, tmp_path):

@@ -99,14 +99,17 @@ def test_privacy_settings_are_checked():
     assert "dp-noise" in check_privacy({**cfg, "DP_NOISE": -1.0})
 
 
-def test_a_private_run_records_the_privacy_spent_and_moves_the_model_at_most_the_clip(tiny_fed, tmp_path):
+@pytest.mark.parametrize("secagg", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_private_run_records_the_privacy_spent_and_moves_the_model_at_most_the_clip(tiny_fed, tmp_path, secagg):
+    """Server-side clipping; with SecAgg+ the clients clip their own changes and the server noises the secure mean."""
     save, clip, z = tmp_path / "run", 0.05, 1e-4  # noise norm std x sqrt(3.2M entries) ~ 0.005: the clip shows
     cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", *map(str, tiny_fed[0][:2]), "--num-rounds", "2",
            "--epochs", "1", "--imgsz", "32", "--batch", "4", "--device", "cpu", "--save-dir", str(save),
-           "--dp-clip", str(clip), "--dp-noise", str(z), "--evaluate", "false"]
+           "--dp-clip", str(clip), "--dp-noise", str(z), "--evaluate", "false", *(["--secagg"] if secagg else [])]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "differential privacy: each client's change clipped to norm 0.05" in r.stdout + r.stderr
+    assert ("secure aggregation (SecAgg+)" in r.stdout + r.stderr) == secagg
 
     with (save / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -114,7 +117,8 @@ def test_a_private_run_records_the_privacy_spent_and_moves_the_model_at_most_the
         r_ = int(row["round"])
         assert float(row["dp_epsilon"]) == pytest.approx(epsilon(z, r_, 1e-5), rel=1e-5)  # csv: 6 digits
         assert float(row["dp_noise_std"]) == pytest.approx(z * clip / 2)
-        assert int(row["dp_clipped"]) == 2 and float(row["dp_update_norm"]) > clip  # real training moves far more
+        assert int(row["dp_clipped"]) == 2  # real training moves far more than the clip
+        assert secagg or float(row["dp_update_norm"]) > clip  # under SecAgg+ no client reports its norm
     config = json.loads((save / "config.json").read_text())
     assert config["privacy"]["epsilon"] == pytest.approx(epsilon(z, 2, 1e-5))
 
@@ -125,5 +129,13 @@ def test_a_private_run_records_the_privacy_spent_and_moves_the_model_at_most_the
     start = get_weights(build_model(arch, ["circle", "square", "triangle", "cross"], seed=0))
     one, two = load_npz(save / "round1.npz"), load_npz(save / "round2.npz")
     noise = z * clip / 2 * np.sqrt(sum(a.size for a in start if a.dtype.kind == "f"))  # the noise vector's norm
+    if secagg:  # plus SecAgg+'s quantization: below one level per entry (BatchNorm statistics: 64 x coarser)
+        from utils.secure import STAT_SCALE
+
+        arch_model = build_model(arch, ["circle", "square", "triangle", "cross"], seed=0)
+        params, step = {k for k, _ in arch_model.named_parameters()}, 2 * 8.0 / 2**22
+        keys = list(arch_model.state_dict())
+        noise += np.sqrt(sum((a.size * (step if k in params else step * STAT_SCALE) ** 2)
+                             for k, a in zip(keys, start) if a.dtype.kind == "f"))
     for new, old in ((one, start), (two, one)):  # the mean of changes of norm <= clip has norm <= clip (+ noise)
         assert 0.5 * clip < _change_norm(new, old) <= clip + 1.5 * noise

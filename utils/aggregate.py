@@ -36,12 +36,14 @@ def failure_reason(failure):
     """Return one line saying why a client's reply failed: the client's own first error line where it is found.
 
     Flower hands the strategy either (proxy, result with an error status) or an exception whose text wraps the
-    client's traceback (Ray's, in simulation); the client's message follows "Message: " or ":<'" there.
+    client's traceback (Ray's, in simulation) or an error reply (SecAgg+'s workflow); the client's message follows
+    "Message: " or ":<'" there.
     """
     if isinstance(failure, tuple):
         proxy, res = failure
         return f"client {proxy.cid}: {res.status.code.name} {res.status.message}".strip()
-    text = ANSI.sub("", str(failure))
+    error = failure.args[0] if isinstance(failure, BaseException) and failure.args else None
+    text = ANSI.sub("", getattr(error, "reason", None) or str(failure))  # an error reply: Flower's Error(code, reason)
     for mark in ("Message: ", ":<'"):
         if mark in text:
             message = text.rsplit(mark, 1)[1].split("'>)")[0]

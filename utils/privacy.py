@@ -55,6 +55,31 @@ def epsilon(noise, rounds, delta):
     return float(accountant.get_epsilon(delta))
 
 
+def clip_change(trained, received, clip):
+    """Return (the trained arrays with their change since `received` scaled to L2 norm `clip` at most, its norm).
+
+    The norm is over every float entry (FlatClip); integer entries are returned as they are.
+    """
+    floats = [i for i, r in enumerate(received) if r.dtype.kind == "f"]
+    change = {i: trained[i].astype(np.float64) - received[i] for i in floats}
+    norm = float(np.sqrt(sum(np.sum(c * c) for c in change.values())))
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0  # a client that did not move counts as it is
+    out = list(trained)
+    for i, c in change.items():
+        out[i] = (received[i] + c * scale).astype(received[i].dtype)
+    return out, norm
+
+
+def add_noise(arrays, std, var_entries=()):
+    """Return the arrays with Gaussian noise of standard deviation `std` on every float entry (integers as they are),
+    the BatchNorm running_var entries `var_entries` clamped at 0 after it (post-processing costs no privacy)."""
+    rng = np.random.default_rng()  # fresh OS entropy every round
+    out = [(a + rng.normal(0.0, std, a.shape)).astype(a.dtype) if a.dtype.kind == "f" else a for a in arrays]
+    for i in var_entries:
+        out[i] = out[i].clip(min=0)
+    return out
+
+
 def private_mean(updates, current, clip, noise, var_entries=()):
     """Return the noised unweighted mean of the clipped client changes, and the round's clipping diagnostics.
 
@@ -74,17 +99,15 @@ def private_mean(updates, current, clip, noise, var_entries=()):
     total = [np.zeros(current[i].shape, np.float64) for i in floats]
     norms = []
     for u in updates:
-        change = [u[i].astype(np.float64) - current[i] for i in floats]
-        norms.append(float(np.sqrt(sum(np.sum(c * c) for c in change))))
-        scale = min(1.0, clip / norms[-1]) if norms[-1] > 0 else 1.0  # FlatClip: the whole change, one factor
-        for t, c in zip(total, change):
-            t += c * scale
+        clipped, norm = clip_change([u[i] if i in floats else c for i, c in enumerate(current)], current, clip)
+        norms.append(norm)
+        for t, i in zip(total, floats):
+            t += clipped[i].astype(np.float64) - current[i]
     std = noise * clip / len(updates)
-    rng = np.random.default_rng()  # fresh OS entropy every round
-    out = list(current)
+    mean = list(current)
     for i, t in zip(floats, total):
-        out[i] = (current[i] + t / len(updates) + rng.normal(0.0, std, t.shape)).astype(current[i].dtype)
-    for i in var_entries:
-        out[i] = out[i].clip(min=0)
+        mean[i] = current[i] + t / len(updates)  # float64 until the noise is in
+    out = add_noise(mean, std, var_entries)
+    out = [o.astype(c.dtype) for o, c in zip(out, current)]
     return out, {"dp_clipped": sum(n > clip for n in norms), "dp_update_norm": float(np.median(norms)),
                  "dp_noise_std": std}

@@ -1,0 +1,151 @@
+"""Secure aggregation with Flower's SecAgg+: the server learns the weighted mean of the round's client changes only.
+
+Flower's pieces do the protocol: `SecAggPlusWorkflow` on the server (run inside Flower's `DefaultWorkflow`) and
+`secaggplus_mod` on every client. Each round, in four exchanges, the clients agree on pairwise masks, secret-share
+their mask seeds with SECAGG_SHARES neighbours (themselves included), and upload their update quantized to
+integers plus the masks; the masks cancel in the sum, so the server holds only the sum. A client that drops out
+after sharing its secrets (a crash or a network loss while it trains) is rebuilt from SECAGG_THRESHOLD of its
+neighbours' shares: its masks are removed and the round is the mean of the others. With fewer survivors the round
+is skipped (the global model kept), like any round without enough valid updates.
+
+What a client puts into the protocol (`encode`): its change, the trained weights minus the global weights it was
+sent, as float32. BatchNorm running statistics go in divided by STAT_SCALE, because they move by tens per round
+where weights move by hundredths and both share one clipping range; integer buffers (`num_batches_tracked`, unused
+by YOLO) go in as 0 and keep the global value. Flower's mod then multiplies each client's arrays by its weight
+n / max_weight (n: its train images; max_weight: the largest client's image count where the server knows them, in
+simulation, else Flower's 1000), clips every entry to +-SECAGG_CLIP and rounds it stochastically to one of
+SECAGG_QUANT levels (an unbiased error below 2 x SECAGG_CLIP / SECAGG_QUANT per entry: 4e-6 for weights with the
+defaults, 2.4e-4 for BatchNorm statistics). The server (`decode`) adds the mean change back to its float32 global
+model. A client counts the entries its own clipping cut and reports the count (`secagg_clipped`).
+
+What needs each client's own update is refused with SECAGG (`check_secagg`): median, trimmed mean and Krum,
+POOLED_BN_VAR (each client's BatchNorm means), FP16 (SecAgg+ sends its own integers). DP_CLIP moves the clipping to
+the clients (Flower's client-side fixed clipping): each clips its own change and reports weight 1, so the secure sum
+is the unweighted mean of clipped changes, and the server adds the noise to it as it does without SecAgg+. Checks
+move to the client: it withholds NaN/Inf weights itself; the server checks the sum (shapes, finite values). The
+image-count clamp of simulation cannot apply (the weights are inside the masked vectors).
+"""
+
+import numpy as np
+
+STAT_SCALE = 64.0  # BatchNorm running statistics enter the protocol divided by this, and leave multiplied by it
+FLOWER_MAX_WEIGHT = 1000.0  # Flower's default max_weight, used when the server does not know the clients' sizes
+MOD_RANGE = 2**32  # Flower's modulus: the masked sums wrap around at this; its largest allowed value
+
+
+def check_secagg(cfg, clients):
+    """Return None if the SECAGG settings make sense for `clients` clients per round, else one sentence."""
+    if not cfg["SECAGG"]:
+        return None
+    shares, threshold = cfg["SECAGG_SHARES"], cfg["SECAGG_THRESHOLD"]
+    if shares < 3 or not 2 <= threshold < shares:
+        return (f"secagg-shares ({shares}) must be 3 or more and secagg-threshold ({threshold}) at least 2 and "
+                "below it (Flower's SecAgg+)")
+    if cfg["SECAGG_CLIP"] <= 0 or cfg["SECAGG_QUANT"] < 2:
+        return f"secagg-clip ({cfg['SECAGG_CLIP']}) must be positive and secagg-quant ({cfg['SECAGG_QUANT']}) 2 or more"
+    if clients and clients < 2:
+        return "secagg needs at least 2 clients per round (with one, the sum is its update)"
+    if clients and clients * cfg["SECAGG_QUANT"] >= MOD_RANGE:
+        return (f"secagg-quant ({cfg['SECAGG_QUANT']}) x {clients} clients must stay below 2**32, or the masked sum "
+                "overflows")
+    for bad, why in ((cfg["STRATEGY"] in ("fedmedian", "fedtrimmedavg", "krum"), f"strategy {cfg['STRATEGY']} needs "
+                      "every client's update; use fedavg, fedprox, fedavgm, fedadam or fedyogi"),
+                     (cfg["POOLED_BN_VAR"], "pooled-bn-var needs each client's BatchNorm means"),
+                     (cfg["FP16"] != "off", "fp16 has nothing to do: SecAgg+ sends its own quantized integers")):
+        if bad:
+            return f"secagg cannot be used with {why}"
+    return None
+
+
+def max_weight(train_images, unweighted=False):
+    """Return SecAgg+'s max_weight: 1 when every client reports weight 1 (DP: an unweighted mean), else the largest
+    known client image count, else Flower's default."""
+    if unweighted:
+        return 1.0
+    return float(max(train_images.values(), default=0) or FLOWER_MAX_WEIGHT)
+
+
+def encode(trained, received, trainable):
+    """Return what a client puts into SecAgg+: its change as float32, statistics scaled down, integers as 0."""
+    out = []
+    for t, r, train in zip(trained, received, trainable):
+        if t.dtype.kind != "f":
+            out.append(np.zeros(t.shape, np.float32))
+            continue
+        change = t.astype(np.float32) - r.astype(np.float32)
+        out.append(change if train else change / np.float32(STAT_SCALE))
+    return out
+
+
+def clipped_entries(encoded, n, weight, clip):
+    """Return how many entries of a client's encoded change SecAgg+ clips at +-clip (after its weight n / weight)."""
+    ratio = n / weight
+    return int(sum(np.count_nonzero(np.abs(a) * ratio > clip) for a in encoded))
+
+
+def decode(mean, current, trainable):
+    """Return the new global arrays: `current` plus the securely averaged change (integers keep `current`)."""
+    out = []
+    for m, c, train in zip(mean, current, trainable):
+        if c.dtype.kind != "f":
+            out.append(c)
+            continue
+        change = np.asarray(m, np.float64) * (1.0 if train else STAT_SCALE)
+        out.append((c.astype(np.float64) + change).astype(c.dtype))
+    return out
+
+
+def masked_bytes(current):
+    """Return the bytes of one client's masked vector: Flower sends it as int64 arrays plus the weight factor."""
+    from flwr.common import ndarray_to_bytes
+
+    return sum(len(ndarray_to_bytes(np.zeros(c.shape, np.int64))) for c in current) + len(
+        ndarray_to_bytes(np.zeros(1, np.int64)))
+
+
+def when_asked(msg, context, call_next):
+    """Client mod: run Flower's `secaggplus_mod` on the messages of a SecAgg+ round, pass every other one through.
+
+    One ClientApp then serves runs with and without SECAGG (the server decides; a SuperNode needs no setting).
+    """
+    from flwr.app.message_type import MessageType
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def workflow(cfg, weight, on_halt):
+    """Return Flower's DefaultWorkflow with SecAgg+ as its fit step.
+
+    `on_halt(round, failures)` runs after a round the protocol gave up on (too few clients left to rebuild the
+    masks), which Flower's workflow never hands to the strategy; `failures` are the clients' errors and why.
+    """
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+    from flwr.server.workflow.constant import Key as WorkflowKey
+
+    class Workflow(SecAggPlusWorkflow):
+        def __call__(self, grid, context):
+            self.aggregated, self.failures = False, []
+            super().__call__(grid, context)
+            if not self.aggregated:
+                r = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+                why = RuntimeError("secure aggregation halted: too few clients left to rebuild the masks "
+                                   f"(secagg-threshold {cfg['SECAGG_THRESHOLD']})")
+                on_halt(r, [*self.failures, why])
+
+        def collect_masked_vectors_stage(self, grid, context, state):
+            going = super().collect_masked_vectors_stage(grid, context, state)
+            self.failures = list(state.failures)
+            return going
+
+        def unmask_stage(self, grid, context, state):
+            self.aggregated = super().unmask_stage(grid, context, state)
+            return self.aggregated
+
+    fit = Workflow(cfg["SECAGG_SHARES"], cfg["SECAGG_THRESHOLD"], max_weight=weight,
+                   clipping_range=cfg["SECAGG_CLIP"], quantization_range=cfg["SECAGG_QUANT"], modulus_range=MOD_RANGE)
+    return DefaultWorkflow(fit_workflow=fit)
