@@ -43,6 +43,8 @@ FP16 = "off"  # (str) send float weights as float16: off, up (client -> server) 
 DP_CLIP = 0.0  # (float) differential privacy: clip each client's change to this L2 norm; 0: off (README "Privacy")
 DP_NOISE = 1.0  # (float) DP noise multiplier: Gaussian noise of std DP_NOISE x DP_CLIP / clients on the mean change
 DP_DELTA = 1e-5  # (float) DP delta at which the privacy spent (epsilon) is reported
+DP_ADAPTIVE = False  # (bool) DP: the clip follows a quantile of the clients' change norms, starting at DP_CLIP
+DP_QUANTILE = 0.5  # (float) adaptive DP: the fraction of clients whose change the clip should leave unclipped
 SECAGG = False  # (bool) secure aggregation (Flower's SecAgg+): the server sees only the sum of the round's changes
 SECAGG_SHARES = 3  # (int) SecAgg+: clients holding a share of each client's mask secrets (itself included)
 SECAGG_THRESHOLD = 2  # (int) SecAgg+: shares that rebuild a dropped client's masks (fewer left: round skipped)
@@ -106,7 +108,15 @@ from utils.params import (  # noqa: E402
     set_weights,
     to_half,
 )
-from utils.privacy import add_noise, check_privacy, clip_change, epsilon, private_mean  # noqa: E402
+from utils.privacy import (  # noqa: E402
+    adaptive_noise,
+    add_noise,
+    check_privacy,
+    clip_change,
+    epsilon,
+    next_clip,
+    private_mean,
+)
 from utils.report import plot, read_rows, write_rows  # noqa: E402
 from utils.strategies import Aggregator, check_strategy  # noqa: E402
 
@@ -261,7 +271,7 @@ class YoloClient(NumPyClient):
             trainable = {k for k, _ in model.named_parameters()}
             weights = secure.encode(weights, parameters, [k in trainable for k in model.state_dict()])
             out["secagg_clipped"] = secure.clipped_entries(weights, out["train_images"], config["secagg-weight"],
-                                                    config["secagg-clip"])
+                                                           config["secagg-clip"])
         n, out["dataset"] = out.pop("train_images"), str(Path(dataset).resolve())
         return weights, n, out
 
@@ -313,6 +323,11 @@ class SaveFedAvg(FedAvg):
         self.trained, self.untrained, self.failed, self.first_error = 0, 0, [], None  # rounds with / without updates
         self.masked_bytes = secure.masked_bytes(self.current) if cfg["SECAGG"] else None  # SecAgg+'s upload per client
         self.secagg_weight = secure.max_weight(run["train_images"], unweighted=cfg["DP_CLIP"] > 0)
+        clips = [float(x["dp_clip"]) for x in self.rows if x.get("dp_clip")]  # adaptive: resume with the last clip
+        self.dp_clip = clips[-1] if cfg["DP_ADAPTIVE"] and clips else cfg["DP_CLIP"]
+        self.clients = cfg["MIN_CLIENTS"] or len(run["spec"]["datasets"])
+        self.count_std, self.dp_noise = adaptive_noise(cfg["DP_NOISE"], self.clients) if cfg["DP_ADAPTIVE"] else \
+            (0.0, cfg["DP_NOISE"])  # adaptive: part of the privacy budget goes to the count of clipped clients
         super().__init__(initial_parameters=ndarrays_to_parameters(self.current), **kwargs)
 
     def _round(self, server_round):
@@ -326,7 +341,7 @@ class SaveFedAvg(FedAvg):
         return {"server-round": r, "start-epoch": (r - 1) * e, "epochs": e, "total-epochs": self.cfg["NUM_ROUNDS"] * e,
                 "spec": self.spec_json, "proximal-mu": mu, "fp16": self.cfg["FP16"], "secagg": self.cfg["SECAGG"],
                 "secagg-clip": self.cfg["SECAGG_CLIP"], "secagg-weight": self.secagg_weight,
-                "dp-clip": self.cfg["DP_CLIP"] if self.cfg["SECAGG"] else 0.0}  # DP without SecAgg+: on the server
+                "dp-clip": self.dp_clip if self.cfg["SECAGG"] else 0.0}  # DP without SecAgg+: on the server
 
     def configure_fit(self, server_round, parameters, client_manager):
         """Send the global weights (float16 with FP16=both) and this round's schedule to the sampled clients."""
@@ -343,8 +358,8 @@ class SaveFedAvg(FedAvg):
                 for c, ins in super().configure_evaluate(server_round, parameters, client_manager)]
 
     def aggregate_fit(self, server_round, results, failures):
-        """Average the valid updates weighted by train images (with DP_CLIP: clipped, unweighted, noised), save
-        round{N}.npz, return the new global weights."""
+        """Average the valid updates weighted by train images (with DP_CLIP: clipped, unweighted, noised; with
+        SECAGG: take the secure mean), save round{N}.npz, return the new global weights."""
         r = self._round(server_round)
         reasons = sorted({failure_reason(f) for f in failures})  # SecAgg+'s workflow lists a failed reply twice
         for reason in reasons:
@@ -388,11 +403,15 @@ class SaveFedAvg(FedAvg):
         else:
             self.trained, self.untrained = self.trained + 1, 0
             if private:  # the noised mean of the clipped changes is the one update the server step sees
-                mean, dp = private_mean(private, self.current, self.cfg["DP_CLIP"], self.cfg["DP_NOISE"],
+                mean, dp = private_mean(private, self.current, self.dp_clip, self.dp_noise,
                                         [j for _, j in self.run["bn_pairs"]])
                 agg.add(mean, 1)
             if dp:
-                self.pending.update(dp, dp_epsilon=epsilon(self.cfg["DP_NOISE"], r, self.cfg["DP_DELTA"]))
+                self.pending.update(dp, dp_clip=self.dp_clip, dp_epsilon=epsilon(self.cfg["DP_NOISE"], r,
+                                                                                self.cfg["DP_DELTA"]))
+                if self.cfg["DP_ADAPTIVE"]:  # the next round's clip, from the noised count of unclipped clients
+                    self.dp_clip = next_clip(self.dp_clip, len(counted) - dp["dp_clipped"], len(counted),
+                                             self.count_std, self.cfg["DP_QUANTILE"])
             new = agg.result(self.current)
             keys = sorted(set.intersection(*(set(m) for _, m in counted)))
             metrics = {k: sum(float(m[k]) * n for n, m in counted) / sum(n for n, _ in counted) for k in keys}
@@ -434,7 +453,7 @@ class SaveFedAvg(FedAvg):
             return [], [], {}
         new, dp = secure.decode(mean, self.current, self.run["trainable"]), {}
         if self.cfg["DP_CLIP"]:
-            std = self.cfg["DP_NOISE"] * self.cfg["DP_CLIP"] / len(results)
+            std = self.dp_noise * self.dp_clip / len(results)
             new = add_noise(new, std, [j for _, j in self.run["bn_pairs"]])
             dp = {"dp_clipped": sum(int(res.metrics.get("dp_clipped", 0)) for _, res in results), "dp_noise_std": std}
         self.aggregator.add(new, 1)
@@ -650,7 +669,7 @@ def prepare(cfg, given=None):
         cfg["DATASETS"] = [str(p) for p in make_demo(cfg["DEMO_DIR"], seed=cfg["SEED"])[0]]
     checks = check_federation(cfg["DATASETS"]) if cfg["DATASETS"] else []  # none: a deployment's SuperNodes have them
     clients = cfg["MIN_CLIENTS"] or len(cfg["DATASETS"])
-    problem = check_strategy(cfg, clients) or check_privacy(cfg) or secure.check_secagg(cfg, clients)
+    problem = check_strategy(cfg, clients) or check_privacy(cfg, clients) or secure.check_secagg(cfg, clients)
     if problem:
         raise ValueError(problem)
     names, notes = union_names(checks, cfg["DATASETS"]) if checks else (cfg["NAMES"], [])
@@ -724,6 +743,9 @@ def make_strategy(cfg, run):
         log(INFO, "differential privacy: each client's change clipped to norm %g, noise std %g / clients; %d rounds "
             "spend epsilon %.3g at delta %g", cfg["DP_CLIP"], cfg["DP_NOISE"] * cfg["DP_CLIP"], cfg["NUM_ROUNDS"],
             epsilon(cfg["DP_NOISE"], cfg["NUM_ROUNDS"], cfg["DP_DELTA"]), cfg["DP_DELTA"])
+        if cfg["DP_ADAPTIVE"]:
+            log(INFO, "adaptive clipping: the clip starts at %g and follows the %g quantile of the clients' change "
+                "norms (metrics.csv dp_clip)", cfg["DP_CLIP"], cfg["DP_QUANTILE"])
     if cfg["SECAGG"]:
         log(INFO, "secure aggregation (SecAgg+): the server sees only the sum of each round's changes; each "
             "client's secrets shared with %d clients, %d rebuild a dropped one", cfg["SECAGG_SHARES"],

@@ -12,7 +12,7 @@ from scipy.stats import norm
 
 from tests.conftest import ROOT
 from utils.params import load_npz
-from utils.privacy import check_privacy, epsilon, private_mean
+from utils.privacy import adaptive_noise, check_privacy, epsilon, next_clip, private_mean
 
 
 def _model(rng, big=1000):
@@ -90,22 +90,46 @@ def test_epsilon_edges():
 
 
 def test_privacy_settings_are_checked():
-    cfg = {"DP_CLIP": 1.0, "DP_NOISE": 1.0, "DP_DELTA": 1e-5, "STRATEGY": "fedavg", "FEDBN": False}
+    cfg = {"DP_CLIP": 1.0, "DP_NOISE": 1.0, "DP_DELTA": 1e-5, "STRATEGY": "fedavg", "FEDBN": False,
+           "DP_ADAPTIVE": False, "DP_QUANTILE": 0.5}
     assert check_privacy(cfg) is None
     assert check_privacy({**cfg, "DP_CLIP": 0.0, "STRATEGY": "krum"}) is None  # off: anything goes
     assert "fedmedian cannot be used with dp-clip" in check_privacy({**cfg, "STRATEGY": "fedmedian"})
     assert "fedbn cannot be used with dp-clip" in check_privacy({**cfg, "FEDBN": True})
     assert "dp-delta" in check_privacy({**cfg, "DP_DELTA": 1.0})
     assert "dp-noise" in check_privacy({**cfg, "DP_NOISE": -1.0})
+    adaptive = {**cfg, "DP_ADAPTIVE": True}
+    assert check_privacy(adaptive, 11) is None
+    assert "dp-quantile" in check_privacy({**adaptive, "DP_QUANTILE": 1.0}, 11)
+    assert check_privacy(adaptive, 10).startswith("dp-noise 1.0 is too large for dp-adaptive with 10 clients")
+
+
+@pytest.mark.parametrize("noise, clients", [(0.5, 20), (1.0, 100), (0.1, 3)])
+def test_adaptive_clipping_splits_the_noise_as_flower_does(noise, clients):
+    from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+
+    assert adaptive_noise(noise, clients) == pytest.approx(compute_adaptive_noise_params(noise, clients, None))
+    count_std, update = adaptive_noise(noise, clients)
+    assert update > noise and (update ** -2 + (2 * count_std) ** -2) ** -0.5 == pytest.approx(noise)  # one budget
+
+
+def test_adaptive_clip_moves_toward_the_quantile():
+    assert next_clip(1.0, 0, 4, 0.0, 0.5) == pytest.approx(np.exp(0.1))  # every change clipped: the clip grows
+    assert next_clip(1.0, 4, 4, 0.0, 0.5) == pytest.approx(np.exp(-0.1))  # none clipped: it shrinks
+    assert next_clip(2.0, 2, 4, 0.0, 0.5) == pytest.approx(2.0)  # at the quantile: it stays
+    steps = [np.log(next_clip(1.0, 2, 4, 1.0, 0.5)) for _ in range(4000)]  # noised count: std 1 / 4 clients
+    assert np.mean(steps) == pytest.approx(0.0, abs=0.003) and np.std(steps) == pytest.approx(0.2 / 4, rel=0.05)
 
 
 @pytest.mark.parametrize("secagg", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_a_private_run_records_the_privacy_spent_and_moves_the_model_at_most_the_clip(tiny_fed, tmp_path, secagg):
-    """Server-side clipping; with SecAgg+ the clients clip their own changes and the server noises the secure mean."""
+    """Server-side clipping; with SecAgg+ the clients clip their own changes, to a clip that adapts each round, and
+    the server noises the secure mean."""
     save, clip, z = tmp_path / "run", 0.05, 1e-4  # noise norm std x sqrt(3.2M entries) ~ 0.005: the clip shows
     cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", *map(str, tiny_fed[0][:2]), "--num-rounds", "2",
            "--epochs", "1", "--imgsz", "32", "--batch", "4", "--device", "cpu", "--save-dir", str(save),
-           "--dp-clip", str(clip), "--dp-noise", str(z), "--evaluate", "false", *(["--secagg"] if secagg else [])]
+           "--dp-clip", str(clip), "--dp-noise", str(z), "--evaluate", "false",
+           *(["--secagg", "--dp-adaptive"] if secagg else [])]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "differential privacy: each client's change clipped to norm 0.05" in r.stdout + r.stderr
@@ -113,10 +137,16 @@ def test_a_private_run_records_the_privacy_spent_and_moves_the_model_at_most_the
 
     with (save / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
-    for row in rows:
+    clips = [float(row["dp_clip"]) for row in rows]
+    assert clips[0] == clip
+    if secagg:  # both clients clipped in round 1: the clip grows by exp(0.2 x (0.5 - noised 0/2)), count std 0.1
+        assert np.log(clips[1] / clip) == pytest.approx(0.1, abs=0.05)
+    else:
+        assert clips[1] == clip
+    for row, c in zip(rows, clips):
         r_ = int(row["round"])
         assert float(row["dp_epsilon"]) == pytest.approx(epsilon(z, r_, 1e-5), rel=1e-5)  # csv: 6 digits
-        assert float(row["dp_noise_std"]) == pytest.approx(z * clip / 2)
+        assert float(row["dp_noise_std"]) == pytest.approx(z * c / 2, rel=1e-5)
         assert int(row["dp_clipped"]) == 2  # real training moves far more than the clip
         assert secagg or float(row["dp_update_norm"]) > clip  # under SecAgg+ no client reports its norm
     config = json.loads((save / "config.json").read_text())
@@ -126,16 +156,18 @@ def test_a_private_run_records_the_privacy_spent_and_moves_the_model_at_most_the
     from utils.params import get_weights
 
     arch, _ = read_base("yolov8n.yaml")
-    start = get_weights(build_model(arch, ["circle", "square", "triangle", "cross"], seed=0))
+    model = build_model(arch, ["circle", "square", "triangle", "cross"], seed=0)
+    start = get_weights(model)
     one, two = load_npz(save / "round1.npz"), load_npz(save / "round2.npz")
-    noise = z * clip / 2 * np.sqrt(sum(a.size for a in start if a.dtype.kind == "f"))  # the noise vector's norm
-    if secagg:  # plus SecAgg+'s quantization: below one level per entry (BatchNorm statistics: 64 x coarser)
+    size = np.sqrt(sum(a.size for a in start if a.dtype.kind == "f"))
+    quantization = 0.0
+    if secagg:  # SecAgg+'s quantization error: below one level per entry (BatchNorm statistics: coarser)
+        from federated import DEFAULTS
         from utils.secure import STAT_SCALE
 
-        arch_model = build_model(arch, ["circle", "square", "triangle", "cross"], seed=0)
-        params, step = {k for k, _ in arch_model.named_parameters()}, 2 * 8.0 / 2**22
-        keys = list(arch_model.state_dict())
-        noise += np.sqrt(sum((a.size * (step if k in params else step * STAT_SCALE) ** 2)
-                             for k, a in zip(keys, start) if a.dtype.kind == "f"))
-    for new, old in ((one, start), (two, one)):  # the mean of changes of norm <= clip has norm <= clip (+ noise)
-        assert 0.5 * clip < _change_norm(new, old) <= clip + 1.5 * noise
+        params, step = {k for k, _ in model.named_parameters()}, 2 * DEFAULTS["SECAGG_CLIP"] / DEFAULTS["SECAGG_QUANT"]
+        quantization = np.sqrt(sum((a.size * (step if k in params else step * STAT_SCALE) ** 2)
+                                   for k, a in zip(model.state_dict(), start) if a.dtype.kind == "f"))
+    for (new, old), c in zip(((one, start), (two, one)), clips):  # a mean of changes of norm <= c has norm <= c
+        noise = z * c / 2 * size  # the noise vector's norm
+        assert 0.5 * c < _change_norm(new, old) <= c + 1.5 * noise + quantization

@@ -18,6 +18,12 @@ Accounting: each round is one Gaussian mechanism with noise multiplier DP_NOISE 
 all clients (every client takes part in every round, so there is no sampling amplification); the rounds compose.
 The (epsilon, DP_DELTA) spent after r rounds comes from the RDP accountant of Google's `dp-accounting` library.
 
+Adaptive clipping (DP_ADAPTIVE; Andrew et al. 2021): after every round the clip moves geometrically toward the
+DP_QUANTILE quantile of the clients' change norms, from a noised count of the clients that were not clipped
+(`next_clip`); the update's noise multiplier is raised so that count and update together spend what one Gaussian
+mechanism of multiplier DP_NOISE spends (`adaptive_noise`), and the accounting is unchanged. With SecAgg+ the
+clients clip their own changes and report whether they clipped (one bit each, as in Flower's client-side mods).
+
 The server sees each individual update before clipping (server-side clipping trusts the server); the protection
 is for what leaves the server: round files, checkpoints, the model sent to clients. The diagnostics written next
 to them (how many updates were clipped, their median norm, the clients' own validation metrics) are not noised.
@@ -25,9 +31,13 @@ to them (how many updates were clipped, their median norm, the clients' own vali
 
 import numpy as np
 
+CLIP_LR = 0.2  # adaptive clipping: the clip moves by exp(-CLIP_LR x (unclipped fraction - DP_QUANTILE)) a round
+COUNT_STD_PER_CLIENT = 1 / 20  # adaptive clipping: the unclipped count gets noise of std clients / 20
 
-def check_privacy(cfg):
-    """Return None if the DP settings make sense, else one sentence naming the setting at fault."""
+
+def check_privacy(cfg, clients=0):
+    """Return None if the DP settings make sense for `clients` clients a round, else one sentence naming the setting
+    at fault."""
     if cfg["DP_CLIP"] < 0 or cfg["DP_NOISE"] < 0:
         return f"dp-clip ({cfg['DP_CLIP']}) and dp-noise ({cfg['DP_NOISE']}) must be 0 or more"
     if not cfg["DP_CLIP"]:
@@ -39,7 +49,37 @@ def check_privacy(cfg):
                 "of the clipped updates; use fedavg, fedprox, fedavgm, fedadam or fedyogi")
     if cfg["FEDBN"]:
         return "fedbn cannot be used with dp-clip: the accountant assumes every averaged entry is clipped and noised"
+    if cfg["DP_ADAPTIVE"]:
+        if not 0 < cfg["DP_QUANTILE"] < 1:
+            return f"dp-quantile must be in (0, 1) (got {cfg['DP_QUANTILE']})"
+        if clients and cfg["DP_NOISE"] >= 2 * COUNT_STD_PER_CLIENT * clients:
+            return (f"dp-noise {cfg['DP_NOISE']} is too large for dp-adaptive with {clients} clients: the noise on "
+                    f"the count of clipped clients (std clients / 20) leaves no room below dp-noise "
+                    f"{2 * COUNT_STD_PER_CLIENT * clients:g}; lower dp-noise or turn dp-adaptive off")
     return None
+
+
+def adaptive_noise(noise, clients):
+    """Return (std of the noise on the unclipped count, noise multiplier of the update) for adaptive clipping.
+
+    Andrew et al. 2021 ("Differentially Private Learning with Adaptive Clipping"): the count and the update are two
+    Gaussian mechanisms per round; with these two, together they spend what one of multiplier `noise` spends, so
+    the accounting is unchanged. The same rule as Flower's `compute_adaptive_noise_params`.
+    """
+    if noise <= 0:
+        return 0.0, 0.0
+    count_std = clients * COUNT_STD_PER_CLIENT
+    return count_std, (noise ** -2 - (2 * count_std) ** -2) ** -0.5
+
+
+def next_clip(clip, unclipped, clients, count_std, quantile):
+    """Return the next round's clip: geometric step toward the `quantile` of the clients' change norms.
+
+    `unclipped` clients had a change of norm <= clip; their count is noised before it is used.
+    """
+    fraction = (unclipped + np.random.default_rng().normal(0.0, count_std)) / clients if count_std else \
+        unclipped / clients
+    return float(clip * np.exp(-CLIP_LR * (fraction - quantile)))
 
 
 def epsilon(noise, rounds, delta):
