@@ -325,9 +325,10 @@ class SaveFedAvg(FedAvg):
         self.secagg_weight = secure.max_weight(run["train_images"], unweighted=cfg["DP_CLIP"] > 0)
         clips = [float(x["dp_clip"]) for x in self.rows if x.get("dp_clip")]  # adaptive: resume with the last clip
         self.dp_clip = clips[-1] if cfg["DP_ADAPTIVE"] and clips else cfg["DP_CLIP"]
-        self.clients = cfg["MIN_CLIENTS"] or len(run["spec"]["datasets"])
-        self.count_std, self.dp_noise = adaptive_noise(cfg["DP_NOISE"], self.clients) if cfg["DP_ADAPTIVE"] else \
-            (0.0, cfg["DP_NOISE"])  # adaptive: part of the privacy budget goes to the count of clipped clients
+        self.count_std, self.dp_noise = 0.0, cfg["DP_NOISE"]
+        if cfg["DP_ADAPTIVE"]:  # part of the privacy budget goes to the count of clipped clients
+            clients = cfg["MIN_CLIENTS"] or len(run["spec"]["datasets"])
+            self.count_std, self.dp_noise = adaptive_noise(cfg["DP_NOISE"], clients)
         super().__init__(initial_parameters=ndarrays_to_parameters(self.current), **kwargs)
 
     def _round(self, server_round):
