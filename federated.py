@@ -1,7 +1,8 @@
-"""Federated training of an Ultralytics YOLO detector with Flower: one client per dataset, weights only exchanged.
+"""Federated training of an Ultralytics YOLO model with Flower: one client per dataset, weights only exchanged.
 
 Usage:
     python3 federated.py                                   # the embedded demo federation (generated, offline)
+    python3 federated.py --base-model yolov8n-seg.yaml     # the demo for a task: -seg, -pose, -obb, -cls models
     python3 federated.py --datasets a/data.yaml b/data.yaml --base-model yolov8n.pt --num-rounds 10 --epochs 2
     python3 federated.py --help                            # every setting with its default
 """
@@ -19,12 +20,15 @@ SAVE_DIR = "runs/federated"  # (str) folder for round{N}.npz, metrics.csv, resul
 EXIST_OK = False  # (bool) allow a fresh run into a SAVE_DIR that already holds round files (they are overwritten)
 RESUME = False  # (bool) continue the run in SAVE_DIR from its last complete round, with its saved settings
 KEEP_ROUNDS = 0  # (int) round{N}.npz files kept: 0 all; N the last N plus the best round's
-BASE_MODEL = "yolov8n.yaml"  # (str) model .yaml (random init) or .pt (its weights; adapted to the datasets' classes)
-DATASETS = []  # (list[str]) one Ultralytics data.yaml per client; empty (and no NAMES): the demo federation
-DEMO_DIR = "datasets/demo"  # (str) where the demo federation is generated when DATASETS and NAMES are empty
+BASE_MODEL = "yolov8n.yaml"  # (str) model .yaml (random init) or .pt (its weights); its task (detect, segment, pose,
+#                               obb, classify) is the run's; adapted to the datasets' classes
+DATASETS = []  # (list[str]) one data.yaml per client (classify: a folder); empty (and no NAMES): the demo federation
+DEMO_DIR = "datasets/demo"  # (str) where the demo federation is generated (other tasks than detect: DEMO_DIR-<task>)
 NAMES = []  # (list[str]) the federation's classes; empty: the union of the datasets' names (needed in a deployment)
 PARTIAL_LABELS = True  # (bool) a client's classification loss covers only the classes its data.yaml names
 FEDBN = False  # (bool) FedBN: BatchNorm weights and statistics stay local to each client (README "BatchNorm")
+SHARE = "all"  # (str) model parts the clients average: all, or backbone, neck, head joined by + (backbone+neck);
+#                the others stay with each client, never sent (README "Partial sharing")
 KEEP_OPTIMIZER = False  # (bool) each client keeps its optimizer state (Adam moments) from round to round
 MIN_CLIENTS = 0  # (int) clients each round waits for; 0: one per entry of DATASETS
 MIN_UPDATES = 1  # (int) valid client updates a round needs; with fewer the round is skipped, the global model kept
@@ -118,7 +122,9 @@ from utils.privacy import (  # noqa: E402
     private_mean,
 )
 from utils.report import plot, read_rows, write_rows  # noqa: E402
+from utils.share import check_share, expand, shared_entries  # noqa: E402
 from utils.strategies import Aggregator, check_strategy  # noqa: E402
+from utils.tasks import get_task  # noqa: E402
 
 TRAIN_KEYS = ("IMGSZ", "BATCH", "NBS", "DEVICE", "WORKERS", "OPTIMIZER", "LR0", "COS_LR", "WARMUP_EPOCHS",
               "CLOSE_MOSAIC", "AMP", "SEED")  # settings passed to the Ultralytics trainer as lower-case arguments
@@ -180,10 +186,11 @@ class YoloClient(NumPyClient):
     ids, Ultralytics' label cache kept there between rounds, the owner's files never written.
     """
 
-    def __init__(self, dataset=None, partition_id=None, work_dir=None, state=None, device=None):
+    def __init__(self, dataset=None, partition_id=None, work_dir=None, state=None, device=None, save_dir=None):
         """Keep the node's dataset (deployment) or partition id (simulation), work folder, state and device."""
         self.dataset, self.partition_id, self.work_dir, self.state = dataset, partition_id, work_dir, state
         self.device = device  # node config `device` of a SuperNode; None: the run's DEVICE
+        self.save_dir = save_dir  # node config `save-dir` of a SuperNode: its personalized model (SHARE)
 
     def _name(self, config):
         """Return how the server's log names this client: its dataset's label, else its partition id."""
@@ -204,15 +211,23 @@ class YoloClient(NumPyClient):
         if self.dataset is None and self.partition_id is None:
             raise ValueError("this SuperNode has no dataset: start it with --node-config 'dataset=\"/path/data.yaml\"'")
         dataset = self.dataset or spec["datasets"][self.partition_id]
-        check, names = check_dataset(dataset), spec["names"]
+        spec.setdefault("task", "detect")  # a spec written before tasks came (tests build them by hand)
+        check, names = check_dataset(dataset, spec["task"]), spec["names"]
         self.train_images = check["train_images"]
         try:
             class_map(check["names"], names)
         except ValueError as e:
             raise ValueError(f"dataset {dataset}: {e}") from None
+        kpt = check["yaml"].get("kpt_shape")
+        if kpt and kpt != spec["model"].get("kpt_shape"):
+            raise ValueError(f"dataset {dataset} has kpt_shape {kpt}, the federation's model "
+                             f"{spec['model'].get('kpt_shape')}")
         root = self.work_dir or (spec["work"] if self.dataset is None else Path(tempfile.gettempdir()) / "fedyolo")
         data_yaml = client_view(check, names, view_folder(root, dataset, names))
         model = build_model(spec["model"], names)
+        self.shared = shared_entries(list(model.state_dict()), spec["model"], spec.get("share", "all"))
+        if self.shared is not None:  # partial sharing: the shared parts sent, this client's own parts kept here
+            parameters = self._own_parts(model, parameters, dataset, spec, config)
         self.local_bn = spec["fedbn"] and self.state is not None and "fedbn" in self.state
         if self.local_bn:  # this client's own BatchNorm, kept from its last round
             parameters = list(parameters)
@@ -222,6 +237,32 @@ class YoloClient(NumPyClient):
         classes = annotated(check, names)
         partial = spec["partial_labels"] and len(classes) < len(names)
         return spec, dataset, data_yaml, model, classes if partial else None
+
+    def _personal_file(self, dataset, spec):
+        """Return where this client writes its personalized model under SHARE (None: a SuperNode without save-dir)."""
+        folder = self.save_dir or (spec["clients_dir"] if self.dataset is None else None)
+        return Path(folder) / f"{client_label(dataset)}.pt" if folder else None
+
+    def _own_parts(self, model, parameters, dataset, spec, config):
+        """Return the full weights of this client under SHARE: the shared entries as sent, the others its own.
+
+        Its own parts come from its Context state (kept from its last round), else, when the run is resumed, its
+        personalized model file, else what the server sent in its first round (everything), else the architecture's
+        seeded initial weights (a client that joins after round 1 with no state of its own).
+        """
+        n, idx = len(model.state_dict()), self.shared
+        full = list(parameters) if len(parameters) == n else expand(parameters, idx, get_weights(model))
+        own = sorted(set(range(n)) - set(idx))
+        local = self.state["share"].to_numpy_ndarrays() if self.state is not None and "share" in self.state else None
+        path = self._personal_file(dataset, spec)
+        if local is None and int(config.get("start-epoch", 0)) > 0 and path is not None and path.is_file():
+            import torch
+
+            saved = list(torch.load(path, weights_only=False)["model"].float().state_dict().values())
+            local = [saved[i].detach().cpu().numpy() for i in own] if len(saved) == n else None
+        for i, a in zip(own, local or []):
+            full[i] = a
+        return full
 
     def fit(self, parameters, config):
         """Train the sent weights for this round's epochs of the run; return fp32 weights, train images, losses.
@@ -257,6 +298,19 @@ class YoloClient(NumPyClient):
         weights = get_weights(model)
         if not all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
             raise RuntimeError("local training produced NaN/Inf weights; the update is withheld")
+        if self.shared is not None:  # partial sharing: keep its own parts, send the shared ones
+            from flwr.common import ArrayRecord
+
+            own = sorted(set(range(len(weights))) - set(self.shared))
+            self.state["share"] = ArrayRecord(numpy_ndarrays=[weights[i] for i in own])
+            path = self._personal_file(dataset, spec)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_checkpoint(model, path, {"imgsz": hyp["imgsz"]}, {"round": int(config["server-round"]),
+                                                                        "share": spec["share"]})
+            if len(parameters) == len(weights):  # round 1 sent everything: its change is taken on the shared part
+                parameters = [parameters[i] for i in self.shared]
+            weights = [weights[i] for i in self.shared]
         if spec["fedbn"] and self.state is not None:
             from flwr.common import ArrayRecord
 
@@ -276,7 +330,8 @@ class YoloClient(NumPyClient):
         return weights, n, out
 
     def evaluate(self, parameters, config):
-        """Validate the sent weights (with FEDBN: its own BatchNorm) on its val split; loss is 1 - mAP50-95.
+        """Validate the sent weights (with FEDBN: its own BatchNorm) on its val split; loss is 1 - the task's score
+        (detect, obb: mAP50-95; segment: mask mAP50-95; pose: pose mAP50-95; classify: top-1 accuracy).
 
         The mAP counts the classes present in its val labels only: classes the client does not annotate never count.
         """
@@ -288,37 +343,41 @@ class YoloClient(NumPyClient):
         except Exception as e:
             raise RuntimeError(f"{self._name(config)}: {first_line(e)}") from e
         n, m["client"], m["dataset"] = m.pop("images"), client_label(dataset), str(Path(dataset).resolve())
-        return 1.0 - m["map50_95"], n, m
+        return 1.0 - m[get_task(spec["task"]).metric], n, m
 
 
 def client_fn(context: Context):
     """Return the client of one node: its dataset from node config `dataset`, else DATASETS[partition-id].
 
     Node config `work-dir` sets where the node keeps its dataset views (default: SAVE_DIR/work in simulation, the
-    system temp folder on a SuperNode); `device` the device a SuperNode trains on (default: its first GPU, else cpu).
+    system temp folder on a SuperNode); `device` the device a SuperNode trains on (default: its first GPU, else cpu);
+    `save-dir` where a SuperNode writes its personalized model under SHARE (simulation: SAVE_DIR/clients).
     """
     nc = context.node_config
     return YoloClient(dataset=nc.get("dataset"), partition_id=nc.get("partition-id"), work_dir=nc.get("work-dir"),
-                      state=context.state, device=nc.get("device")).to_client()
+                      state=context.state, device=nc.get("device"), save_dir=nc.get("save-dir")).to_client()
 
 
 class SaveFedAvg(FedAvg):
     """FedAvg weighted by train images that checks every update and keeps every round in SAVE_DIR.
 
     After each round: round{N}.npz (global weights), then once the round's evaluation is in, a metrics.csv row,
-    results.png, last.pt and, when the global mAP50-95 improved, best.pt. Flower numbers rounds from 1 in every
-    process; `run.offset` (rounds finished before a resume) turns that into the run's round number.
+    results.png, last.pt and, when the global score (the task's: mAP50-95, mask mAP50-95, ...) improved, best.pt.
+    Flower numbers rounds from 1 in every process; `run.offset` (rounds finished before a resume) turns that into the
+    run's round number.
     """
 
     def __init__(self, cfg, run, **kwargs):
         """Keep the run's settings and state (see `prepare`)."""
         self.cfg, self.run, self.spec_json = cfg, run, json.dumps(run["spec"])
         self.current, self.rows, self.pending = run["initial"], run["rows"], {}
+        self.shared = run.get("shared")  # SHARE: the indices of the entries that travel; None: all
         self.aggregator = Aggregator(cfg, run["trainable"], run["bn_pairs"])
         self.writer, self.writing = ThreadPoolExecutor(max_workers=1), None
         self.save_dir, self.t0 = Path(cfg["SAVE_DIR"]), time.time()
-        self.t_last = self.t0
-        scored = [(float(x["map50_95"]), int(x["round"])) for x in self.rows if x.get("map50_95")]
+        self.t_last, self.task = self.t0, get_task(run["spec"].get("task", "detect"))
+        self.metric = self.task.metric  # the score of a round: best.pt, the console's "best"
+        scored = [(float(x[self.metric]), int(x["round"])) for x in self.rows if x.get(self.metric)]
         self.best, self.best_round = max(scored, default=(None, None))
         self.trained, self.untrained, self.failed, self.first_error = 0, 0, [], None  # rounds with / without updates
         self.masked_bytes = secure.masked_bytes(self.current) if cfg["SECAGG"] else None  # SecAgg+'s upload per client
@@ -344,18 +403,25 @@ class SaveFedAvg(FedAvg):
                 "secagg-clip": self.cfg["SECAGG_CLIP"], "secagg-weight": self.secagg_weight,
                 "dp-clip": self.dp_clip if self.cfg["SECAGG"] else 0.0}  # DP without SecAgg+: on the server
 
+    def _sent(self, everything=False):
+        """Return the global arrays that travel to clients: all, or under SHARE the shared entries only."""
+        return self.current if self.shared is None or everything else [self.current[i] for i in self.shared]
+
     def configure_fit(self, server_round, parameters, client_manager):
-        """Send the global weights (float16 with FP16=both) and this round's schedule to the sampled clients."""
+        """Send the global weights (float16 with FP16=both; under SHARE the shared parts, all of them in the first
+        round, which gives each client its starting point) and this round's schedule to the sampled clients."""
         if self.writing is not None and self.writing.done():
             self.wait_for_files()  # a failed write (disk full) stops the run here
-        params = ndarrays_to_parameters(to_half(self.current) if self.cfg["FP16"] == "both" else self.current)
+        sent = self._sent(everything=server_round == 1)
+        params = ndarrays_to_parameters(to_half(sent) if self.cfg["FP16"] == "both" else sent)
         self.pending["bytes_down"] = sum(len(t) for t in params.tensors)
         return [(c, type(ins)(params, self._config(server_round)))
                 for c, ins in super().configure_fit(server_round, parameters, client_manager)]
 
     def configure_evaluate(self, server_round, parameters, client_manager):
-        """Send the new global weights for validation on each client's val split."""
-        return [(c, type(ins)(ins.parameters, self._config(server_round)))
+        """Send the new global weights (under SHARE: the shared parts) for validation on each client's val split."""
+        params = ndarrays_to_parameters(self._sent())
+        return [(c, type(ins)(params, self._config(server_round)))
                 for c, ins in super().configure_evaluate(server_round, parameters, client_manager)]
 
     def aggregate_fit(self, server_round, results, failures):
@@ -371,9 +437,10 @@ class SaveFedAvg(FedAvg):
         if self.cfg["SECAGG"]:
             counted, sizes, dp = self._add_secure_mean(r, results, reasons)
             results = []  # every result carries the same securely averaged change, no client's own
+        sent = self._sent()  # what a client's update must fit (under SHARE: the shared entries)
         for proxy, res in results:
             arrays = parameters_to_ndarrays(res.parameters)
-            problem = check_update(arrays, self.current, res.num_examples, res.metrics)
+            problem = check_update(arrays, sent, res.num_examples, res.metrics)
             if problem:
                 name = self.run.get("labels", {}).get(res.metrics.get("dataset"), proxy.cid)
                 reasons.append(f"client {name}: update rejected: {problem}")
@@ -381,7 +448,9 @@ class SaveFedAvg(FedAvg):
                 continue
             sizes.append(sum(len(t) for t in res.parameters.tensors))
             if self.cfg["FP16"] in ("up", "both"):  # the change is added to the float32 global model, not to the
-                arrays = decode_update(arrays, self.current)  # float16 copy sent: rounding never accumulates
+                arrays = decode_update(arrays, sent)  # float16 copy sent: rounding never accumulates
+            if self.shared is not None:  # the entries it keeps count as the global ones (restored below)
+                arrays = expand(arrays, self.shared, self.current)
             n, known = res.num_examples, self.run["train_images"].get(res.metrics.get("dataset"))
             if known is not None and n > known:  # simulation: the server knows every dataset's size
                 log(WARNING, "round %d: client %s reported %d train images, its dataset has %d; counted as %d",
@@ -414,6 +483,8 @@ class SaveFedAvg(FedAvg):
                     self.dp_clip = next_clip(self.dp_clip, len(counted) - dp["dp_clipped"], len(counted),
                                              self.count_std, self.cfg["DP_QUANTILE"])
             new = agg.result(self.current)
+            if self.shared is not None:  # the unshared entries stay exactly as the run started
+                new = expand([new[i] for i in self.shared], self.shared, self.current)
             keys = sorted(set.intersection(*(set(m) for _, m in counted)))
             metrics = {k: sum(float(m[k]) * n for n, m in counted) / sum(n for n, _ in counted) for k in keys}
         t1 = time.time()
@@ -480,26 +551,27 @@ class SaveFedAvg(FedAvg):
         view = client_view(self.run["server_check"], names, view_folder(self.run["spec"]["work"], "server", names))
         m = evaluate(model, view, hyp)
         self.pending.update({f"server_{k}": v for k, v in m.items() if k != "images"})
-        return 1.0 - m["map50_95"], m
+        return 1.0 - m[self.metric], m
 
     def aggregate_evaluate(self, server_round, results, failures):
-        """Average the clients' validation metrics of the new global model weighted by their val images."""
+        """Average the clients' validation metrics of the new global model weighted by their val images; the task's
+        score per client too (`map50_95_<client>`, segment `mask_map50_95_<client>`, ...)."""
         for f in failures:
             log(WARNING, "round %d: a client failed to evaluate: %r", self._round(server_round),
                 f if isinstance(f, BaseException) else f[1])
         total = sum(res.num_examples for _, res in results)
         metrics = {}
         if total:
-            for k in ("precision", "recall", "map50", "map50_95"):
+            for k in self.task.metrics.values():
                 metrics[k] = sum(float(res.metrics[k]) * res.num_examples for _, res in results) / total
             per_client = {}
             for _, res in results:  # named by the server's label for the dataset, else the client's own
                 m = res.metrics
-                per_client[self.run["labels"].get(m.get("dataset"), m.get("client", "client"))] = float(m["map50_95"])
-            metrics.update({f"map50_95_{k}": v for k, v in sorted(per_client.items())})
+                per_client[self.run["labels"].get(m.get("dataset"), m.get("client", "client"))] = float(m[self.metric])
+            metrics.update({f"{self.metric}_{k}": v for k, v in sorted(per_client.items())})
         self.pending.update(metrics)
         self._finish_round()
-        return (1.0 - metrics["map50_95"] if metrics else None), metrics
+        return (1.0 - metrics[self.metric] if metrics else None), metrics
 
     def _write_files(self, weights, r, score, improved, rows):
         """Write last.pt, best.pt (when improved) and results.png of round r."""
@@ -507,8 +579,8 @@ class SaveFedAvg(FedAvg):
         set_weights(model, weights)
         write_checkpoint(model, self.save_dir / "last.pt", self.run["train_args"], {"round": r})
         if improved:
-            write_checkpoint(model, self.save_dir / "best.pt", self.run["train_args"], {"round": r, "map50_95": score})
-        plot(self.save_dir / "results.png", rows)
+            write_checkpoint(model, self.save_dir / "best.pt", self.run["train_args"], {"round": r, self.metric: score})
+        plot(self.save_dir / "results.png", rows, self.metric, self.task.label)
 
     def wait_for_files(self):
         """Wait until the last round's last.pt, best.pt and results.png are written; raise what writing raised."""
@@ -525,7 +597,7 @@ class SaveFedAvg(FedAvg):
         row["time_s"], row["time_round"], self.t_last = round(now - self.t0, 1), round(now - self.t_last, 2), now
         self.rows = [x for x in self.rows if int(x["round"]) != r] + [row]
         write_rows(self.save_dir / "metrics.csv", self.rows)  # with round{r}.npz: the round is complete (resume)
-        score = row.get("map50_95", row.get("server_map50_95"))
+        score = row.get(self.metric, row.get(f"server_{self.metric}"))
         improved = score is None or self.best is None or score > self.best
         if improved:
             self.best, self.best_round = score, r
@@ -542,10 +614,11 @@ class SaveFedAvg(FedAvg):
         line += f"  train loss {sum(losses):.3f}" if losses else f"  skipped ({row['updates']} valid updates)"
         if self.failed:
             line += f"  {len(self.failed)} failed: " + "; ".join(self.failed)
-        if "map50_95" in row:
-            line += f"  val mAP50 {row['map50']:.3f}  mAP50-95 {row['map50_95']:.3f} (best {self.best:.3f})"
-        if "server_map50_95" in row:
-            line += f"  server mAP50-95 {row['server_map50_95']:.3f}"
+        if self.metric in row:
+            first = f"mAP50 {row['map50']:.3f}  " if self.task.name in ("detect", "obb") else ""
+            line += f"  val {first}{self.task.label} {row[self.metric]:.3f} (best {self.best:.3f})"
+        if f"server_{self.metric}" in row:
+            line += f"  server {self.task.label} {row[f'server_{self.metric}']:.3f}"
         log(INFO, "%s", line)
         self.prune(r)
         if r >= n:
@@ -566,7 +639,7 @@ class SaveFedAvg(FedAvg):
             return
         d = self.save_dir
         log(INFO, "done: %d rounds in %s", self.cfg["NUM_ROUNDS"], d)
-        log(INFO, "  best model  %s (best global mAP50-95 %s, round %s)", d / "best.pt",
+        log(INFO, "  best model  %s (best global %s %s, round %s)", d / "best.pt", self.task.label,
             f"{self.best:.3f}" if self.best is not None else "not measured", self.best_round)
         log(INFO, "  last model  %s;  round files %s;  metrics %s;  plot %s", d / "last.pt", d / "round*.npz",
             d / "metrics.csv", d / "results.png")
@@ -643,7 +716,7 @@ def prepare(cfg, given=None):
             (each known dataset's train image count, the most a client on it may claim) and `labels` (their names
             in metrics.csv).
     """
-    from utils.model import build_model, read_base
+    from utils.model import build_model, model_task, read_base
 
     if cfg["NUM_ROUNDS"] < 1 or cfg["EPOCHS"] < 1:
         raise ValueError(f"num-rounds ({cfg['NUM_ROUNDS']}) and epochs ({cfg['EPOCHS']}) must be at least 1")
@@ -664,11 +737,16 @@ def prepare(cfg, given=None):
             raise ValueError(f"cannot resume: {save_dir / 'config.json'} is missing or unreadable ({e})") from None
         given = {k for k in cfg if cfg[k] != DEFAULTS.get(k)} if given is None else set(given)
         _take_saved(cfg, saved["settings"], given, save_dir)  # DATASETS too: the demo datasets the run generated
+    arch, base = read_base(cfg["BASE_MODEL"])
+    task = model_task(arch).name  # the base model's task is the run's (utils/tasks.py)
     if not cfg["DATASETS"] and not cfg["NAMES"]:
         from utils.demo import make_demo
 
-        cfg["DATASETS"] = [str(p) for p in make_demo(cfg["DEMO_DIR"], seed=cfg["SEED"])[0]]
-    checks = check_federation(cfg["DATASETS"]) if cfg["DATASETS"] else []  # none: a deployment's SuperNodes have them
+        demo = cfg["DEMO_DIR"] if task == "detect" else f"{cfg['DEMO_DIR']}-{task}"
+        cfg["DATASETS"] = [str(p) for p in make_demo(demo, seed=cfg["SEED"], task=task)[0]]
+    checks = check_federation(cfg["DATASETS"], task) if cfg["DATASETS"] else []  # none: the SuperNodes have them
+    if checks and "kpt_shape" in checks[0]["yaml"]:  # pose: the datasets' keypoints shape the model's head
+        arch["kpt_shape"] = checks[0]["yaml"]["kpt_shape"]
     clients = cfg["MIN_CLIENTS"] or len(cfg["DATASETS"])
     problem = check_strategy(cfg, clients) or check_privacy(cfg, clients) or secure.check_secagg(cfg, clients)
     if problem:
@@ -683,10 +761,9 @@ def prepare(cfg, given=None):
         names = cfg["NAMES"]
     if not checks and cfg["MIN_CLIENTS"] < 1:
         raise ValueError("without datasets on the server (a deployment), set min-clients to the number of SuperNodes")
-    server_check = check_dataset(cfg["SERVER_DATA"]) if cfg["SERVER_DATA"] else None
+    server_check = check_dataset(cfg["SERVER_DATA"], task) if cfg["SERVER_DATA"] else None
     if server_check and not set(server_check["names"]) <= set(names):
         raise ValueError(f"server-data {cfg['SERVER_DATA']} has classes {server_check['names']}, not all among {names}")
-    arch, base = read_base(cfg["BASE_MODEL"])
     model = build_model(arch, names, weights=base, seed=cfg["SEED"])
     offset, rows, initial = 0, [], get_weights(model)
     if saved is not None:
@@ -705,12 +782,18 @@ def prepare(cfg, given=None):
     if saved is not None:  # the optimizer and warmup the run started with, even if a longer run would pick others
         hyp.update({k: v for k, v in saved.get("hyp", {}).items() if k in ("optimizer", "lr0", "momentum",
                                                                           "warmup_bias_lr", "warmup_epochs")})
-    spec = {"model": arch, "names": names, "hyp": hyp, "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]],
+    spec = {"model": arch, "task": task, "names": names, "hyp": hyp,
+            "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]],
             "work": str((save_dir / "work").resolve()), "fedbn": cfg["FEDBN"], "partial_labels": cfg["PARTIAL_LABELS"],
-            "keep_optimizer": cfg["KEEP_OPTIMIZER"], "min_steps": cfg["MIN_STEPS"]}
+            "keep_optimizer": cfg["KEEP_OPTIMIZER"], "min_steps": cfg["MIN_STEPS"],
+            "share": cfg["SHARE"], "clients_dir": str((save_dir / "clients").resolve())}
     params, keys = {k for k, _ in model.named_parameters()}, list(model.state_dict())
+    problem = check_share(cfg, arch, keys)
+    if problem:
+        raise ValueError(problem)
     bn_pairs = [(i, keys.index(k[:-4] + "var")) for i, k in enumerate(keys) if k.endswith(".running_mean")]
     return {"initial": initial, "spec": spec, "trainable": [k in params for k in keys], "bn_pairs": bn_pairs,
+            "shared": shared_entries(keys, arch, cfg["SHARE"]),
             "offset": offset, "rows": rows, "model": model, "server_check": server_check,
             "train_images": {str(Path(d).resolve()): c["train_images"] for d, c in zip(cfg["DATASETS"], checks)},
             "labels": client_labels(cfg["DATASETS"]),
@@ -724,6 +807,7 @@ def write_config(cfg, spec):
     import ultralytics
 
     info = {"settings": cfg, "names": spec["names"], "hyp": spec["hyp"], "datasets": spec["datasets"],
+            "task": spec["task"], **({"kpt_shape": spec["model"]["kpt_shape"]} if "kpt_shape" in spec["model"] else {}),
             "versions": {"flwr": flwr.__version__, "ultralytics": ultralytics.__version__, "torch": torch.__version__}}
     if cfg["DP_CLIP"]:  # the privacy the whole run spends (per round: metrics.csv dp_epsilon)
         info["privacy"] = {"epsilon": epsilon(cfg["DP_NOISE"], cfg["NUM_ROUNDS"], cfg["DP_DELTA"]),

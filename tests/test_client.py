@@ -45,3 +45,55 @@ def test_kept_optimizer_state_reaches_the_next_round(tiny_fed, tmp_path):
     assert first["optimizer_kept"] == 0 and "optimizer" in client.state
     _, _, second = client.fit(weights, config(2))
     assert second["optimizer_kept"] == 1
+
+
+def test_partial_sharing_keeps_the_clients_own_parts_bit_identical(tiny_fed, tmp_path):
+    """SHARE=backbone: the client sends only backbone entries; in round 2 it starts from the sent backbone and its own
+    neck and head exactly as it ended round 1; its personalized model file holds those."""
+    import torch
+
+    from utils.share import part
+
+    client, config, run = _client_and_config(tiny_fed, tmp_path, share="backbone")
+    keys = list(run["model"].state_dict())
+    backbone = [i for i, k in enumerate(keys) if part(k, run["spec"]["model"]) == "backbone"]
+    own = [i for i in range(len(keys)) if i not in backbone]
+    assert run["shared"] == backbone and 0 < len(backbone) < len(keys)
+
+    sent, n, _ = client.fit(run["initial"], config(1))  # round 1: the whole model arrives
+
+    assert len(sent) == len(backbone)
+    path = tmp_path / "r" / "clients" / "dark.pt"
+    mine = [t.numpy() for t in torch.load(path, weights_only=False)["model"].state_dict().values()]
+    assert all(np.array_equal(sent[j], mine[i]) for j, i in enumerate(backbone))
+    assert any(not np.array_equal(mine[i], run["initial"][i]) for i in own)  # its head trained
+    other = [a + 0.5 if a.dtype.kind == "f" else a for a in sent]  # a new global backbone, only it is sent
+
+    _, _, _, model, _ = client._prepare(other, config(2))
+
+    got = federated.get_weights(model)
+    assert all(np.array_equal(got[i], mine[i]) for i in own)  # neck and head: its own, bit for bit
+    assert all(np.array_equal(got[i], other[j]) for j, i in enumerate(backbone))
+
+
+def test_partial_sharing_is_checked_against_the_model(tiny_fed, tmp_path):
+    import pytest
+
+    for share, words in (("backbone+tail", "share must be all or parts joined by +"),
+                         ("neck", None)):
+        cfg = resolve(federated.DEFAULTS, {"datasets": [str(p) for p in tiny_fed[0][:2]], "share": share,
+                                           "save-dir": str(tmp_path / share)})
+        if words:
+            with pytest.raises(ValueError, match=words):
+                federated.prepare(cfg)
+        else:
+            assert federated.prepare(cfg)["shared"]
+    from utils.model import build_model, read_base
+    from utils.share import check_share
+
+    arch = read_base("yolov8n-cls.yaml")[0]
+    keys = list(build_model(arch, ["a", "b"]).state_dict())
+    problem = check_share({**cfg, "SHARE": "neck"}, arch, keys)
+    assert problem == "share 'neck': this model has no neck (it has backbone, head)"
+    problem = check_share({**cfg, "SHARE": "backbone", "SECAGG": True}, arch, keys)
+    assert problem.endswith("cannot be combined with secagg (its masked vectors hold every entry)")

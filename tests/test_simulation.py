@@ -371,3 +371,34 @@ def test_a_converged_model_survives_one_short_round(tiny_fed, tmp_path):
     print(f"fitted mAP50-95 {fitted:.3f}, kept {kept}")
     assert kept["defaults"] >= 0.8, (fitted, kept)
     assert kept["random-init rule"] < 0.5, (fitted, kept)
+
+
+def test_partial_sharing_sends_only_the_shared_parts_and_keeps_the_rest_on_each_client(tiny_fed, tmp_path):
+    """SHARE=backbone+neck with the median: after round 1 only those entries travel (fewer bytes both ways), the
+    global model's head stays the starting one, and each client writes its own model with its own head."""
+    import torch
+
+    from utils.model import build_model, read_base
+    from utils.params import get_weights
+    from utils.share import part
+
+    save = tmp_path / "run"
+    r = subprocess.run(_cmd(tiny_fed, save, 2, "--share", "backbone+neck", "--strategy", "fedmedian"),
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = _rows(save)
+    full, up, down2 = int(rows[0]["bytes_down"]), int(rows[0]["bytes_up"]), int(rows[1]["bytes_down"])
+    assert up == down2 == int(rows[1]["bytes_up"]) and up < 0.9 * full  # the head never travels after round 1
+    arch = read_base("yolov8n.yaml")[0]
+    model = build_model(arch, NAMES, seed=0)
+    keys, start = list(model.state_dict()), get_weights(model)
+    head = [i for i, k in enumerate(keys) if part(k, arch) == "head"]
+    shared = [i for i in range(len(keys)) if i not in head and start[i].dtype.kind == "f"]
+    for n in (1, 2):
+        arrays = load_npz(save / f"round{n}.npz")
+        assert all(np.array_equal(arrays[i], start[i]) for i in head)
+        assert any(not np.array_equal(arrays[i], start[i]) for i in shared)
+    for client in ("dark", "light"):
+        mine = [t.numpy() for t in torch.load(save / "clients" / f"{client}.pt", weights_only=False)["model"]
+                .state_dict().values()]
+        assert any(not np.array_equal(mine[i], start[i]) for i in head), client  # its own trained head

@@ -161,6 +161,24 @@ def _build(dst, sources, mapping, nc):
         Path(img2label_paths([view_image])[0]).write_bytes(_remap(label, mapping, nc))
 
 
+def _folder_view(check, folder):
+    """Write a classify client's view: folder/<split>/<class>/ holding a link per image of its class folders (pathlib's
+    glob, which Ultralytics counts images with, does not enter linked folders); return folder."""
+    for split in ("train", "val"):
+        src = Path(check["yaml"][split])
+        if folder.is_relative_to(src.parent.resolve()):
+            raise ValueError(f"work folder {folder} is inside the dataset {src.parent}")
+        want = {Path(d.name) / f"{i:06d}_{Path(f).name}": f for d in sorted(src.iterdir()) if d.is_dir()
+                for i, f in enumerate(image_files([d]))}
+        have = {p.relative_to(folder / split) for p in (folder / split).glob("*/*")}
+        for stale in have - set(want):
+            (folder / split / stale).unlink()
+        for rel in set(want) - have:
+            (folder / split / rel).parent.mkdir(parents=True, exist_ok=True)
+            _link(want[rel], folder / split / rel)
+    return folder
+
+
 def client_view(check, global_names, folder):
     """Materialise a client's dataset under the federation's class ids; return the view's data.yaml.
 
@@ -171,14 +189,23 @@ def client_view(check, global_names, folder):
     keeps a digest of every image and label file (path, size, mtime_ns) and the class map per split, and only a
     split whose digest or map changed is rebuilt, so Ultralytics' label cache in the view stays valid otherwise.
 
+    A classification dataset (folders per class) needs no label mapping: its class folders are matched to the
+    federation's class ids by name (Ultralytics' ClassificationDataset does that given the model's names,
+    utils/train.py). Its view is `folder/train/<class>` and `folder/val/<class>`, links to the class folders, so that
+    Ultralytics' `train.cache` / `val.cache` (written beside the split folder) land in the view, not beside the data.
+
     Args:
         check (dict): the client's `utils.datasets.check_dataset` result.
         global_names (list[str]): the federation's class names (`union_names`).
         folder (str | Path): the client's work folder (created); one view per folder.
 
     Returns:
-        (Path): `folder/data.yaml` (absolute `path`, `train: train/images`, `val: val/images`, global `names`).
+        (Path): `folder/data.yaml` (absolute `path`, `train: train/images`, `val: val/images`, global `names`, a pose
+            dataset's `kpt_shape` and `flip_idx`); classify: the view folder (train/ and val/ of class links).
     """
+    if check.get("folders"):
+        class_map(check["names"], global_names)  # every class folder must be one of the federation's classes
+        return _folder_view(check, Path(folder).resolve())
     folder = Path(folder).resolve()
     splits = {}
     for split in VIEW_SPLITS:
@@ -215,6 +242,7 @@ def client_view(check, global_names, folder):
         shutil.rmtree(folder / split, ignore_errors=True)
         del manifest[split]
     data["names"] = dict(enumerate(global_names))
+    data.update({k: check["yaml"][k] for k in ("kpt_shape", "flip_idx") if k in check["yaml"]})
     text = json.dumps(manifest, indent=1)
     if not manifest_file.is_file() or manifest_file.read_text(encoding="utf-8") != text:
         atomic_write_text(manifest_file, text)

@@ -1,11 +1,18 @@
-"""Check client data.yaml files before any training: splits, class names, labelled images."""
+"""Check client datasets before any training: splits, class names, labelled images, labels that fit the task.
+
+A detect, segment, pose or obb client gives a data.yaml (label files under labels/); a classify client gives a folder
+with train/ and val/ (or validation/, valid/), each holding one folder of images per class, as Ultralytics expects.
+"""
 
 import glob
+import json
 import os
 from pathlib import Path
 
 import yaml
 from ultralytics.data.utils import IMG_FORMATS, img2label_paths
+
+from utils.tasks import get_task
 
 SPLITS = ("train", "val")
 
@@ -63,16 +70,21 @@ def _count_images(paths, file, split):
     return images
 
 
-def _labelled(images, file):
-    """Return how many images have a label file with a non-empty line; refuse a train split where none has."""
+def _labelled(images, file, task, kpt_shape=None):
+    """Return how many images have a label file with a non-empty line; refuse a train split where none has, or a
+    label line whose length does not fit the task (a detection label given to a segmentation run, ...)."""
     labels = img2label_paths(images)
     n = 0
     for lb in labels:
         try:
             with open(lb, "rb") as f:
-                n += any(line.strip() for line in f)
+                lines = [line.split() for line in f if line.strip()]
         except OSError:
-            pass
+            continue
+        n += bool(lines)
+        problem = next((p for p in (task.label_problem(len(v), kpt_shape) for v in lines) if p), None)
+        if problem:
+            raise ValueError(f"dataset {file}: label file {lb} does not fit the task '{task.name}': {problem}")
     if n == 0:
         folders = sorted({str(Path(lb).parent) for lb in labels})
         where = ", ".join(folders[:3]) + (f" and {len(folders) - 3} more folders" if len(folders) > 3 else "")
@@ -92,22 +104,47 @@ def _folder_message(folder):
     return f"dataset {folder} is a folder, not a data.yaml; did you mean {' or '.join(map(str, found[:3]))}?"
 
 
-def check_dataset(file):
-    """Check one client data.yaml; never runs a `download:` script.
+def _check_folders(folder):
+    """Check a classification dataset folder (train/ and val/ of class folders); return it as check_dataset does."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is a file"
+        raise ValueError(f"dataset {folder} {what}; a classify client's dataset is a folder with train/ and val/, "
+                         "each holding one folder of images per class")
+    val = next((folder / v for v in ("val", "validation", "valid") if (folder / v).is_dir()), None)
+    if not (folder / "train").is_dir() or val is None:
+        raise ValueError(f"dataset {folder} needs a train/ and a val/ folder, each holding one folder per class")
+    if not any(p.is_dir() for p in (folder / "train").iterdir()):
+        raise ValueError(f"dataset {folder}: train/ holds no class folders")
+    # its classes: every class folder of train/ and val/ (a class it only validates on is still one of the run's)
+    names = sorted({p.name for split in (folder / "train", val) for p in split.iterdir() if p.is_dir()})
+    images = {s: _count_images([p], folder, s) for s, p in (("train", folder / "train"), ("val", val))}
+    resolved = {"path": str(folder.resolve()), "train": str((folder / "train").resolve()), "val": str(val.resolve()),
+                "names": dict(enumerate(names))}
+    return {"yaml": resolved, "names": names, "train_images": len(images["train"]), "val_images": len(images["val"]),
+            "labelled_images": len(images["train"]), "folders": True}
+
+
+def check_dataset(file, task="detect"):
+    """Check one client dataset for `task` (a data.yaml; classify: a folder); never runs a `download:` script.
 
     `path` may be absolute, relative to the data.yaml's folder, or relative to the working directory (tried in
     that order); absent, the data.yaml's folder is the root. `train` and `val` must exist and hold images, and at
     least one train image must have a non-empty label file (Ultralytics' images/ -> labels/ rule). An optional `test`
-    split must exist; it is resolved too, not counted.
+    split must exist; it is resolved too, not counted. Every train label line must fit the task (segment: a polygon,
+    obb: 4 corners, pose: kpt_shape's numbers, which the data.yaml must give).
 
     Args:
-        file (str | Path): the data.yaml.
+        file (str | Path): the data.yaml (classify: the dataset folder).
+        task (str): detect, segment, pose, obb or classify.
 
     Returns:
-        (dict): `yaml` (resolved, absolute; `test` only when given) and `names`, `train_images`, `val_images`,
-            `labelled_images` (train images with at least one label line).
+        (dict): `yaml` (resolved, absolute; `test` only when given; pose: `kpt_shape`, and `flip_idx` when given) and
+            `names`, `train_images`, `val_images`, `labelled_images` (train images with at least one label line).
     """
-    file = Path(file)
+    task, file = get_task(task), Path(file)
+    if task.folders:
+        return _check_folders(file)
     if file.is_dir():
         raise ValueError(_folder_message(file))
     if not file.is_file():
@@ -143,23 +180,35 @@ def check_dataset(file):
             images[split] = _count_images(paths, file, split)
         resolved[split] = [str(p) for p in paths] if len(paths) > 1 else str(paths[0])
     resolved["names"] = dict(enumerate(names))
+    if task.name == "pose":
+        shape = data.get("kpt_shape")
+        if not isinstance(shape, list) or len(shape) != 2 or shape[1] not in (2, 3):
+            raise ValueError(f"dataset {file} needs 'kpt_shape: [keypoints, 2 or 3]' for a pose model")
+        resolved.update({k: data[k] for k in ("kpt_shape", "flip_idx") if k in data})
     return {
         "yaml": resolved,
         "names": names,
         "train_images": len(images["train"]),
         "val_images": len(images["val"]),
-        "labelled_images": _labelled(images["train"], file),
+        "labelled_images": _labelled(images["train"], file, task, data.get("kpt_shape")),
     }
 
 
-def check_federation(files):
-    """Check every client's data.yaml; return their checks.
+def check_federation(files, task="detect"):
+    """Check every client's dataset for `task`; return their checks.
 
     Clients may declare different class lists: the federation's classes are their union (`utils.classes.union_names`).
+    Pose clients must agree on kpt_shape (and flip_idx where given): the keypoint head is shared.
     """
     if not files:
         raise ValueError("no datasets given: set DATASETS or --datasets to one data.yaml per client")
-    return [check_dataset(f) for f in files]
+    checks = [check_dataset(f, task) for f in files]
+    for key in ("kpt_shape", "flip_idx"):
+        seen = {json.dumps(c["yaml"].get(key)): f for c, f in zip(checks, files) if key in c["yaml"]}
+        if len(seen) > 1:
+            (a, fa), (b, fb) = list(seen.items())[:2]
+            raise ValueError(f"datasets {fa} ({key} {a}) and {fb} ({key} {b}) differ; every pose client needs the same")
+    return checks
 
 
 def client_label(file):

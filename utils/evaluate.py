@@ -1,33 +1,29 @@
-"""Validate a model's weights on a data.yaml split with the stock Ultralytics validator."""
+"""Validate a model's weights on a dataset split with the task's stock Ultralytics validator."""
 
 import tempfile
 from pathlib import Path
 
-from ultralytics.models.yolo.detect import DetectionValidator
+from ultralytics.nn.tasks import guess_model_task
 
 from utils.offline import no_downloads
-
-# Ultralytics metric keys -> the short names used in Flower metrics, metrics.csv and the console.
-KEYS = {
-    "metrics/precision(B)": "precision",
-    "metrics/recall(B)": "recall",
-    "metrics/mAP50(B)": "map50",
-    "metrics/mAP50-95(B)": "map50_95",
-}
+from utils.tasks import get_task
 
 
 def evaluate(model, data_yaml, hyp, split="val"):
-    """Return precision, recall, map50, map50_95 and the image count of `model` on `split` of `data_yaml`.
+    """Return the task's metrics (utils/tasks.py: detect precision, recall, map50, map50_95; segment and pose those of
+    the boxes and mask_/pose_ ones; classify top1, top5) and the image count of `model` on `split` of `data_yaml`.
 
     The validator fuses Conv+BN in place (BatchNorm folded into the convolutions): pass a model built for evaluation
     only, never one whose parameters are read afterwards.
     """
     no_downloads()
+    task = get_task(guess_model_task(model))
     keep = ("imgsz", "batch", "device", "workers")
     args = {k: hyp[k] for k in keep if k in hyp}
-    args.update(data=str(data_yaml), split=split, plots=False, verbose=False, save_json=False, half=False)
+    args.update(data=str(data_yaml), split=split, plots=False, verbose=False, save_json=False, half=False,
+                task=task.name)
     with tempfile.TemporaryDirectory(prefix="fedyolo-val-") as work:
-        validator = DetectionValidator(save_dir=Path(work), args=args)
+        validator = task.load("validator")(save_dir=Path(work), args=args)
         stats = validator(model=model)
         images = len(validator.dataloader.dataset)
-    return {**{short: float(stats[k]) for k, short in KEYS.items()}, "images": images}
+    return {**{short: float(stats[k]) for k, short in task.metrics.items()}, "images": images}

@@ -80,6 +80,9 @@ def export(base, npz, out=None, names=None):
     arrays = load_npz(npz)
     run_cls, hyp = run_names(npz)
     arch, base_model = read_base(base)
+    kpt_shape = (run_config(npz) or {}).get("kpt_shape")
+    if kpt_shape:  # a pose run: its datasets' keypoints, not the base model's
+        arch["kpt_shape"] = kpt_shape
     if names is None:
         names = run_cls or (list(base_model.names.values()) if base_model is not None else None)
     if names is None:

@@ -1,18 +1,21 @@
-"""Build the federation's detection model from a base .pt or .yaml, adapted to the federation's classes."""
+"""Build the federation's model (any Ultralytics task) from a base .pt or .yaml, adapted to the federation's classes."""
 
 from copy import deepcopy
 from pathlib import Path
 
 import torch
-from ultralytics.nn.tasks import DetectionModel, guess_model_task, load_checkpoint, yaml_model_load
+from ultralytics.nn.tasks import guess_model_task, load_checkpoint, yaml_model_load
+
+from utils.tasks import get_task
 
 
 def read_base(base):
     """Read a base model file without downloading anything.
 
     Args:
-        base (str | Path): a detection model `.pt` checkpoint or an architecture `.yaml`
-            (a bare name such as `yolov8n.yaml` resolves to the copy that ships with Ultralytics).
+        base (str | Path): an Ultralytics model `.pt` checkpoint or an architecture `.yaml` of any task (detect,
+            segment, pose, obb, classify; a bare name such as `yolov8n-seg.yaml` resolves to the copy that ships
+            with Ultralytics).
 
     Returns:
         (tuple[dict, torch.nn.Module | None]): the architecture dict and, for a `.pt`, its fp32 model.
@@ -36,21 +39,30 @@ def read_base(base):
     else:
         raise ValueError(f"base model {base} must be a .pt checkpoint or a model .yaml")
     task = guess_model_task(model if model is not None else cfg)
-    if task != "detect":
-        raise ValueError(f"base model {base} is a '{task}' model; federated.py trains detection models only")
+    try:
+        get_task(task)
+    except ValueError as e:
+        raise ValueError(f"base model {base}: {e}") from None
     cfg.pop("yaml_file", None)  # the architecture alone; it travels to clients, so no local path in it
     return cfg, model
 
 
+def model_task(cfg):
+    """Return the Task (utils/tasks.py) of an architecture dict."""
+    return get_task(guess_model_task(cfg))
+
+
 def build_model(cfg, names, weights=None, seed=0):
-    """Return a DetectionModel for `names` built from architecture `cfg`.
+    """Return the task's Ultralytics model (DetectionModel, SegmentationModel, ...) for `names` from architecture `cfg`.
+
+    A pose architecture takes its keypoint shape from `cfg["kpt_shape"]` (the federation's datasets set it).
 
     With `weights` (a base model) every entry whose shape fits is copied, as `YOLO(pt).train(data=...)` does
     for a checkpoint trained on other classes; the rest (the class outputs then) get a seeded random init.
     """
     torch.manual_seed(seed)
     cfg = {**deepcopy(cfg), "nc": len(names)}
-    model = DetectionModel(cfg, nc=len(names), verbose=False)
+    model = model_task(cfg).load("model")(cfg, nc=len(names), verbose=False)
     if weights is not None:
         model.load(weights, verbose=False)
     model.names = dict(enumerate(names))

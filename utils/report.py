@@ -20,8 +20,9 @@ def read_rows(path):
 
 
 def write_rows(path, rows):
-    """Write rows (dicts) as metrics.csv atomically; columns: FIXED, then any others in first-seen order."""
-    columns = list(FIXED)
+    """Write rows (dicts) as metrics.csv atomically; columns: FIXED (those a row has: a classify run has no box loss or
+    mAP), then any others in first-seen order."""
+    columns = [k for k in FIXED if k in ("round", "time_s", "updates") or any(k in row for row in rows)]
     for row in rows:
         columns += [k for k in row if k not in columns]
     buf = io.StringIO()
@@ -38,8 +39,9 @@ def _fmt(v):
     return f"{v:.6g}" if isinstance(v, float) else v
 
 
-def plot(path, rows):
-    """Draw mAP50-95 (global and per client) and the train losses against round into results.png, atomically."""
+def plot(path, rows, metric="map50_95", label="mAP50-95"):
+    """Draw the task's score `metric` (global and per client; `label` names it) and the train losses against round
+    into results.png, atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,20 +52,21 @@ def plot(path, rows):
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    clients = [k for k in (rows[-1] if rows else {}) if k.startswith("map50_95_")]
+    clients = [k for k in (rows[-1] if rows else {}) if k.startswith(f"{metric}_")]
     for key in clients:
-        ax1.plot(*series(key), marker=".", lw=1, alpha=0.7, label=key.removeprefix("map50_95_"))
-    if series("map50_95")[0]:
-        ax1.plot(*series("map50_95"), marker="o", lw=2.5, color="black", label="global (weighted)")
-    if series("server_map50_95")[0]:
-        ax1.plot(*series("server_map50_95"), marker="s", lw=2, ls="--", color="gray", label="server data")
-    ax1.set(title="global model mAP50-95 on val splits", xlabel="round", ylabel="mAP50-95")
+        ax1.plot(*series(key), marker=".", lw=1, alpha=0.7, label=key.removeprefix(f"{metric}_"))
+    if series(metric)[0]:
+        ax1.plot(*series(metric), marker="o", lw=2.5, color="black", label="global (weighted)")
+    if series(f"server_{metric}")[0]:
+        ax1.plot(*series(f"server_{metric}"), marker="s", lw=2, ls="--", color="gray", label="server data")
+    ax1.set(title=f"global model {label} on val splits", xlabel="round", ylabel=label)
     ax1.grid(alpha=0.3)
     if ax1.get_legend_handles_labels()[0]:  # nothing evaluated (EVALUATE off): an empty panel, no legend
         ax1.legend(fontsize=8)
     else:
         ax1.text(0.5, 0.5, "not evaluated (--evaluate false)", ha="center", va="center", transform=ax1.transAxes)
-    for key in ("train_box_loss", "train_cls_loss", "train_dfl_loss"):
+    losses = [k for k in (rows[-1] if rows else {}) if k.startswith("train_") and k.endswith("loss")]
+    for key in losses:  # the task's own: box, cls, dfl (+ seg, pose, kobj, angle); classify: loss
         ax2.plot(*series(key), marker=".", label=key.removeprefix("train_"))
     ax2.set(title="train loss (weighted over clients)", xlabel="round", ylabel="loss")
     ax2.grid(alpha=0.3)

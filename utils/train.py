@@ -1,4 +1,5 @@
-"""One client's share of a round: train the sent weights with the stock Ultralytics trainer, hooked by callbacks.
+"""One client's share of a round: train the sent weights with the task's stock Ultralytics trainer (DetectionTrainer,
+SegmentationTrainer, PoseTrainer, OBBTrainer, ClassificationTrainer), hooked by callbacks.
 
 The federation is one training run of `total_epochs` epochs (NUM_ROUNDS x EPOCHS); round r trains epochs
 [start_epoch, start_epoch + epochs). Every round builds a fresh trainer with `epochs=total_epochs` and then,
@@ -18,9 +19,11 @@ Two optional changes to the loss, both made on the model's own criterion before 
 - `proximal_mu` (FedProx): the loss gains mu/2 * ||w - w_global||^2 over the trainable weights, w_global being the
   weights the round started from. Ultralytics' loss is the per-image mean times the batch size, so the term is
   scaled by the batch size too: per image, the objective is the paper's F_k(w) + mu/2 ||w - w_global||^2.
+  (Classification's loss is the batch mean: there the term is added once.)
 - `classes` (partial labels): the global class ids this client annotates. The classification BCE of every other
-  class is multiplied by 0 (Ultralytics' own `class_weights` hook in v8DetectionLoss), so a class the client does
-  not label is never taught as background; box and DFL losses are unchanged.
+  class is multiplied by 0 (Ultralytics' own `class_weights` hook in v8DetectionLoss, which the segment, pose and
+  obb losses inherit), so a class the client does not label is never taught as background; box and DFL losses are
+  unchanged. Classification has no background: a client's images of its classes are true negatives of the others.
 """
 
 import tempfile
@@ -28,18 +31,19 @@ import time
 from logging import INFO
 
 import torch
-from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils.torch_utils import unwrap_model
 
 from utils.console import log
 from utils.offline import no_downloads
+from utils.tasks import get_task
 
 # Trainer settings that are fixed for federated clients (not user constants).
 FIXED = dict(val=False, save=False, plots=False, exist_ok=True, verbose=False, resume=False, patience=0)
 
 
 class ProximalLoss:
-    """Wrap a detection criterion: add mu/2 * ||w - w0||^2 (times the batch size) to the loss it returns."""
+    """Wrap a criterion: add mu/2 * ||w - w0||^2 (times the batch size, for losses summed over it) to its loss."""
 
     def __init__(self, criterion, model, mu):
         """Keep the criterion and a copy of the model's trainable weights as they are now (the global weights)."""
@@ -54,6 +58,8 @@ class ProximalLoss:
     def __call__(self, preds, batch):
         """Return the criterion's (loss, items) with the proximal term added to the loss (items unchanged)."""
         loss, items = self.criterion(preds, batch)
+        if loss.dim() == 0:  # classification: the batch mean
+            return loss + self.term().to(loss.dtype), items
         return torch.cat([loss, (self.term() * batch["img"].shape[0]).view(1).to(loss.dtype)]), items
 
     def __getattr__(self, name):
@@ -115,8 +121,9 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
     """Train `model` in place for one round of the federation's schedule.
 
     Args:
-        model (DetectionModel): the model holding the global weights; trained in place.
-        data_yaml (str | Path): the client's resolved data.yaml.
+        model (DetectionModel | SegmentationModel | ...): the model holding the global weights (and the federation's
+            class names); trained in place by its task's trainer.
+        data_yaml (str | Path): the client's resolved data.yaml (classify: its dataset folder).
         start_epoch (int): first epoch of this round in the whole run (0-based).
         epochs (int): local epochs this round.
         total_epochs (int): epochs of the whole run (rounds x local epochs).
@@ -167,7 +174,9 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         # patience=0 disables early stopping; project=work keeps the trainer's files out of the user's folders
         args = {**hyp, **FIXED, "data": str(data_yaml), "epochs": total_epochs, "project": work, "name": "train"}
         args["model"] = "federated.yaml"  # a label only: the model object is set below
-        trainer = DetectionTrainer(overrides=args)
+        task = get_task(guess_model_task(model))
+        trainer = task.load("trainer")(overrides={**args, "task": task.name})
+        trainer.data.update(names=dict(model.names), nc=len(model.names))  # classify: folders matched by name
         trainer.model = model
         warm = float(hyp.get("warmup_epochs", 0))  # the server's resolved warmup, not capped to the run's length
         trainer._get_warmup_iterations = lambda nb: round(warm * nb) if warm > 0 else 0

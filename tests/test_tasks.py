@@ -1,0 +1,156 @@
+"""Every Ultralytics task: demo data, dataset checks, the task's model, trainer and validator, and (slow) a real
+simulation per task whose exported round file `yolo val` takes."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY
+from utils.classes import client_view
+from utils.datasets import check_dataset, check_federation
+from utils.demo import NAMES, make_demo
+from utils.model import build_model, model_task, read_base
+from utils.tasks import TASKS
+
+BASES = {"segment": "yolov8n-seg.yaml", "pose": "yolov8n-pose.yaml", "obb": "yolov8n-obb.yaml",
+         "classify": "yolov8n-cls.yaml"}
+
+
+@pytest.fixture(scope="session")
+def task_fed(tmp_path_factory):
+    """{task: (client datasets, test dataset)}: tiny demo federations (8 train, 4 val images per client)."""
+    root = tmp_path_factory.mktemp("tasks")
+    return {t: make_demo(root / t, seed=0, n_train=8, n_val=4, task=t) for t in BASES}
+
+
+def _label_lengths(dataset):
+    return {len(line.split()) for f in (Path(dataset).parent / "labels" / "train").glob("*.txt")
+            for line in f.read_text().splitlines() if line.strip()}
+
+
+def test_demo_labels_have_each_tasks_format(task_fed):
+    seg = _label_lengths(task_fed["segment"][0][0])
+    assert all(n >= 7 and n % 2 == 1 for n in seg) and max(seg) == 33  # polygons; a circle has 16 points
+    assert _label_lengths(task_fed["obb"][0][0]) == {9}
+    assert _label_lengths(task_fed["pose"][0][0]) == {5 + 4 * 3}
+    checks = check_federation(task_fed["classify"][0], "classify")  # class lists: the folders of train/ and val/
+    assert [c["train_images"] for c in checks] == [8, 8, 8]
+    assert sorted({n for c in checks for n in c["names"]}) == sorted(NAMES)
+    for c in checks:
+        folders = {p.name for split in ("train", "val") for p in (Path(c["yaml"]["path"]) / split).iterdir()}
+        assert c["names"] == sorted(folders)
+
+
+def test_labels_that_do_not_fit_the_task_are_refused(task_fed, tiny_fed):
+    detect = tiny_fed[0][0]
+    for task in ("segment", "obb", "pose"):
+        with pytest.raises(ValueError, match=f"dataset {detect}") as e:
+            check_dataset(detect, task)
+        assert ("kpt_shape" in str(e.value)) if task == "pose" else (f"task '{task}'" in str(e.value))
+    with pytest.raises(ValueError, match="oriented-box label is a class id and 4 corner points"):
+        check_dataset(task_fed["segment"][0][0], "obb")
+    with pytest.raises(ValueError, match="train/ and val/"):
+        check_dataset(detect, "classify")  # a data.yaml given to a classification run
+
+
+def test_pose_clients_must_share_kpt_shape(task_fed, tmp_path):
+    a = task_fed["pose"][0][0]
+    other = tmp_path / "other.yaml"
+    other.write_text(a.read_text().replace("kpt_shape: [4, 3]", "kpt_shape: [4, 2]"))
+    with pytest.raises(ValueError, match="kpt_shape"):
+        check_federation([a, other], "pose")
+
+
+@pytest.mark.parametrize("task", list(BASES))
+def test_base_model_gives_the_tasks_model(task, task_fed):
+    arch, _ = read_base(BASES[task])
+    assert model_task(arch).name == task
+    if task == "pose":
+        arch["kpt_shape"] = check_dataset(task_fed["pose"][0][0], "pose")["yaml"]["kpt_shape"]
+    model = build_model(arch, NAMES)
+    assert type(model).__name__ == TASKS[task].model and model.names == dict(enumerate(NAMES))
+    if task == "pose":
+        assert list(model.model[-1].kpt_shape) == [4, 3]
+
+
+def test_classify_folders_take_the_federations_class_ids(task_fed, tmp_path):
+    """A classify client with some of the classes, in another order: its images carry the federation's class ids."""
+    from utils.train import train_round
+
+    client = tmp_path / "client"
+    for cls in ("square", "cross"):  # sorted, Ultralytics would number these cross 0, square 1
+        images = sorted(f for src in task_fed["classify"][0] for f in src.glob(f"*/{cls}/*.png"))
+        for split, files in (("train", images[:2]), ("val", images[2:3])):
+            (client / split / cls).mkdir(parents=True)
+            for i, f in enumerate(files):
+                (client / split / cls / f"{i}.png").symlink_to(f)
+    check = check_dataset(client, "classify")
+    assert check["names"] == ["cross", "square"]
+    seen = {}
+
+    def look(trainer):
+        seen["ids"] = {Path(f).parent.name: c for f, c, *_ in trainer.train_loader.dataset.samples}
+
+    model = build_model(read_base(BASES["classify"])[0], NAMES)
+    data = client_view(check, NAMES, tmp_path / "view")
+    assert sorted(p.name for p in (data / "train").iterdir()) == ["cross", "square"]  # links to its class folders
+    before = sorted(p.relative_to(client) for p in client.rglob("*"))
+    train_round(model, data, 0, 1, 1, TINY, callbacks={"on_pretrain_routine_end": look})
+    assert seen["ids"] == {"square": NAMES.index("square"), "cross": NAMES.index("cross")}
+    assert model.names == dict(enumerate(NAMES))
+    assert sorted(p.relative_to(client) for p in client.rglob("*")) == before  # no train.cache beside the data
+    assert (data / "train.cache").is_file()  # Ultralytics' cache went to the view
+
+
+def test_proximal_term_on_a_batch_mean_loss():
+    """Classification's loss is a 0-d batch mean: FedProx adds the term once (no batch-size factor)."""
+    from utils.train import ProximalLoss
+
+    model = torch.nn.Linear(2, 1)
+    loss = ProximalLoss(lambda preds, batch: (torch.tensor(1.0), {"loss": 1.0}), model, mu=2.0)
+    with torch.no_grad():
+        model.weight += 1.0  # ||w - w0||^2 = 2
+    out, _ = loss(None, {"img": torch.zeros(8, 3, 4, 4)})
+    assert out.dim() == 0 and float(out) == pytest.approx(1.0 + 0.5 * 2.0 * 2.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", list(BASES))
+def test_task_simulation_export_and_yolo_val(task, task_fed, tmp_path):
+    """A real 2-client simulation of each task: the task's metrics in metrics.csv, best.pt of the task, and the
+    exported round file validated by the `yolo` command on the held-out test split."""
+    clients, test = task_fed[task]
+    save = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "federated.py"), "--base-model", BASES[task],
+           "--datasets", *map(str, clients[:2]), "--num-rounds", "1", "--epochs", "1", "--imgsz", "32", "--batch", "4",
+           "--device", "cpu", "--save-dir", str(save)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    metric, label = TASKS[task].metric, TASKS[task].label
+    assert f"{label} " in log and "Traceback" not in log
+    with (save / "metrics.csv").open() as f:
+        row = next(csv.DictReader(f))
+    assert row["updates"] == "2"
+    for key in (*TASKS[task].metrics.values(), f"{metric}_dark", f"{metric}_light"):
+        assert 0.0 <= float(row[key]) <= 1.0, key
+    ckpt = torch.load(save / "best.pt", weights_only=False)
+    assert ckpt["train_args"]["task"] == task and type(ckpt["model"]).__name__ == TASKS[task].model
+
+    out = tmp_path / "exported.pt"
+    r = subprocess.run([sys.executable, str(ROOT / "utils" / "export_federated.py"), str(save / "round1.npz"),
+                        "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    yolo = Path(sys.executable).parent / "yolo"
+    r = subprocess.run([str(yolo), "val", f"model={out}", f"data={test}", "imgsz=32", "batch=4", "device=cpu",
+                        "plots=False", f"project={tmp_path / 'val'}"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300, env={**os.environ, "YOLO_VERBOSE": "true"})
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text[-3000:]
+    columns = {"classify": "top1_acc", "segment": "Mask(P", "pose": "Pose(P", "obb": "Box(P"}[task]
+    assert columns in text and " all " in text, text[-3000:]  # the task's metrics over the whole test split
