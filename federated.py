@@ -23,6 +23,8 @@ KEEP_ROUNDS = 0  # (int) round{N}.npz files kept: 0 all; N the last N plus the b
 BASE_MODEL = "yolov8n.yaml"  # (str) model .yaml (random init) or .pt (its weights); its task (detect, segment, pose,
 #                               obb, classify) is the run's; adapted to the datasets' classes
 DATASETS = []  # (list[str]) one data.yaml per client (classify: a folder); empty (and no NAMES): the demo federation
+CLIENT_MODELS = []  # (list[str]) mixed tasks: one base model per client (e.g. yolov8n.yaml yolov8n-seg.yaml); the
+#                     clients share SHARE's parts and keep their own head (README "Mixed tasks"); empty: BASE_MODEL
 DEMO_DIR = "datasets/demo"  # (str) where the demo federation is generated (other tasks than detect: DEMO_DIR-<task>)
 NAMES = []  # (list[str]) the federation's classes; empty: the union of the datasets' names (needed in a deployment)
 PARTIAL_LABELS = True  # (bool) a client's classification loss covers only the classes its data.yaml names
@@ -122,7 +124,7 @@ from utils.privacy import (  # noqa: E402
     private_mean,
 )
 from utils.report import plot, read_rows, write_rows  # noqa: E402
-from utils.share import check_share, expand, shared_entries  # noqa: E402
+from utils.share import check_fit, check_share, expand, shared_entries  # noqa: E402
 from utils.strategies import Aggregator, check_strategy  # noqa: E402
 from utils.tasks import get_task  # noqa: E402
 
@@ -186,11 +188,13 @@ class YoloClient(NumPyClient):
     ids, Ultralytics' label cache kept there between rounds, the owner's files never written.
     """
 
-    def __init__(self, dataset=None, partition_id=None, work_dir=None, state=None, device=None, save_dir=None):
+    def __init__(self, dataset=None, partition_id=None, work_dir=None, state=None, device=None, save_dir=None,
+                 base_model=None):
         """Keep the node's dataset (deployment) or partition id (simulation), work folder, state and device."""
         self.dataset, self.partition_id, self.work_dir, self.state = dataset, partition_id, work_dir, state
         self.device = device  # node config `device` of a SuperNode; None: the run's DEVICE
         self.save_dir = save_dir  # node config `save-dir` of a SuperNode: its personalized model (SHARE)
+        self.base_model = base_model  # node config `base-model` of a SuperNode in a federation of mixed tasks
 
     def _name(self, config):
         """Return how the server's log names this client: its dataset's label, else its partition id."""
@@ -199,6 +203,18 @@ class YoloClient(NumPyClient):
             return f"client {client_label(dataset)}"
         except (KeyError, IndexError, TypeError, ValueError):
             return f"client {self.partition_id}"
+
+    def _own_model(self, spec):
+        """Return (architecture, base weights or None, task name) of the model this client trains: the run's, or in a
+        federation of mixed tasks its own base model (node config `base-model`, else CLIENT_MODELS[partition-id])."""
+        from utils.model import model_task, read_base
+
+        own = self.base_model or (spec["client_models"][self.partition_id] if spec.get("client_models")
+                                  and self.dataset is None else None)
+        if not own:
+            return spec["model"], None, spec.get("task", "detect")  # a spec made before tasks came: detection
+        arch, weights = read_base(own)
+        return arch, weights, model_task(arch).name
 
     def _prepare(self, parameters, config):
         """Return (spec, dataset, its view's data.yaml, a model holding `parameters`, the classes it annotates)."""
@@ -211,21 +227,23 @@ class YoloClient(NumPyClient):
         if self.dataset is None and self.partition_id is None:
             raise ValueError("this SuperNode has no dataset: start it with --node-config 'dataset=\"/path/data.yaml\"'")
         dataset = self.dataset or spec["datasets"][self.partition_id]
-        spec.setdefault("task", "detect")  # a spec written before tasks came (tests build them by hand)
-        check, names = check_dataset(dataset, spec["task"]), spec["names"]
+        arch, weights, task = self._own_model(spec)
+        self.task = get_task(task)
+        check, names = check_dataset(dataset, task), spec["names"]
         self.train_images = check["train_images"]
         try:
             class_map(check["names"], names)
         except ValueError as e:
             raise ValueError(f"dataset {dataset}: {e}") from None
         kpt = check["yaml"].get("kpt_shape")
-        if kpt and kpt != spec["model"].get("kpt_shape"):
-            raise ValueError(f"dataset {dataset} has kpt_shape {kpt}, the federation's model "
-                             f"{spec['model'].get('kpt_shape')}")
+        if kpt and arch is not spec["model"]:
+            arch["kpt_shape"] = kpt  # its own pose head (mixed tasks): its own keypoints
+        elif kpt and kpt != arch.get("kpt_shape"):
+            raise ValueError(f"dataset {dataset} has kpt_shape {kpt}, the federation's model {arch.get('kpt_shape')}")
         root = self.work_dir or (spec["work"] if self.dataset is None else Path(tempfile.gettempdir()) / "fedyolo")
         data_yaml = client_view(check, names, view_folder(root, dataset, names))
-        model = build_model(spec["model"], names)
-        self.shared = shared_entries(list(model.state_dict()), spec["model"], spec.get("share", "all"))
+        model = build_model(arch, names, weights=weights, seed=spec["hyp"]["seed"])
+        self.shared = shared_entries(list(model.state_dict()), arch, spec.get("share", "all"))
         if self.shared is not None:  # partial sharing: the shared parts sent, this client's own parts kept here
             parameters = self._own_parts(model, parameters, dataset, spec, config)
         self.local_bn = spec["fedbn"] and self.state is not None and "fedbn" in self.state
@@ -247,8 +265,9 @@ class YoloClient(NumPyClient):
         """Return the full weights of this client under SHARE: the shared entries as sent, the others its own.
 
         Its own parts come from its Context state (kept from its last round), else, when the run is resumed, its
-        personalized model file, else what the server sent in its first round (everything), else the architecture's
-        seeded initial weights (a client that joins after round 1 with no state of its own).
+        personalized model file, else what the server sent in its first round (everything), else its model's starting
+        weights: its own base model's under CLIENT_MODELS (mixed tasks: the server never sends them), the seeded
+        initial weights of the architecture for a client that joins after round 1 with no state of its own.
         """
         n, idx = len(model.state_dict()), self.shared
         full = list(parameters) if len(parameters) == n else expand(parameters, idx, get_weights(model))
@@ -343,7 +362,9 @@ class YoloClient(NumPyClient):
         except Exception as e:
             raise RuntimeError(f"{self._name(config)}: {first_line(e)}") from e
         n, m["client"], m["dataset"] = m.pop("images"), client_label(dataset), str(Path(dataset).resolve())
-        return 1.0 - m[get_task(spec["task"]).metric], n, m
+        if spec.get("client_models"):  # mixed tasks: each client's own task metric is the run's score
+            m["score"] = m[self.task.metric]
+        return 1.0 - m[self.task.metric], n, m
 
 
 def client_fn(context: Context):
@@ -351,11 +372,13 @@ def client_fn(context: Context):
 
     Node config `work-dir` sets where the node keeps its dataset views (default: SAVE_DIR/work in simulation, the
     system temp folder on a SuperNode); `device` the device a SuperNode trains on (default: its first GPU, else cpu);
-    `save-dir` where a SuperNode writes its personalized model under SHARE (simulation: SAVE_DIR/clients).
+    `save-dir` where a SuperNode writes its personalized model under SHARE (simulation: SAVE_DIR/clients);
+    `base-model` the node's own model in a federation of mixed tasks (simulation: CLIENT_MODELS[partition-id]).
     """
     nc = context.node_config
     return YoloClient(dataset=nc.get("dataset"), partition_id=nc.get("partition-id"), work_dir=nc.get("work-dir"),
-                      state=context.state, device=nc.get("device"), save_dir=nc.get("save-dir")).to_client()
+                      state=context.state, device=nc.get("device"), save_dir=nc.get("save-dir"),
+                      base_model=nc.get("base-model")).to_client()
 
 
 class SaveFedAvg(FedAvg):
@@ -376,7 +399,8 @@ class SaveFedAvg(FedAvg):
         self.writer, self.writing = ThreadPoolExecutor(max_workers=1), None
         self.save_dir, self.t0 = Path(cfg["SAVE_DIR"]), time.time()
         self.t_last, self.task = self.t0, get_task(run["spec"].get("task", "detect"))
-        self.metric = self.task.metric  # the score of a round: best.pt, the console's "best"
+        self.mixed = bool(run["spec"].get("client_models"))  # clients of several tasks, each with its own head
+        self.metric, self.label = ("score", "score") if self.mixed else (self.task.metric, self.task.label)
         scored = [(float(x[self.metric]), int(x["round"])) for x in self.rows if x.get(self.metric)]
         self.best, self.best_round = max(scored, default=(None, None))
         self.trained, self.untrained, self.failed, self.first_error = 0, 0, [], None  # rounds with / without updates
@@ -412,7 +436,7 @@ class SaveFedAvg(FedAvg):
         round, which gives each client its starting point) and this round's schedule to the sampled clients."""
         if self.writing is not None and self.writing.done():
             self.wait_for_files()  # a failed write (disk full) stops the run here
-        sent = self._sent(everything=server_round == 1)
+        sent = self._sent(everything=server_round == 1 and not self.mixed)  # mixed: heads start from their own
         params = ndarrays_to_parameters(to_half(sent) if self.cfg["FP16"] == "both" else sent)
         self.pending["bytes_down"] = sum(len(t) for t in params.tensors)
         return [(c, type(ins)(params, self._config(server_round)))
@@ -551,7 +575,7 @@ class SaveFedAvg(FedAvg):
         view = client_view(self.run["server_check"], names, view_folder(self.run["spec"]["work"], "server", names))
         m = evaluate(model, view, hyp)
         self.pending.update({f"server_{k}": v for k, v in m.items() if k != "images"})
-        return 1.0 - m[self.metric], m
+        return 1.0 - m[self.task.metric], m
 
     def aggregate_evaluate(self, server_round, results, failures):
         """Average the clients' validation metrics of the new global model weighted by their val images; the task's
@@ -562,8 +586,11 @@ class SaveFedAvg(FedAvg):
         total = sum(res.num_examples for _, res in results)
         metrics = {}
         if total:
-            for k in self.task.metrics.values():
-                metrics[k] = sum(float(res.metrics[k]) * res.num_examples for _, res in results) / total
+            keys, order = {k for _, res in results for k in res.metrics if k not in ("client", "dataset")}, \
+                list(self.task.metrics.values())  # the task's own order first (precision, recall, map50, map50_95)
+            for k in sorted(keys, key=lambda k: (order.index(k) if k in order else len(order), k)):
+                have = [(float(res.metrics[k]), res.num_examples) for _, res in results if k in res.metrics]
+                metrics[k] = sum(v * n for v, n in have) / sum(n for _, n in have)  # mixed: over the clients of a task
             per_client = {}
             for _, res in results:  # named by the server's label for the dataset, else the client's own
                 m = res.metrics
@@ -580,7 +607,7 @@ class SaveFedAvg(FedAvg):
         write_checkpoint(model, self.save_dir / "last.pt", self.run["train_args"], {"round": r})
         if improved:
             write_checkpoint(model, self.save_dir / "best.pt", self.run["train_args"], {"round": r, self.metric: score})
-        plot(self.save_dir / "results.png", rows, self.metric, self.task.label)
+        plot(self.save_dir / "results.png", rows, self.metric, self.label)
 
     def wait_for_files(self):
         """Wait until the last round's last.pt, best.pt and results.png are written; raise what writing raised."""
@@ -615,10 +642,10 @@ class SaveFedAvg(FedAvg):
         if self.failed:
             line += f"  {len(self.failed)} failed: " + "; ".join(self.failed)
         if self.metric in row:
-            first = f"mAP50 {row['map50']:.3f}  " if self.task.name in ("detect", "obb") else ""
-            line += f"  val {first}{self.task.label} {row[self.metric]:.3f} (best {self.best:.3f})"
-        if f"server_{self.metric}" in row:
-            line += f"  server {self.task.label} {row[f'server_{self.metric}']:.3f}"
+            first = f"mAP50 {row['map50']:.3f}  " if self.metric == "map50_95" else ""
+            line += f"  val {first}{self.label} {row[self.metric]:.3f} (best {self.best:.3f})"
+        if f"server_{self.task.metric}" in row:
+            line += f"  server {self.task.label} {row[f'server_{self.task.metric}']:.3f}"
         log(INFO, "%s", line)
         self.prune(r)
         if r >= n:
@@ -639,7 +666,7 @@ class SaveFedAvg(FedAvg):
             return
         d = self.save_dir
         log(INFO, "done: %d rounds in %s", self.cfg["NUM_ROUNDS"], d)
-        log(INFO, "  best model  %s (best global %s %s, round %s)", d / "best.pt", self.task.label,
+        log(INFO, "  best model  %s (best global %s %s, round %s)", d / "best.pt", self.label,
             f"{self.best:.3f}" if self.best is not None else "not measured", self.best_round)
         log(INFO, "  last model  %s;  round files %s;  metrics %s;  plot %s", d / "last.pt", d / "round*.npz",
             d / "metrics.csv", d / "results.png")
@@ -739,13 +766,15 @@ def prepare(cfg, given=None):
         _take_saved(cfg, saved["settings"], given, save_dir)  # DATASETS too: the demo datasets the run generated
     arch, base = read_base(cfg["BASE_MODEL"])
     task = model_task(arch).name  # the base model's task is the run's (utils/tasks.py)
+    own = [read_base(m) for m in cfg["CLIENT_MODELS"]]  # mixed tasks: each client's own model
+    tasks = [model_task(a).name for a, _ in own] or task
     if not cfg["DATASETS"] and not cfg["NAMES"]:
-        from utils.demo import make_demo
-
-        demo = cfg["DEMO_DIR"] if task == "detect" else f"{cfg['DEMO_DIR']}-{task}"
-        cfg["DATASETS"] = [str(p) for p in make_demo(demo, seed=cfg["SEED"], task=task)[0]]
-    checks = check_federation(cfg["DATASETS"], task) if cfg["DATASETS"] else []  # none: the SuperNodes have them
-    if checks and "kpt_shape" in checks[0]["yaml"]:  # pose: the datasets' keypoints shape the model's head
+        cfg["DATASETS"] = demo_datasets(cfg, tasks if own else [task] * 3)
+    if own and len(own) != len(cfg["DATASETS"]):
+        raise ValueError(f"client-models names {len(own)} models for {len(cfg['DATASETS'])} datasets: give one per "
+                         "dataset, in the same order")
+    checks = check_federation(cfg["DATASETS"], tasks) if cfg["DATASETS"] else []  # none: the SuperNodes have them
+    if task == "pose" and checks and "kpt_shape" in checks[0]["yaml"]:  # the datasets' keypoints shape the head
         arch["kpt_shape"] = checks[0]["yaml"]["kpt_shape"]
     clients = cfg["MIN_CLIENTS"] or len(cfg["DATASETS"])
     problem = check_strategy(cfg, clients) or check_privacy(cfg, clients) or secure.check_secagg(cfg, clients)
@@ -786,9 +815,13 @@ def prepare(cfg, given=None):
             "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]],
             "work": str((save_dir / "work").resolve()), "fedbn": cfg["FEDBN"], "partial_labels": cfg["PARTIAL_LABELS"],
             "keep_optimizer": cfg["KEEP_OPTIMIZER"], "min_steps": cfg["MIN_STEPS"],
-            "share": cfg["SHARE"], "clients_dir": str((save_dir / "clients").resolve())}
+            "share": cfg["SHARE"], "clients_dir": str((save_dir / "clients").resolve()),
+            "client_models": [str(Path(m).resolve()) if Path(m).is_file() else m for m in cfg["CLIENT_MODELS"]]}
     params, keys = {k for k, _ in model.named_parameters()}, list(model.state_dict())
     problem = check_share(cfg, arch, keys)
+    for m, (a, _) in zip(cfg["CLIENT_MODELS"], own):  # mixed tasks: the shared parts must be the same everywhere
+        problem = problem or check_fit(arch, model.state_dict(), a, build_model(a, names).state_dict(), cfg["SHARE"],
+                                       cfg["BASE_MODEL"], m)
     if problem:
         raise ValueError(problem)
     bn_pairs = [(i, keys.index(k[:-4] + "var")) for i, k in enumerate(keys) if k.endswith(".running_mean")]
@@ -798,6 +831,16 @@ def prepare(cfg, given=None):
             "train_images": {str(Path(d).resolve()): c["train_images"] for d, c in zip(cfg["DATASETS"], checks)},
             "labels": client_labels(cfg["DATASETS"]),
             "train_args": {"model": cfg["BASE_MODEL"], "imgsz": cfg["IMGSZ"], "batch": cfg["BATCH"]}}
+
+
+def demo_datasets(cfg, tasks):
+    """Generate the demo federation (3 clients) for one task per client; return their datasets."""
+    from utils.demo import make_demo
+
+    if len(tasks) > 3:
+        raise ValueError(f"the demo federation has 3 clients, client-models names {len(tasks)}: give datasets too")
+    folder = {t: cfg["DEMO_DIR"] if t == "detect" else f"{cfg['DEMO_DIR']}-{t}" for t in tasks}
+    return [str(make_demo(folder[t], seed=cfg["SEED"], task=t)[0][i]) for i, t in enumerate(tasks)]
 
 
 def write_config(cfg, spec):

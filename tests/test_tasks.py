@@ -3,6 +3,7 @@ simulation per task whose exported round file `yolo val` takes."""
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,13 +48,14 @@ def test_demo_labels_have_each_tasks_format(task_fed):
 
 
 def test_labels_that_do_not_fit_the_task_are_refused(task_fed, tiny_fed):
+    (task_fed["obb"][0][0].parent / "pose.yaml").write_text(task_fed["obb"][0][0].read_text() + "kpt_shape: [4, 3]\n")
     detect = tiny_fed[0][0]
     for task in ("segment", "obb", "pose"):
         with pytest.raises(ValueError, match=f"dataset {detect}") as e:
             check_dataset(detect, task)
         assert ("kpt_shape" in str(e.value)) if task == "pose" else (f"task '{task}'" in str(e.value))
-    with pytest.raises(ValueError, match="oriented-box label is a class id and 4 corner points"):
-        check_dataset(task_fed["segment"][0][0], "obb")
+    with pytest.raises(ValueError, match="no label line fits the task 'pose' .* 9 numbers; with kpt_shape"):
+        check_dataset(task_fed["obb"][0][0].parent / "pose.yaml", "pose")
     with pytest.raises(ValueError, match="train/ and val/"):
         check_dataset(detect, "classify")  # a data.yaml given to a classification run
 
@@ -154,3 +156,66 @@ def test_task_simulation_export_and_yolo_val(task, task_fed, tmp_path):
     assert r.returncode == 0, text[-3000:]
     columns = {"classify": "top1_acc", "segment": "Mask(P", "pose": "Pose(P", "obb": "Box(P"}[task]
     assert columns in text and " all " in text, text[-3000:]  # the task's metrics over the whole test split
+
+
+def _mixed_cfg(task_fed, tiny_fed, tmp_path, **settings):
+    from federated import DEFAULTS
+    from utils.config import resolve
+
+    datasets = [str(tiny_fed[0][0]), str(tiny_fed[0][1]), str(task_fed["segment"][0][2])]
+    return resolve(DEFAULTS, {"datasets": datasets, "client-models": ["yolov8n.yaml", "yolov8n.yaml", BASES["segment"]],
+                              "share": "backbone+neck", "save-dir": str(tmp_path / "run"), **settings})
+
+
+def test_mixed_tasks_are_checked_before_training(task_fed, tiny_fed, tmp_path):
+    import federated
+
+    run = federated.prepare(_mixed_cfg(task_fed, tiny_fed, tmp_path))
+    assert run["spec"]["client_models"][2] == BASES["segment"] and run["shared"]
+    for settings, words in (({"share": "all"}, "clients of different models keep their own head; set share to"),
+                            ({"client-models": ["yolov8n.yaml", "yolov8n.yaml", "yolov8s-seg.yaml"]},
+                             "client model yolov8s-seg.yaml does not fit the shared parts (backbone+neck) of "
+                             "yolov8n.yaml: entry model.0.conv.weight"),
+                            ({"client-models": ["yolov8n.yaml", BASES["segment"]]}, "names 2 models for 3 datasets"),
+                            ({"client-models": ["yolov8n.yaml", "yolov8n.yaml", BASES["pose"]]},
+                             "needs 'kpt_shape")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            federated.prepare(_mixed_cfg(task_fed, tiny_fed, tmp_path, **settings))
+
+
+@pytest.mark.slow
+def test_mixed_task_federation_shares_the_backbone_and_neck(task_fed, tiny_fed, tmp_path):
+    """Two detection clients and one segmentation client: one shared backbone and neck, each keeping its own head; the
+    segmentation client's personalized model is a segmentation model that holds the shared parts of the round."""
+    import numpy as np
+
+    from utils.params import load_npz
+    from utils.share import part
+
+    cfg = _mixed_cfg(task_fed, tiny_fed, tmp_path)
+    save = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", *cfg["DATASETS"], "--client-models",
+           *cfg["CLIENT_MODELS"], "--share", "backbone+neck", "--num-rounds", "2", "--epochs", "1", "--imgsz", "32",
+           "--batch", "4", "--device", "cpu", "--save-dir", str(save)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-3000:]
+    with (save / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["updates"] for row in rows] == ["3", "3"]
+    row = rows[-1]
+    assert row["mask_map50_95"] != "" and row["map50_95"] != ""  # each task's metrics, over its own clients
+    assert all(0.0 <= float(row[f"score_{c}"]) <= 1.0 for c in ("dark", "light", "noisy"))
+    seg = torch.load(save / "clients" / "noisy.pt", weights_only=False)
+    assert seg["train_args"]["task"] == "segment" and type(seg["model"]).__name__ == "SegmentationModel"
+    models = [[t.numpy() for t in torch.load(save / "clients" / f"{c}.pt", weights_only=False)["model"]
+               .state_dict().values()] for c in ("dark", "light", "noisy")]
+    keys = list(torch.load(save / "clients" / "dark.pt", weights_only=False)["model"].state_dict())
+    glob = load_npz(save / "round2.npz")
+    arch = read_base("yolov8n.yaml")[0]
+    shared = [i for i, k in enumerate(keys) if part(k, arch) != "head"]
+    assert 0 < len(shared) < len(glob) and int(row["bytes_up"]) < 0.9 * sum(a.nbytes for a in glob)
+    for i in shared:  # the global backbone and neck: the mean of the three clients' (8 train images each), seg included
+        if glob[i].dtype.kind == "f":
+            np.testing.assert_allclose(glob[i], sum(m[i] for m in models) / 3, rtol=1e-4, atol=1e-6)
+    assert np.array_equal(load_npz(save / "round1.npz")[-1], glob[-1])  # the global head never moves

@@ -71,10 +71,11 @@ def _count_images(paths, file, split):
 
 
 def _labelled(images, file, task, kpt_shape=None):
-    """Return how many images have a label file with a non-empty line; refuse a train split where none has, or a
-    label line whose length does not fit the task (a detection label given to a segmentation run, ...)."""
+    """Return how many images have a label file with a non-empty line; refuse a train split where none has, or where
+    no label line fits the task (a detection dataset given to a segmentation run, ...). A few bad lines among good
+    ones are left to Ultralytics, which drops their images with a warning."""
     labels = img2label_paths(images)
-    n = 0
+    n, fits, misfit = 0, 0, None
     for lb in labels:
         try:
             with open(lb, "rb") as f:
@@ -82,9 +83,13 @@ def _labelled(images, file, task, kpt_shape=None):
         except OSError:
             continue
         n += bool(lines)
-        problem = next((p for p in (task.label_problem(len(v), kpt_shape) for v in lines) if p), None)
-        if problem:
-            raise ValueError(f"dataset {file}: label file {lb} does not fit the task '{task.name}': {problem}")
+        for values in lines:
+            problem = task.label_problem(len(values), kpt_shape)
+            fits += problem is None
+            misfit = misfit or (problem and (lb, problem))
+    if n and not fits:
+        raise ValueError(f"dataset {file}: no label line fits the task '{task.name}' (label file {misfit[0]}: "
+                         f"{misfit[1]})")
     if n == 0:
         folders = sorted({str(Path(lb).parent) for lb in labels})
         where = ", ".join(folders[:3]) + (f" and {len(folders) - 3} more folders" if len(folders) > 3 else "")
@@ -195,14 +200,15 @@ def check_dataset(file, task="detect"):
 
 
 def check_federation(files, task="detect"):
-    """Check every client's dataset for `task`; return their checks.
+    """Check every client's dataset for `task` (a list: one task per client, mixed tasks); return their checks.
 
     Clients may declare different class lists: the federation's classes are their union (`utils.classes.union_names`).
     Pose clients must agree on kpt_shape (and flip_idx where given): the keypoint head is shared.
     """
     if not files:
         raise ValueError("no datasets given: set DATASETS or --datasets to one data.yaml per client")
-    checks = [check_dataset(f, task) for f in files]
+    tasks = task if isinstance(task, list) else [task] * len(files)
+    checks = [check_dataset(f, t) for f, t in zip(files, tasks)]
     for key in ("kpt_shape", "flip_idx"):
         seen = {json.dumps(c["yaml"].get(key)): f for c, f in zip(checks, files) if key in c["yaml"]}
         if len(seen) > 1:

@@ -58,6 +58,26 @@ def check_share(cfg, arch, keys):
     return None
 
 
+def check_fit(arch, state, client_arch, client_state, share, base, name):
+    """Return None if a client model `name` (architecture, state_dict) holds the shared parts of the run's model `base`
+    (the same entries, names and shapes), so that clients of different tasks can average them; else one sentence
+    naming the first misfit."""
+    keys, client_keys = list(state), list(client_state)
+    mine, theirs = shared_entries(keys, arch, share), shared_entries(client_keys, client_arch, share)
+    if mine is None:
+        return (f"client model {name} is not the base model {base}: clients of different models keep their own head; "
+                "set share to backbone or backbone+neck")
+    a = [(keys[i], tuple(state[keys[i]].shape)) for i in mine]
+    b = [(client_keys[i], tuple(client_state[client_keys[i]].shape)) for i in theirs]
+    for (ka, sa), (kb, sb) in zip(a, b):
+        if (ka, sa) != (kb, sb):
+            return (f"client model {name} does not fit the shared parts ({share}) of {base}: entry {ka} {list(sa)} "
+                    f"there, {kb} {list(sb)} in {name}")
+    if len(a) != len(b):
+        return f"client model {name} has {len(b)} shared entries ({share}), {base} has {len(a)}"
+    return None
+
+
 def expand(shared, idx, fill):
     """Return a full list of arrays: `shared` (the shared entries, in order) at indices `idx`, `fill` elsewhere."""
     full = list(fill)
