@@ -99,34 +99,36 @@ def federated(clients, test, task, rounds, epochs, work, share="all"):
     return out
 
 
-def table(results, rounds, epochs):
-    """Return the markdown report."""
-    key = f"{rounds}x{epochs}"
-    lines = [f"# Tasks and partial sharing: {rounds} rounds x {epochs} local epochs (= centralized epochs), imgsz 64, "
-             "2-core CPU", "", f"Command: `python3 bench/tasks.py --rounds {rounds} --epochs {epochs}`; one run per "
-             "cell, seed 0 (cached in runs/bench/tasks.json).", "",
+def table(results):
+    """Return the markdown report of every cached cell, one section per budget (rounds x epochs)."""
+    lines = ["# Tasks and partial sharing: federated vs centralized at equal image-epochs, imgsz 64, 2-core CPU", "",
+             "Command: `python3 bench/tasks.py --rounds R --epochs E [--tasks ...]`; one run per cell, seed 0 (cached "
+             "in runs/bench/tasks.json).", "",
              "Score: the task's metric on the task demo's held-out test split (detect, obb: mAP50-95; segment: mask "
-             "mAP50-95; pose: pose mAP50-95; classify: top-1). Federated: FedAvg over the 3 demo clients; centralized: "
-             "Ultralytics on the union of their images, batch 8, nbs 8. MB: sent to plus received from one client in "
-             "the last round.", "",
-             "| task | run | score | / centralized | wall s | MB / client / round | date |",
-             "|---|---|---|---|---|---|---|"]
-    for k, v in results.items():
-        task, run, kk = k.split("|")
-        if kk != key:
-            continue
-        c = results.get(f"{task}|centralized|{key}")
-        ratio = f"{v['score'] / c['score']:.2f}x" if c and c["score"] else "-"
-        lines.append(f"| {task} | {run} | {v['score']:.4f} | {ratio} | {v['seconds']:.0f} | "
-                     f"{v.get('mb', 0):.1f} | {v.get('date', '')} |")
-    shares = [(k, v) for k, v in results.items() if "clients" in v and k.endswith(key)]
-    if shares:
-        lines += ["", "## Partial sharing: each client's own model vs the global model, on the client's val split", "",
-                  "| task | run | client | personalized | global |", "|---|---|---|---|---|"]
-        for k, v in shares:
-            task, run, _ = k.split("|")
-            lines += [f"| {task} | {run} | {c} | {s['personal']:.4f} | {s['global']:.4f} |"
-                      for c, s in v["clients"].items()]
+             "mAP50-95; pose: pose mAP50-95; classify: top-1). Federated: FedAvg over the 3 demo clients of the task, "
+             "default settings; centralized: Ultralytics on the union of their images, batch 8, nbs 8, R x E epochs. "
+             "MB: sent to plus received from one client in the last round."]
+    for key in sorted({k.split("|")[2] for k in results}, key=lambda k: [int(x) for x in k.split("x")]):
+        lines += ["", f"## {key.replace('x', ' rounds x ')} local epochs", "",
+                  "| task | run | score | / centralized | wall s | MB / client / round | date |",
+                  "|---|---|---|---|---|---|---|"]
+        for k, v in results.items():
+            task, run, kk = k.split("|")
+            if kk != key:
+                continue
+            c = results.get(f"{task}|centralized|{key}")
+            ratio = f"{v['score'] / c['score']:.2f}x" if c and c["score"] else "-"
+            lines.append(f"| {task} | {run} | {v['score']:.4f} | {ratio} | {v['seconds']:.0f} | "
+                         f"{v.get('mb', 0):.1f} | {v.get('date', '')} |")
+        shares = [(k, v) for k, v in results.items() if "clients" in v and k.endswith(key)]
+        if shares:
+            lines += ["", "Partial sharing: each client's own model (clients/<name>.pt) vs the global model (round "
+                      "npz), on the client's own val split:", "",
+                      "| task | run | client | personalized | global |", "|---|---|---|---|---|"]
+            for k, v in shares:
+                task, run, _ = k.split("|")
+                lines += [f"| {task} | {run} | {c} | {s['personal']:.4f} | {s['global']:.4f} |"
+                          for c, s in v["clients"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -160,7 +162,7 @@ def main():
         cell(task, "fedavg", lambda: federated(clients, test, task, a.rounds, a.epochs, work))
         for share in a.shares if task == "detect" else ():
             cell(task, f"share {share}", lambda: federated(clients, test, task, a.rounds, a.epochs, work, share))
-    text = table(results, a.rounds, a.epochs)
+    text = table(results)
     print(text)
     Path(a.out).write_text(text)
 
