@@ -191,7 +191,7 @@ def client_view(check, global_names, folder):
 
     A classification dataset (folders per class) needs no label mapping: its class folders are matched to the
     federation's class ids by name (Ultralytics' ClassificationDataset does that given the model's names,
-    utils/train.py). Its view is `folder/train/<class>` and `folder/val/<class>`, links to the class folders, so that
+    utils/train.py). Its view is `folder/train/<class>/` and `folder/val/<class>/` with a link per image, so that
     Ultralytics' `train.cache` / `val.cache` (written beside the split folder) land in the view, not beside the data.
 
     Args:
@@ -201,7 +201,7 @@ def client_view(check, global_names, folder):
 
     Returns:
         (Path): `folder/data.yaml` (absolute `path`, `train: train/images`, `val: val/images`, global `names`, a pose
-            dataset's `kpt_shape` and `flip_idx`); classify: the view folder (train/ and val/ of class links).
+            dataset's `kpt_shape` and `flip_idx`); classify: the view folder (train/ and val/ of linked images).
     """
     if check.get("folders"):
         class_map(check["names"], global_names)  # every class folder must be one of the federation's classes

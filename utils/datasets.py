@@ -136,8 +136,8 @@ def check_dataset(file, task="detect"):
     `path` may be absolute, relative to the data.yaml's folder, or relative to the working directory (tried in
     that order); absent, the data.yaml's folder is the root. `train` and `val` must exist and hold images, and at
     least one train image must have a non-empty label file (Ultralytics' images/ -> labels/ rule). An optional `test`
-    split must exist; it is resolved too, not counted. Every train label line must fit the task (segment: a polygon,
-    obb: 4 corners, pose: kpt_shape's numbers, which the data.yaml must give).
+    split must exist; it is resolved too, not counted. Some train label line must fit the task (segment: a polygon,
+    obb: 4 corners, pose: kpt_shape's numbers, which the data.yaml must give); the rest are left to Ultralytics.
 
     Args:
         file (str | Path): the data.yaml (classify: the dataset folder).
