@@ -124,7 +124,7 @@ from utils.privacy import (  # noqa: E402
     private_mean,
 )
 from utils.report import plot, read_rows, write_rows  # noqa: E402
-from utils.share import check_fit, check_share, expand, shared_entries  # noqa: E402
+from utils.share import check_fit, check_share, expand, own_entries, shared_entries  # noqa: E402
 from utils.strategies import Aggregator, check_strategy  # noqa: E402
 from utils.tasks import get_task  # noqa: E402
 
@@ -271,7 +271,7 @@ class YoloClient(NumPyClient):
         """
         n, idx = len(model.state_dict()), self.shared
         full = list(parameters) if len(parameters) == n else expand(parameters, idx, get_weights(model))
-        own = sorted(set(range(n)) - set(idx))
+        own = own_entries(n, idx)
         local = self.state["share"].to_numpy_ndarrays() if self.state is not None and "share" in self.state else None
         path = self._personal_file(dataset, spec)
         if local is None and int(config.get("start-epoch", 0)) > 0 and path is not None and path.is_file():
@@ -320,7 +320,7 @@ class YoloClient(NumPyClient):
         if self.shared is not None:  # partial sharing: keep its own parts, send the shared ones
             from flwr.common import ArrayRecord
 
-            own = sorted(set(range(len(weights))) - set(self.shared))
+            own = own_entries(len(weights), self.shared)
             self.state["share"] = ArrayRecord(numpy_ndarrays=[weights[i] for i in own])
             path = self._personal_file(dataset, spec)
             if path is not None:

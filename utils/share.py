@@ -41,6 +41,11 @@ def shared_entries(keys, arch, share):
     return [i for i, k in enumerate(keys) if part(k, arch) in parts]
 
 
+def own_entries(n, shared):
+    """Return the indices, among `n` state_dict entries, that stay with each client (those not in `shared`)."""
+    return sorted(set(range(n)) - set(shared))
+
+
 def check_share(cfg, arch, keys):
     """Return None if SHARE fits the run's model and other settings, else one sentence naming the conflict."""
     try:
