@@ -63,12 +63,14 @@ SERVER_DATA = ""  # (str) optional data.yaml the server owns: the global model i
 IMGSZ = 64  # (int) train and val image size
 BATCH = 8  # (int) batch size per client
 NBS = 8  # (int) nominal batch size: one optimizer step per NBS images (NBS / BATCH batches accumulated)
-MIN_STEPS = 6  # (int) a small client halves BATCH and NBS (down to 2) until an epoch makes this many optimizer steps
+MIN_STEPS = 6  # (int) with 2+ clients, a small client halves BATCH and NBS (down to 2) until an epoch makes this
+#                many optimizer steps
 DEVICE = ""  # (str) GPUs the simulated clients share: "" all (none: cpu), "cpu", "0", "0,1" (README "GPUs")
 WORKERS = 0  # (int) dataloader worker processes per client
 OPTIMIZER = "auto"  # (str) SGD, AdamW, ... or auto (resolved once on the server for the whole run)
 LR0 = 0.01  # (float) initial learning rate (ignored when OPTIMIZER is auto)
-LR_SCALE = 3.0  # (float) multiplies the learning rate OPTIMIZER=auto picks (README "Training schedule")
+LR_SCALE = 0.0  # (float) multiplies the learning rate OPTIMIZER=auto picks; 0: derived from the clients' image
+#                counts (README "Learning rate and the number of clients")
 COS_LR = False  # (bool) cosine instead of linear learning-rate decay over the whole run
 WARMUP_EPOCHS = 3.0  # (float) warmup epochs at the start of the whole run (not of every round)
 CLOSE_MOSAIC = 10  # (int) turn mosaic off for the last CLOSE_MOSAIC epochs of the whole run
@@ -132,28 +134,52 @@ TRAIN_KEYS = ("IMGSZ", "BATCH", "NBS", "DEVICE", "WORKERS", "OPTIMIZER", "LR0", 
               "CLOSE_MOSAIC", "AMP", "SEED")  # settings passed to the Ultralytics trainer as lower-case arguments
 
 
-def resolve_warmup(cfg, trained):
+def resolve_warmup(cfg, trained, scale=1.0):
     """Return the warmup of the whole run in epochs (counted in each client's own iterations from the run's start).
 
     A random init warms up as Ultralytics does: WARMUP_EPOCHS, capped to leave the run's last epoch at full rate.
-    A trained start (a `.pt` base) is never capped, however short the run, and with OPTIMIZER=auto it takes
-    LR_SCALE times as long, so the learning rate climbs as fast as Ultralytics' own rate would over its warmup
-    (reaching that rate at WARMUP_EPOCHS) and the federation's larger rate only later. A fresh Adam's first steps
-    move every weight by about the learning rate whatever its gradient, which knocks a converged model down
-    (one round of one epoch at full rate: test mAP50-95 0.55 -> 0.0004, README "Fine-tuning from a trained model").
+    A trained start (a `.pt` base) is never capped, however short the run, and with OPTIMIZER=auto it takes the
+    run's learning-rate `scale` (at least 1) times as long, so the learning rate climbs as fast as Ultralytics' own
+    rate would over its warmup (reaching that rate at WARMUP_EPOCHS) and the federation's larger rate only later.
+    A fresh Adam's first steps move every weight by about the learning rate whatever its gradient, which knocks a
+    converged model down (one round of one epoch at full rate: test mAP50-95 0.55 -> 0.0004, README "Fine-tuning
+    from a trained model").
     """
     total = cfg["NUM_ROUNDS"] * cfg["EPOCHS"]
     if not trained:
         return float(min(cfg["WARMUP_EPOCHS"], max(total - 1, 0)))
-    return float(cfg["WARMUP_EPOCHS"] * (max(cfg["LR_SCALE"], 1.0) if cfg["OPTIMIZER"].lower() == "auto" else 1.0))
+    return float(cfg["WARMUP_EPOCHS"] * (max(scale, 1.0) if cfg["OPTIMIZER"].lower() == "auto" else 1.0))
 
 
-def resolve_optimizer(cfg, nc, train_images):
+def resolve_lr_scale(cfg, sizes, clients):
+    """Return the run's learning-rate scale: LR_SCALE, or with LR_SCALE 0 the one derived from the federation.
+
+    FedAvg's round moves the model by the image-weighted mean of the clients' walks; a client takes one optimizer
+    step per max(batch, nbs) of its own images (its batch after MIN_STEPS), a centralized epoch one per
+    max(BATCH, NBS) of all of them. The derived scale is the ratio of the two step counts per epoch, so that the
+    averaged walk is as long as the centralized one: 1 for one client (plain Ultralytics), K for K clients of equal
+    size at the same batch, less where small clients already take more, smaller steps. Without the image counts
+    (a deployment: the datasets are on the SuperNodes) it is `clients`, the count of equal clients it assumes.
+    """
+    if cfg["LR_SCALE"]:
+        return float(cfg["LR_SCALE"])
+    if not sizes:
+        return float(clients)
+    from utils.train import client_batch
+
+    total = sum(sizes)
+    steps = [n / max(client_batch(cfg["BATCH"], cfg["NBS"], n, cfg["MIN_STEPS"]).values()) for n in sizes]
+    fedavg = sum(n / total * s for n, s in zip(sizes, steps))
+    return round(total / max(cfg["BATCH"], cfg["NBS"]) / fedavg, 2)
+
+
+def resolve_optimizer(cfg, nc, train_images, scale=1.0):
     """Resolve OPTIMIZER=auto once for the whole run, with Ultralytics' own rule, so every client uses the same one.
 
     Ultralytics picks MuSGD (lr 0.01) past 10,000 iterations, else AdamW with lr0 = 0.002 * 5 / (4 + nc), both with
     momentum 0.9 and no bias warmup; here the iterations count every client's images over the whole run (in a
-    deployment the server does not know them and takes AdamW), and the learning rate is multiplied by LR_SCALE.
+    deployment the server does not know them and takes AdamW), and the learning rate is multiplied by `scale`
+    (resolve_lr_scale).
 
     Returns:
         (dict): optimizer, lr0 and, for auto, the momentum and warmup_bias_lr that go with it.
@@ -162,7 +188,7 @@ def resolve_optimizer(cfg, nc, train_images):
         return {"optimizer": cfg["OPTIMIZER"], "lr0": cfg["LR0"]}
     iterations = math.ceil(train_images / max(cfg["BATCH"], cfg["NBS"])) * cfg["NUM_ROUNDS"] * cfg["EPOCHS"]
     name, lr0 = ("MuSGD", 0.01) if iterations > 10000 else ("AdamW", round(0.002 * 5 / (4 + nc), 6))
-    return {"optimizer": name, "lr0": lr0 * cfg["LR_SCALE"], "momentum": 0.9, "warmup_bias_lr": 0.0}
+    return {"optimizer": name, "lr0": round(lr0 * scale, 8), "momentum": 0.9, "warmup_bias_lr": 0.0}
 
 
 def view_folder(root, dataset, names):
@@ -747,9 +773,9 @@ def prepare(cfg, given=None):
 
     if cfg["NUM_ROUNDS"] < 1 or cfg["EPOCHS"] < 1:
         raise ValueError(f"num-rounds ({cfg['NUM_ROUNDS']}) and epochs ({cfg['EPOCHS']}) must be at least 1")
-    if cfg["LR_SCALE"] <= 0 or cfg["WARMUP_EPOCHS"] < 0 or cfg["MIN_STEPS"] < 0:
-        raise ValueError(f"lr-scale ({cfg['LR_SCALE']}) must be positive, warmup-epochs ({cfg['WARMUP_EPOCHS']}) "
-                         f"and min-steps ({cfg['MIN_STEPS']}) 0 or more")
+    if cfg["LR_SCALE"] < 0 or cfg["WARMUP_EPOCHS"] < 0 or cfg["MIN_STEPS"] < 0:
+        raise ValueError(f"lr-scale ({cfg['LR_SCALE']}), warmup-epochs ({cfg['WARMUP_EPOCHS']}) and min-steps "
+                         f"({cfg['MIN_STEPS']}) must be 0 or more (lr-scale 0: derived from the clients)")
     cfg["STRATEGY"], cfg["FP16"] = cfg["STRATEGY"].lower(), cfg["FP16"].lower()
     if cfg["FP16"] not in ("off", "up", "both"):
         raise ValueError(f"fp16 must be off, up or both (got {cfg['FP16']!r})")
@@ -806,15 +832,19 @@ def prepare(cfg, given=None):
         )
     hyp = {k.lower(): cfg[k] for k in TRAIN_KEYS}
     hyp["device"] = cfg["DEVICE"]  # resolved by each client where it runs (utils/devices.py); main() plans simulation
-    hyp.update(resolve_optimizer(cfg, len(names), sum(c["train_images"] for c in checks)))  # 0 images: deployment
-    hyp["warmup_epochs"] = resolve_warmup(cfg, trained=base is not None)
+    sizes = [c["train_images"] for c in checks]  # none in a deployment
+    min_steps = cfg["MIN_STEPS"] if clients > 1 else 0  # one client is plain Ultralytics: its BATCH, scale 1
+    scale = resolve_lr_scale({**cfg, "MIN_STEPS": min_steps}, sizes, clients)
+    hyp.update(resolve_optimizer(cfg, len(names), sum(sizes), scale))
+    hyp["warmup_epochs"] = resolve_warmup(cfg, trained=base is not None, scale=scale)
     if saved is not None:  # the optimizer and warmup the run started with, even if a longer run would pick others
         hyp.update({k: v for k, v in saved.get("hyp", {}).items() if k in ("optimizer", "lr0", "momentum",
                                                                           "warmup_bias_lr", "warmup_epochs")})
-    spec = {"model": arch, "task": task, "names": names, "hyp": hyp,
+        scale = saved.get("lr_scale", scale)
+    spec = {"model": arch, "task": task, "names": names, "hyp": hyp, "lr_scale": scale,
             "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]],
             "work": str((save_dir / "work").resolve()), "fedbn": cfg["FEDBN"], "partial_labels": cfg["PARTIAL_LABELS"],
-            "keep_optimizer": cfg["KEEP_OPTIMIZER"], "min_steps": cfg["MIN_STEPS"],
+            "keep_optimizer": cfg["KEEP_OPTIMIZER"], "min_steps": min_steps,
             "share": cfg["SHARE"], "clients_dir": str((save_dir / "clients").resolve()),
             "client_models": [str(Path(m).resolve()) if Path(m).is_file() else m for m in cfg["CLIENT_MODELS"]]}
     params, keys = {k for k, _ in model.named_parameters()}, list(model.state_dict())
@@ -849,7 +879,8 @@ def write_config(cfg, spec):
     import torch
     import ultralytics
 
-    info = {"settings": cfg, "names": spec["names"], "hyp": spec["hyp"], "datasets": spec["datasets"],
+    info = {"settings": cfg, "names": spec["names"], "hyp": spec["hyp"], "lr_scale": spec["lr_scale"],
+            "datasets": spec["datasets"],
             "task": spec["task"], **({"kpt_shape": spec["model"]["kpt_shape"]} if "kpt_shape" in spec["model"] else {}),
             "versions": {"flwr": flwr.__version__, "ultralytics": ultralytics.__version__, "torch": torch.__version__}}
     if cfg["DP_CLIP"]:  # the privacy the whole run spends (per round: metrics.csv dp_epsilon)
@@ -874,6 +905,12 @@ def make_strategy(cfg, run):
         if cfg["DP_ADAPTIVE"]:
             log(INFO, "adaptive clipping: the clip starts at %g and follows the %g quantile of the clients' change "
                 "norms (metrics.csv dp_clip)", cfg["DP_CLIP"], cfg["DP_QUANTILE"])
+    hyp = run["spec"]["hyp"]
+    if cfg["OPTIMIZER"].lower() == "auto" and not run["offset"]:
+        how = ("lr-scale" if cfg["LR_SCALE"] else "derived from the clients' image counts" if run["train_images"]
+               else f"assumed for {n} equal clients")
+        log(INFO, "optimizer %s, lr0 %g: Ultralytics' own rate x %g (%s)", hyp["optimizer"], hyp["lr0"],
+            run["spec"]["lr_scale"], how)
     if cfg["SECAGG"]:
         log(INFO, "secure aggregation (SecAgg+): the server sees only the sum of each round's changes; each "
             "client's secrets shared with %d clients, %d rebuild a dropped one", cfg["SECAGG_SHARES"],

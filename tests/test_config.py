@@ -72,8 +72,37 @@ def test_warmup_depends_on_the_start(trained):
     # a random init: Ultralytics' warmup, capped to leave the last epoch at full rate; a trained .pt: never capped,
     # and LR_SCALE times as long with OPTIMIZER=auto (the rate climbs as Ultralytics' own would over its warmup)
     one = {**federated.DEFAULTS, "NUM_ROUNDS": 1, "EPOCHS": 1}
-    assert federated.resolve_optimizer(one, 4, 300)["lr0"] == pytest.approx(0.00125 * 3)  # LR_SCALE 3
-    assert federated.resolve_warmup(one, trained) == (9.0 if trained else 0.0)
-    assert federated.resolve_warmup({**one, "NUM_ROUNDS": 15, "EPOCHS": 2}, trained) == (9.0 if trained else 3.0)
+    assert federated.resolve_optimizer(one, 4, 300, scale=3)["lr0"] == pytest.approx(0.00125 * 3)
+    assert federated.resolve_warmup(one, trained, scale=3) == (9.0 if trained else 0.0)
+    assert federated.resolve_warmup({**one, "NUM_ROUNDS": 15, "EPOCHS": 2}, trained, 3) == (9.0 if trained else 3.0)
+    assert federated.resolve_warmup(one, trained, scale=0.5) == (3.0 if trained else 0.0)  # never shorter
     explicit = {**one, "OPTIMIZER": "SGD", "NUM_ROUNDS": 4}
-    assert federated.resolve_warmup(explicit, trained) == 3.0  # no LR_SCALE applies to an explicit optimizer
+    assert federated.resolve_warmup(explicit, trained, 3) == 3.0  # no scale applies to an explicit optimizer
+
+
+def test_learning_rate_scale_is_derived_from_the_clients_image_counts():
+    # the ratio of a centralized epoch's optimizer steps (one per max(BATCH, NBS) of all images) to the image-
+    # weighted mean of the clients' steps per epoch (their own batch after MIN_STEPS)
+    cfg = dict(federated.DEFAULTS)  # LR_SCALE 0: derived; BATCH = NBS = 8, MIN_STEPS 6
+    scale = federated.resolve_lr_scale
+    assert scale(cfg, [96], 1) == 1.0  # one client: plain Ultralytics
+    assert scale(cfg, [200, 200, 200], 3) == 3.0  # K equal clients at the same batch: K
+    assert scale(cfg, [100] * 8, 8) == 8.0
+    assert scale(cfg, [96, 72, 48], 3) == pytest.approx(216**2 / (96**2 + 72**2 + 48**2), abs=0.01)  # 2.79
+    # 8 clients of 27 images halve their batch to 4 (6.75 steps each): half of 8
+    assert scale(cfg, [27] * 8, 8) == 4.0
+    assert scale({**cfg, "MIN_STEPS": 0}, [27] * 8, 8) == 8.0
+    assert scale({**cfg, "LR_SCALE": 2.5}, [27] * 8, 8) == 2.5  # set: as given
+    assert scale(cfg, [], 5) == 5.0  # a deployment: the sizes are on the SuperNodes, K equal clients assumed
+    run = federated.prepare({**cfg, "DATASETS": [], "NAMES": ["a"], "MIN_CLIENTS": 4, "SAVE_DIR": "/nonexistent/x"})
+    assert run["spec"]["lr_scale"] == 4.0 and run["spec"]["hyp"]["lr0"] == pytest.approx(0.002 * 5 / 5 * 4)
+
+
+def test_one_client_trains_as_plain_ultralytics_would(tiny_fed, tmp_path):
+    # no federated adjustment for one client: Ultralytics' own auto learning rate and the given batch (an 8-image
+    # client among several would halve it for MIN_STEPS); two such clients get both adjustments
+    cfg = {**federated.DEFAULTS, "BATCH": 4, "SAVE_DIR": str(tmp_path / "r")}
+    one = federated.prepare({**cfg, "DATASETS": [str(tiny_fed[0][0])]})["spec"]
+    assert (one["lr_scale"], one["min_steps"], one["hyp"]["lr0"], one["hyp"]["batch"]) == (1.0, 0, 0.00125, 4)
+    two = federated.prepare({**cfg, "DATASETS": [str(d) for d in tiny_fed[0][:2]]})["spec"]
+    assert (two["lr_scale"], two["min_steps"], two["hyp"]["lr0"]) == (0.5, 6, 0.000625)

@@ -55,6 +55,9 @@ def test_simulation_two_clients_two_rounds(tiny_fed, tmp_path):
     assert "round 1/2" in log and "round 2/2" in log and "mAP50-95" in log and "best.pt" in log
     assert "Traceback" not in log
     assert "client dark  round 2/2  epoch 1/1  loss " in log and " img/s" in log  # progress inside a round
+    # the learning rate and where its scale comes from: two 8-image clients at batch 2 (4 steps per epoch each)
+    # against a centralized epoch of 16 images at nbs 8 (2 steps): 0.5
+    assert "optimizer AdamW, lr0 0.000625: Ultralytics' own rate x 0.5 (derived from the clients' image counts)" in log
     for noise in ("[SUMMARY]", "History (", "DEPRECATED", "FutureWarning", "\x1b[", "configure_fit"):
         assert noise not in log, noise  # Flower's and Ray's chatter (and colour codes off a terminal): --verbose
     rounds = [load_npz(save / f"round{i}.npz") for i in (1, 2)]
@@ -117,8 +120,9 @@ def test_resume_after_kill_continues_the_run_with_its_saved_settings_and_extends
     assert not [p.name for p in save.iterdir() if p.name.endswith(".tmp")]  # the next start removed any leftovers
     rows = _rows(save)
     assert [row["round"] for row in rows] == ["1", "2", "3"]
-    # round 3 is epoch 3 of 3 of one run: linear decay lr0 * ((1 - 2/3) * 0.99 + 0.01), lr0 = 3 x 0.00125 (auto)
-    assert float(rows[2]["train_lr"]) == pytest.approx(0.00375 * (1 / 3 * 0.99 + 0.01), rel=1e-4)
+    # round 3 is epoch 3 of 3 of one run: linear decay lr0 * ((1 - 2/3) * 0.99 + 0.01), lr0 = 0.5 x 0.00125 (auto;
+    # 0.5: each 8-image client halves its batch to 2 and takes 4 steps per epoch, a centralized epoch 16 / 8 = 2)
+    assert float(rows[2]["train_lr"]) == pytest.approx(0.000625 * (1 / 3 * 0.99 + 0.01), rel=1e-4)
     assert len(load_npz(save / "round3.npz")) == 355
 
     r = subprocess.run(resume, capture_output=True, text=True, cwd=tmp_path)
@@ -139,10 +143,10 @@ def test_resume_after_kill_continues_the_run_with_its_saved_settings_and_extends
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     rows = _rows(save)
     assert [row["round"] for row in rows] == ["1", "2", "3", "4"]
-    assert float(rows[3]["train_lr"]) == pytest.approx(0.00375 * (1 / 4 * 0.99 + 0.01), rel=1e-4)
+    assert float(rows[3]["train_lr"]) == pytest.approx(0.000625 * (1 / 4 * 0.99 + 0.01), rel=1e-4)
     config = json.loads((save / "config.json").read_text())
     assert config["settings"]["NUM_ROUNDS"] == 4 and config["settings"]["IMGSZ"] == 32
-    assert config["hyp"]["lr0"] == 0.00375  # the optimizer the run started with
+    assert config["hyp"]["lr0"] == 0.000625 and config["lr_scale"] == 0.5  # the optimizer the run started with
 
 
 def test_resume_refuses_changed_settings(tiny_fed, tmp_path):
