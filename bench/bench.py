@@ -11,7 +11,12 @@ split five ways):
 - iid-3, iid-8: the union of the demo clients' images dealt out at random (utils/partition.py --mode iid);
 - non-iid-8, non-iid-16: each demo client split at random into 3, 3 and 2 (6, 5 and 5) clients (the style skew stays,
   the clients shrink);
-- partial-3: iid-3's clients, but each labels only its own classes (PARTIAL): the others are in its images, unlabelled.
+- partial-3: iid-3's clients, but each labels only its own classes (PARTIAL): the others are in its images, unlabelled;
+- one-1: the dark client alone (one client is plain Ultralytics: compared with its own `centralized` row, Ultralytics
+  on that client's images with the same batch, nbs and epochs).
+Budgets: `--budget image-epochs` (the default: every client trains EPOCHS per round, so the federation sees every
+image ROUNDS x EPOCHS times, as centralized does) or `--budget deployment` (each of K clients trains K x EPOCHS per
+round on its share: what parallel sites do in the wall time of one centralized run; rows marked so).
 Runs: `centralized` (`YOLO(base).train` on the union, batch 8 / nbs 8 like the clients; the same for every setting,
 so trained once), `naive` (a plain loop of `YOLO.train()` per round and an average; non-iid-3 only), one row per
 strategy with its defaults, and the variants in VARIANTS. Federated runs have per-round evaluation off, so their
@@ -43,7 +48,7 @@ from utils.export_federated import export  # noqa: E402
 from utils.params import get_weights, save_npz  # noqa: E402
 from utils.strategies import STRATEGIES  # noqa: E402
 
-SETTINGS = ("non-iid-3", "iid-3", "non-iid-8", "iid-8", "partial-3", "non-iid-16")
+SETTINGS = ("non-iid-3", "iid-3", "non-iid-8", "iid-8", "partial-3", "non-iid-16", "iid-16", "one-1")
 SPLITS = {"non-iid-8": (3, 3, 2), "non-iid-16": (6, 5, 5)}  # each demo client split IID into this many
 PARTIAL = [["circle", "square"], ["triangle"], ["cross"]]  # partial-3: the classes each client labels
 VARIANTS = {  # name: federated.py flags (run on non-iid-3 unless --settings says otherwise)
@@ -84,6 +89,8 @@ def setting_clients(name, demo, work):
     """Return the client data.yaml files of a setting (partitions are written under work/partitions)."""
     if name == "non-iid-3":
         return demo
+    if name == "one-1":
+        return demo[:1]
     from utils.partition import partition
 
     if name == "partial-3":
@@ -122,10 +129,11 @@ def partial_client(client, keep, out):
 
 def centralized(clients, test_yaml, epochs, base, work, seed=0):
     """Train plain Ultralytics on the union of the clients' train splits; return a result dict."""
-    union = union_yaml(clients, work)
+    union = clients[0] if len(clients) == 1 else union_yaml(clients, work)
     t = time.time()
     model = YOLO(base)
-    model.train(data=str(union), epochs=epochs, val=False, plots=False, project=str(work), name=f"central{seed}",
+    model.train(data=str(union), epochs=epochs, val=False, plots=False, project=str(work),
+                name=f"central{len(clients)}-{seed}",
                 exist_ok=True, seed=seed, **ARGS)
     seconds = time.time() - t
     import torch
@@ -207,8 +215,9 @@ def table(results, rounds, epochs, base):
         setting, run, kk = k.split("|")[:3]
         if kk != key or len(k.split("|")) > 3:  # other seeds: in the seed section
             continue
-        ratio = f"{v['map'] / central['map']:.2f}x" if central else "-"
-        wall = f"{v['seconds'] / central['seconds']:.2f}x" if central else "-"
+        ref = results.get(f"{setting}|centralized|{key}", central)  # one-1: Ultralytics on that client
+        ratio = f"{v['map'] / ref['map']:.2f}x" if ref else "-"
+        wall = f"{v['seconds'] / ref['seconds']:.2f}x" if ref else "-"
         rounds_s = f"{v['rounds_s']:.0f}" if "rounds_s" in v else "-"
         mb = f"{v['bytes'] / 1e6:.1f}" if v["bytes"] else "-"
         lines.append(f"| {setting} | {run} | {v['map']:.4f} | {v['map50']:.4f} | {ratio} | {v['seconds']:.0f} | {wall} "
@@ -221,13 +230,15 @@ def table(results, rounds, epochs, base):
     seeds = {k: v for k, v in seeds.items() if len(v) > 1}
     if seeds:
         lines += ["", "## Seeds: the same cells with other seeds (initial weights, augmentation)", "",
-                  "| setting | run | mAP50-95 per seed | mean | / mean centralized |", "|---|---|---|---|---|"]
-        c_seeds = seeds.get(("all", "centralized")) or ({"seed0": central["map"]} if central else {})
-        c_mean = sum(c_seeds.values()) / len(c_seeds) if c_seeds else None
-        for (setting, run), v in seeds.items():
-            mean = sum(v.values()) / len(v)
+                  "| setting | run | mAP50-95 per seed | mean | spread (max - min) | / mean centralized |",
+                  "|---|---|---|---|---|---|"]
+        for (setting, run), v in sorted(seeds.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+            c_seeds = seeds.get((setting if (setting, "centralized") in seeds else "all", "centralized"), {})
+            c_mean = sum(c_seeds.values()) / len(c_seeds) if c_seeds else None
+            mean, spread = sum(v.values()) / len(v), max(v.values()) - min(v.values())
             per = ", ".join(f"{m:.3f}" for _, m in sorted(v.items()))
-            lines.append(f"| {setting} | {run} | {per} | {mean:.4f} | {f'{mean / c_mean:.2f}x' if c_mean else '-'} |")
+            lines.append(f"| {setting} | {run} | {per} | {mean:.4f} | {spread:.3f} | "
+                         f"{f'{mean / c_mean:.2f}x' if c_mean else '-'} |")
     prof = results.get(f"non-iid-3|fedavg|{key}", {}).get("profile")
     if prof:
         lines += ["", "## Where a round's time goes (non-iid-3, fedavg; mean over rounds, seconds)", "",
@@ -267,6 +278,8 @@ def main():
     p.add_argument("--work", default="runs/bench", help="scratch folder (data, runs, results.json)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
     p.add_argument("--fresh", action="store_true", help="measure again even when a cell is cached")
+    p.add_argument("--budget", default="image-epochs", choices=("image-epochs", "deployment"),
+                   help="deployment: each of K clients trains K x EPOCHS per round (see above)")
     p.add_argument("--seed", type=int, default=0, help="seed of the runs (init, augmentation); the table shows 0")
     p.add_argument("--device", default="cpu", help="device of every run: cpu, or a GPU (0) for bench/gpu_check.sh")
     a = p.parse_args()
@@ -289,19 +302,24 @@ def main():
         cache.write_text(json.dumps(results, indent=1))
         print(f"  mAP50-95 {results[k]['map']:.4f}, {results[k]['seconds']:.0f} s", flush=True)
 
-    if "centralized" in runs:
+    if "centralized" in runs and set(a.settings) - {"one-1"}:
         cell("all", "centralized", lambda: centralized(demo, test_yaml, total, a.base_model, work, a.seed))
     for setting in a.settings:
         clients = setting_clients(setting, demo, work)
+        if "centralized" in runs and setting == "one-1":
+            cell(setting, "centralized", lambda: centralized(clients, test_yaml, total, a.base_model, work, a.seed))
+        epochs = a.epochs * (len(clients) if a.budget == "deployment" else 1)
         if "naive" in runs and setting == "non-iid-3":
             cell(setting, "naive", lambda: naive(clients, test_yaml, a.rounds, a.epochs, a.base_model, work))
         for run in runs:
             flags = plan(setting, run, variants, explicit=a.runs is not None)
             if flags is None:
                 continue
-            name = f"{setting}-{run}".replace(" ", "-") + (f"-seed{a.seed}" if a.seed else "")
+            run = run + (" (equal deployment time)" if a.budget == "deployment" else "")
+            name = f"{setting}-{run}".replace(" ", "-").replace("(", "").replace(")", "") + (
+                f"-seed{a.seed}" if a.seed else "")
             flags = [*flags, "--seed", str(a.seed)]
-            cell(setting, run, lambda: federated(clients, test_yaml, a.rounds, a.epochs, a.base_model, work, name,
+            cell(setting, run, lambda: federated(clients, test_yaml, a.rounds, epochs, a.base_model, work, name,
                                                  flags))
     text = table(results, a.rounds, a.epochs, a.base_model)
     print(text)
