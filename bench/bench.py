@@ -127,6 +127,55 @@ def partial_client(client, keep, out):
     return out_yaml
 
 
+def other_data(out, n_train=240, n_val=48, seed=7):
+    """Write the pretraining data of the `--pretrained` setting (skipped when there): other backgrounds (gradients,
+    stripes) and classes that partly differ from the demo's (circle, square and a ring; no triangle, no cross)."""
+    import cv2
+    import numpy as np
+
+    from utils.demo import IMG, _color, _draw
+
+    names = ["circle", "square", "ring"]
+    if (out / "data.yaml").is_file():
+        return out / "data.yaml"
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+            t = np.linspace(0, 1, IMG)[:, None] if i % 2 else (np.arange(IMG) // 8 % 2).astype(float)[:, None]
+            img = np.ascontiguousarray(((1 - t) * a + t * b)[None].repeat(IMG, 0).astype(np.uint8))  # gradient/stripes
+            lines = []
+            for k in range(int(rng.integers(1, 4))):
+                r = int(rng.integers(6, 12))
+                cx, cy = (k * 21 + 11, int(rng.integers(r + 1, IMG - r - 1)))  # one column each: never overlapping
+                cls, color = int(rng.integers(0, 3)), _color(rng, img.mean())
+                if cls == 2:
+                    cv2.circle(img, (cx, cy), r, color, 2, cv2.LINE_AA)
+                else:
+                    _draw(img, cls, cx, cy, r, color)
+                lines.append(f"{cls} {cx / IMG:.6f} {cy / IMG:.6f} {2 * r / IMG:.6f} {2 * r / IMG:.6f}")
+            cv2.imwrite(str(out / "images" / split / f"{i:04d}.png"), img)
+            (out / "labels" / split / f"{i:04d}.txt").write_text("\n".join(lines) + "\n")
+    (out / "data.yaml").write_text(yaml.safe_dump({"path": str(out), "train": "images/train", "val": "images/val",
+                                                   "names": dict(enumerate(names))}))
+    return out / "data.yaml"
+
+
+def pretrained_base(work, epochs=30):
+    """Return the `--pretrained` base: yolov8n trained on other_data (batch 8, nbs 8; trained once, then cached)."""
+    import shutil
+
+    pt = work / "other.pt"
+    if not pt.is_file():
+        model = YOLO("yolov8n.yaml")
+        model.train(data=str(other_data(work / "other")), epochs=epochs, val=False, plots=False, project=str(work),
+                    name="other", exist_ok=True, seed=0, **ARGS)
+        shutil.copy(model.trainer.last, pt)
+    return str(pt)
+
+
 def centralized(clients, test_yaml, epochs, base, work, seed=0):
     """Train plain Ultralytics on the union of the clients' train splits; return a result dict."""
     union = clients[0] if len(clients) == 1 else union_yaml(clients, work)
@@ -272,6 +321,9 @@ def main():
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--base-model", default="yolov8n.yaml")
+    p.add_argument("--pretrained", action="store_true",
+                   help="base: yolov8n trained 30 epochs on other data (other backgrounds; circle, square, ring), "
+                        "cached as WORK/other.pt; WORK defaults to runs/bench-pretrained")
     p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=SETTINGS)
     p.add_argument("--runs", nargs="*", default=None, help="runs to measure (default: all)")
     p.add_argument("--extra", nargs="*", default=[], help="NAME=FLAGS: an extra run, e.g. 'mu1=--proximal-mu 1'")
@@ -284,8 +336,10 @@ def main():
     p.add_argument("--device", default="cpu", help="device of every run: cpu, or a GPU (0) for bench/gpu_check.sh")
     a = p.parse_args()
     ARGS["device"] = a.device
-    work = Path(a.work).resolve()
+    work = Path("runs/bench-pretrained" if a.pretrained and a.work == "runs/bench" else a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if a.pretrained:
+        a.base_model = pretrained_base(work)
     cache = work / "results.json"
     results = json.loads(cache.read_text()) if cache.is_file() else {}
     demo, test_yaml = make_demo(work / "demo")
