@@ -233,13 +233,13 @@ class YoloClient(NumPyClient):
     def _own_model(self, spec):
         """Return (architecture, base weights or None, task name) of the model this client trains: the run's, or in a
         federation of mixed tasks its own base model (node config `base-model`, else CLIENT_MODELS[partition-id])."""
-        from utils.model import model_task, read_base
+        from utils.model import model_task, read_base_cached
 
         own = self.base_model or (spec["client_models"][self.partition_id] if spec.get("client_models")
                                   and self.dataset is None else None)
         if not own:
             return spec["model"], None, spec.get("task", "detect")  # a spec made before tasks came: detection
-        arch, weights = read_base(own)
+        arch, weights = read_base_cached(own)
         return arch, weights, model_task(arch).name
 
     def _prepare(self, parameters, config):

@@ -80,6 +80,23 @@ def test_base_model_gives_the_tasks_model(task, task_fed):
         assert list(model.model[-1].kpt_shape) == [4, 3]
 
 
+def test_a_mixed_task_clients_base_model_is_read_once_per_file_version(tmp_path):
+    import shutil
+
+    from utils.model import read_base_cached
+
+    pt = tmp_path / "base.pt"
+    torch.save({"model": build_model(read_base("yolov8n-seg.yaml")[0], NAMES)}, pt)
+    (a, ma), (b, mb) = read_base_cached(pt), read_base_cached(pt)
+    assert mb is ma and a == b and a is not b  # the model read once; each caller gets its own architecture dict
+    a["kpt_shape"] = [4, 3]
+    assert "kpt_shape" not in read_base_cached(pt)[0]
+    shutil.copy(pt, tmp_path / "copy.pt")
+    os.utime(tmp_path / "copy.pt", ns=(1, 1))
+    os.replace(tmp_path / "copy.pt", pt)  # another version of the file: read again
+    assert read_base_cached(pt)[1] is not ma
+
+
 def test_classify_folders_take_the_federations_class_ids(task_fed, tmp_path):
     """A classify client with some of the classes, in another order: its images carry the federation's class ids."""
     from utils.train import train_round

@@ -1,6 +1,7 @@
 """Build the federation's model (any Ultralytics task) from a base .pt or .yaml, adapted to the federation's classes."""
 
 from copy import deepcopy
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -45,6 +46,23 @@ def read_base(base):
         raise ValueError(f"base model {base}: {e}") from None
     cfg.pop("yaml_file", None)  # the architecture alone; it travels to clients, so no local path in it
     return cfg, model
+
+
+@lru_cache(maxsize=4)
+def _read_base_at(base, mtime):
+    """read_base, once per file version (`mtime`) in this process."""
+    return read_base(base)
+
+
+def read_base_cached(base):
+    """Return read_base(base) (a copy of its architecture dict), read once per process while the file is unchanged.
+
+    A client of a mixed-task federation trains its own base model and Flower builds a new client object for every
+    message, so without this every fit and evaluate would load the .pt again.
+    """
+    mtime = Path(base).stat().st_mtime_ns if Path(base).is_file() else None
+    cfg, model = _read_base_at(str(base), mtime)
+    return deepcopy(cfg), model
 
 
 def model_task(cfg):
