@@ -249,8 +249,9 @@ def table(results, rounds, epochs, base):
         f"(cells are cached in runs/bench/results.json; dates in the last column).",
         "",
         "mAP50-95 on the demo's held-out test split. Ratios are to centralized Ultralytics on the union of the same "
-        "images (batch 8, nbs 8, same epochs). Wall: the whole command, Ray start-up included; rounds: the "
-        "federated rounds alone. Bytes: weights sent to plus received from one client in one round. This machine is "
+        "images (one-1: on that client's images; batch 8, nbs 8, same epochs). Wall: the whole command, Ray "
+        "start-up included; rounds: the federated rounds alone. Bytes: weights sent to plus received from one "
+        "client in one round. This machine is "
         "shared and its speed drifts: only wall ratios of cells measured back to back (same date and session, e.g. "
         "centralized and non-iid-3 fedavg) are comparable; mAP is deterministic for a given cell.",
         "",
