@@ -70,7 +70,8 @@ def test_federated_help_lists_every_flag_with_its_meaning_and_default():
 @pytest.mark.parametrize("trained", [False, True])
 def test_warmup_depends_on_the_start(trained):
     # a random init: Ultralytics' warmup, capped to leave the last epoch at full rate; a trained .pt: never capped,
-    # and LR_SCALE times as long with OPTIMIZER=auto (the rate climbs as Ultralytics' own would over its warmup)
+    # and the learning-rate scale (at least 1) times as long with OPTIMIZER=auto (the rate climbs as Ultralytics' own
+    # would over its warmup)
     one = {**federated.DEFAULTS, "NUM_ROUNDS": 1, "EPOCHS": 1}
     assert federated.resolve_optimizer(one, 4, 300, scale=3)["lr0"] == pytest.approx(0.00125 * 3)
     assert federated.resolve_warmup(one, trained, scale=3) == (9.0 if trained else 0.0)
