@@ -237,13 +237,22 @@ def naive(clients, test_yaml, rounds, epochs, base, work):
     return {"map": m, "map50": m50, "seconds": seconds, "bytes": 2 * size}
 
 
-def table(results, rounds, epochs, base):
-    """Return the markdown report of the cached results for these rounds and epochs."""
+def machine(device):
+    """Return the words for where the runs trained: the GPU's name, or the CPU's core count."""
+    if device != "cpu":
+        import torch
+
+        return torch.cuda.get_device_name(int(str(device).split(",")[0].removeprefix("cuda:") or 0))
+    return f"{os.cpu_count()}-core CPU"
+
+
+def table(results, rounds, epochs, base, where):
+    """Return the markdown report of the cached results for these rounds and epochs (trained on `where`)."""
     key = f"{rounds}x{epochs}"
     central = results.get(f"all|centralized|{key}")
     lines = [
         f"# Benchmark: {rounds} rounds x {epochs} local epochs = {rounds * epochs} epochs, base {base}, imgsz 64, "
-        "2-core CPU",
+        f"{where}",
         "",
         f"Command: `python3 bench/bench.py --rounds {rounds} --epochs {epochs}`; each cell one run "
         f"(cells are cached in runs/bench/results.json; dates in the last column).",
@@ -296,7 +305,7 @@ def table(results, rounds, epochs, base):
         names = {"train_time_setup": "client: trainer set-up (dataset scan, dataloaders), per client",
                  "train_time_train": "client: the round's epochs, per client",
                  "time_aggregate": "server: checks + aggregation", "time_save": "server: round npz write",
-                 "time_round": "round, wall (clients run 2 at a time on 2 cores)"}
+                 "time_round": "round, wall (clients in parallel as the run planned them)"}
         lines += [f"| {names.get(k, k)} | {v:.2f} |" for k, v in prof.items()]
     return "\n".join(lines) + "\n"
 
@@ -376,7 +385,7 @@ def main():
             flags = [*flags, "--seed", str(a.seed)]
             cell(setting, run, lambda: federated(clients, test_yaml, a.rounds, epochs, a.base_model, work, name,
                                                  flags))
-    text = table(results, a.rounds, a.epochs, a.base_model)
+    text = table(results, a.rounds, a.epochs, a.base_model, machine(a.device))
     print(text)
     Path(a.out).write_text(text)
 
