@@ -6,14 +6,16 @@ Usage:
 
 Every run starts from the same base model, sees the same image-epochs (every train image ROUNDS x EPOCHS times) and
 is scored on one held-out test split of the demo data (every style and class). Settings (the same train images,
-split five ways):
+split several ways):
 - non-iid-3: the demo federation (3 clients: dark / light / noisy backgrounds, different class mixes and sizes);
 - iid-3, iid-8: the union of the demo clients' images dealt out at random (utils/partition.py --mode iid);
 - non-iid-8, non-iid-16: each demo client split at random into 3, 3 and 2 (6, 5 and 5) clients (the style skew stays,
   the clients shrink);
 - partial-3: iid-3's clients, but each labels only its own classes (PARTIAL): the others are in its images, unlabelled;
 - one-1: the dark client alone (one client is plain Ultralytics: compared with its own `centralized` row, Ultralytics
-  on that client's images with the same batch, nbs and epochs).
+  on that client's images with the same batch, nbs and epochs);
+- iid-1: the union as one client: centralized training cut into ROUNDS rounds (what the round boundaries alone cost:
+  a fresh optimizer and trainer each round, no averaging).
 Budgets: `--budget image-epochs` (the default: every client trains EPOCHS per round, so the federation sees every
 image ROUNDS x EPOCHS times, as centralized does) or `--budget deployment` (each of K clients trains K x EPOCHS per
 round on its share: what parallel sites do in the wall time of one centralized run; rows marked so).
@@ -48,7 +50,7 @@ from utils.export_federated import export  # noqa: E402
 from utils.params import get_weights, save_npz  # noqa: E402
 from utils.strategies import STRATEGIES  # noqa: E402
 
-SETTINGS = ("non-iid-3", "iid-3", "non-iid-8", "iid-8", "partial-3", "non-iid-16", "iid-16", "one-1")
+SETTINGS = ("non-iid-3", "iid-3", "non-iid-8", "iid-8", "partial-3", "non-iid-16", "iid-16", "one-1", "iid-1")
 SPLITS = {"non-iid-8": (3, 3, 2), "non-iid-16": (6, 5, 5)}  # each demo client split IID into this many
 PARTIAL = [["circle", "square"], ["triangle"], ["cross"]]  # partial-3: the classes each client labels
 VARIANTS = {  # name: federated.py flags (run on non-iid-3 unless --settings says otherwise)

@@ -31,6 +31,8 @@ to them (how many updates were clipped, their median norm, the clients' own vali
 
 import numpy as np
 
+from utils.strategies import ROBUST
+
 CLIP_LR = 0.2  # adaptive clipping: the clip moves by exp(-CLIP_LR x (unclipped fraction - DP_QUANTILE)) a round
 COUNT_STD_PER_CLIENT = 1 / 20  # adaptive clipping: the unclipped count gets noise of std clients / 20
 
@@ -44,7 +46,7 @@ def check_privacy(cfg, clients=0):
         return None
     if not 0 < cfg["DP_DELTA"] < 1:
         return f"dp-delta must be in (0, 1) (got {cfg['DP_DELTA']})"
-    if cfg["STRATEGY"] in ("fedmedian", "fedtrimmedavg", "krum"):
+    if cfg["STRATEGY"] in ROBUST:
         return (f"strategy {cfg['STRATEGY']} cannot be used with dp-clip: differential privacy here noises the mean "
                 "of the clipped updates; use fedavg, fedprox, fedavgm, fedadam or fedyogi")
     if cfg["FEDBN"]:

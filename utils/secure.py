@@ -28,6 +28,8 @@ image-count clamp of simulation cannot apply (the weights are inside the masked 
 
 import numpy as np
 
+from utils.strategies import ROBUST
+
 STAT_SCALE = 64.0  # BatchNorm running statistics enter the protocol divided by this, and leave multiplied by it
 FLOWER_MAX_WEIGHT = 1000.0  # Flower's default max_weight, used when the server does not know the clients' sizes
 MOD_RANGE = 2**32  # Flower's modulus: the masked sums wrap around at this; its largest allowed value
@@ -48,7 +50,7 @@ def check_secagg(cfg, clients):
     if clients and clients * cfg["SECAGG_QUANT"] >= MOD_RANGE:
         return (f"secagg-quant ({cfg['SECAGG_QUANT']}) x {clients} clients must stay below 2**32, or the masked sum "
                 "overflows")
-    for bad, why in ((cfg["STRATEGY"] in ("fedmedian", "fedtrimmedavg", "krum"), f"strategy {cfg['STRATEGY']} needs "
+    for bad, why in ((cfg["STRATEGY"] in ROBUST, f"strategy {cfg['STRATEGY']} needs "
                       "every client's update; use fedavg, fedprox, fedavgm, fedadam or fedyogi"),
                      (cfg["POOLED_BN_VAR"], "pooled-bn-var needs each client's BatchNorm means"),
                      (cfg["FP16"] != "off", "fp16 has nothing to do: SecAgg+ sends its own quantized integers")):
