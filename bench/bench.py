@@ -129,39 +129,44 @@ def partial_client(client, keep, out):
     return out_yaml
 
 
-def other_data(out, n_train=240, n_val=48, seed=7):
-    """Write the pretraining data of the `--pretrained` setting (skipped when there): other backgrounds (gradients,
-    stripes) and classes that partly differ from the demo's (circle, square and a ring; no triangle, no cross)."""
+def _other_image(rng, probs, style):
+    """Return one image of the `--pretrained` setting's data and its label lines: a gradient or striped background
+    and 1-3 shapes (circle, square, ring) in separate columns, so they never overlap (`probs` is not used)."""
     import cv2
     import numpy as np
 
     from utils.demo import IMG, _color, _draw
 
-    names = ["circle", "square", "ring"]
+    a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    t = np.linspace(0, 1, IMG)[:, None] if style == "gradient" else (np.arange(IMG) // 8 % 2).astype(float)[:, None]
+    img = np.ascontiguousarray(((1 - t) * a + t * b)[None].repeat(IMG, 0).astype(np.uint8))
+    lines = []
+    for k in range(int(rng.integers(1, 4))):
+        r = int(rng.integers(6, 12))
+        cx, cy = (k * 21 + 11, int(rng.integers(r + 1, IMG - r - 1)))
+        cls, color = int(rng.integers(0, 3)), _color(rng, img.mean())
+        if cls == 2:
+            cv2.circle(img, (cx, cy), r, color, 2, cv2.LINE_AA)
+        else:
+            _draw(img, cls, cx, cy, r, color)
+        lines.append(f"{cls} {cx / IMG:.6f} {cy / IMG:.6f} {2 * r / IMG:.6f} {2 * r / IMG:.6f}")
+    return img, lines
+
+
+def other_data(out, n_train=240, n_val=48, seed=7):
+    """Write the pretraining data of the `--pretrained` setting (skipped when there): other backgrounds (gradients,
+    stripes) and classes that partly differ from the demo's (circle, square and a ring; no triangle, no cross)."""
+    import numpy as np
+
+    from utils.demo import _write_split
+
     if (out / "data.yaml").is_file():
         return out / "data.yaml"
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("val", n_val)):
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-            t = np.linspace(0, 1, IMG)[:, None] if i % 2 else (np.arange(IMG) // 8 % 2).astype(float)[:, None]
-            img = np.ascontiguousarray(((1 - t) * a + t * b)[None].repeat(IMG, 0).astype(np.uint8))  # gradient/stripes
-            lines = []
-            for k in range(int(rng.integers(1, 4))):
-                r = int(rng.integers(6, 12))
-                cx, cy = (k * 21 + 11, int(rng.integers(r + 1, IMG - r - 1)))  # one column each: never overlapping
-                cls, color = int(rng.integers(0, 3)), _color(rng, img.mean())
-                if cls == 2:
-                    cv2.circle(img, (cx, cy), r, color, 2, cv2.LINE_AA)
-                else:
-                    _draw(img, cls, cx, cy, r, color)
-                lines.append(f"{cls} {cx / IMG:.6f} {cy / IMG:.6f} {2 * r / IMG:.6f} {2 * r / IMG:.6f}")
-            cv2.imwrite(str(out / "images" / split / f"{i:04d}.png"), img)
-            (out / "labels" / split / f"{i:04d}.txt").write_text("\n".join(lines) + "\n")
+        _write_split(out, split, n, rng, None, ("stripes", "gradient"), image=_other_image)
     (out / "data.yaml").write_text(yaml.safe_dump({"path": str(out), "train": "images/train", "val": "images/val",
-                                                   "names": dict(enumerate(names))}))
+                                                   "names": dict(enumerate(["circle", "square", "ring"]))}))
     return out / "data.yaml"
 
 

@@ -79,12 +79,13 @@ def _image(rng, probs, style):
     return img, lines
 
 
-def _write_split(root, split, n, rng, probs, styles):
-    """Write n images and labels under root/images/split and root/labels/split."""
+def _write_split(root, split, n, rng, probs, styles, image=None):
+    """Write n images and labels under root/images/split and root/labels/split (`image(rng, probs, style)` draws
+    one image and its label lines; the demo's `_image` unless given)."""
     (root / "images" / split).mkdir(parents=True, exist_ok=True)
     (root / "labels" / split).mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        img, lines = _image(rng, probs, styles[i % len(styles)])
+        img, lines = (image or _image)(rng, probs, styles[i % len(styles)])
         cv2.imwrite(str(root / "images" / split / f"{i:04d}.png"), img)
         (root / "labels" / split / f"{i:04d}.txt").write_text("\n".join(lines) + "\n")
 
