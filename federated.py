@@ -282,10 +282,37 @@ class YoloClient(NumPyClient):
         partial = spec["partial_labels"] and len(classes) < len(names)
         return spec, dataset, data_yaml, model, classes if partial else None
 
-    def _personal_file(self, dataset, spec):
-        """Return where this client writes its personalized model under SHARE (None: a SuperNode without save-dir)."""
+    def _personal_file(self, dataset, spec, suffix=".pt"):
+        """Return where this client writes its own files (None: a SuperNode without save-dir): its personalized
+        model under SHARE (`.pt`), its optimizer state under KEEP_OPTIMIZER (`.optimizer.npz`)."""
         folder = self.save_dir or (spec["clients_dir"] if self.dataset is None else None)
-        return Path(folder) / f"{client_label(dataset)}.pt" if folder else None
+        return Path(folder) / f"{client_label(dataset)}{suffix}" if folder else None
+
+    def _kept_optimizer(self, dataset, spec, config):
+        """Return (keys, arrays) of this client's optimizer state at the end of its last round, or None (a fresh
+        optimizer): from its file (see _keep_optimizer), else from its Context state."""
+        path = self._personal_file(dataset, spec, ".optimizer.npz")
+        if int(config.get("start-epoch", 0)) > 0 and path is not None and path.is_file():
+            keys, *arrays = load_npz(path)
+            return [str(k) for k in keys], arrays
+        if "optimizer" in self.state:
+            return self.state["optimizer-keys"]["keys"].split(","), self.state["optimizer"].to_numpy_ndarrays()
+        return None
+
+    def _keep_optimizer(self, keys, arrays, dataset, spec):
+        """Keep this round's optimizer state for the next round: in the client's file where it has a folder (the
+        simulation's SAVE_DIR/clients, a SuperNode's save-dir), so that the state costs no memory between rounds and
+        a resumed run continues with it (a fresh run removes the files it finds, see make_strategy); else in its
+        Context state, in memory."""
+        path = self._personal_file(dataset, spec, ".optimizer.npz")
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_npz(path, [np.array(keys), *arrays])
+            return
+        from flwr.common import ArrayRecord, ConfigRecord
+
+        self.state["optimizer"] = ArrayRecord(numpy_ndarrays=arrays)
+        self.state["optimizer-keys"] = ConfigRecord({"keys": ",".join(keys)})
 
     def _own_parts(self, model, parameters, dataset, spec, config):
         """Return the full weights of this client under SHARE: the shared entries as sent, the others its own.
@@ -328,18 +355,13 @@ class YoloClient(NumPyClient):
         if spec.get("min_steps"):  # the server always sends nbs with min_steps; 64 is Ultralytics' own default
             hyp.update(client_batch(hyp["batch"], hyp.get("nbs", 64), self.train_images, spec["min_steps"]))
         keep = spec["keep_optimizer"] and self.state is not None
-        saved = None
-        if keep and "optimizer" in self.state:
-            saved = (self.state["optimizer-keys"]["keys"].split(","), self.state["optimizer"].to_numpy_ndarrays())
+        saved = self._kept_optimizer(dataset, spec, config) if keep else None
         out = train_round(model, data_yaml, config["start-epoch"], config["epochs"], config["total-epochs"], hyp,
                           proximal_mu=float(config["proximal-mu"]), classes=classes, optimizer_state=saved,
                           label=client_label(dataset))
         keys, arrays = out.pop("optimizer_state")
         if keep and keys:
-            from flwr.common import ArrayRecord, ConfigRecord
-
-            self.state["optimizer"] = ArrayRecord(numpy_ndarrays=arrays)
-            self.state["optimizer-keys"] = ConfigRecord({"keys": ",".join(keys)})
+            self._keep_optimizer(keys, arrays, dataset, spec)
         weights = get_weights(model)
         if not all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
             raise RuntimeError("local training produced NaN/Inf weights; the update is withheld")
@@ -897,6 +919,8 @@ def make_strategy(cfg, run):
     write_config(cfg, run["spec"])  # on resume too: the settings it continues with (NUM_ROUNDS may have grown)
     if not run["offset"]:
         (save_dir / "metrics.csv").unlink(missing_ok=True)
+        for f in (save_dir / "clients").glob("*.optimizer.npz"):  # an overwritten run's: never continued from
+            f.unlink()
     n = cfg["MIN_CLIENTS"] or len(run["spec"]["datasets"])
     if cfg["DP_CLIP"]:
         log(INFO, "differential privacy: each client's change clipped to norm %g, noise std %g / clients; %d rounds "

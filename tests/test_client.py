@@ -42,8 +42,21 @@ def test_fedbn_client_trains_from_its_own_batchnorm(tiny_fed, tmp_path):
 def test_kept_optimizer_state_reaches_the_next_round(tiny_fed, tmp_path):
     client, config, run = _client_and_config(tiny_fed, tmp_path, keep_optimizer=True)
     weights, _, first = client.fit(run["initial"], config(1))
-    assert first["optimizer_kept"] == 0 and "optimizer" in client.state
-    _, _, second = client.fit(weights, config(2))
+    saved = tmp_path / "r" / "clients" / "dark.optimizer.npz"  # a simulated client keeps it in SAVE_DIR/clients
+    assert first["optimizer_kept"] == 0 and saved.is_file() and "optimizer" not in client.state
+    weights, _, second = client.fit(weights, config(2))
+    assert second["optimizer_kept"] == 1
+
+    restarted = federated.YoloClient(partition_id=0, state=RecordDict())  # a resumed run: a new process, no state
+    _, _, third = restarted.fit(weights, config(3))
+    assert third["optimizer_kept"] == 1
+    _, _, first_again = federated.YoloClient(partition_id=0, state=RecordDict()).fit(run["initial"], config(1))
+    assert first_again["optimizer_kept"] == 0  # round 1 of a run never continues an earlier run's optimizer
+
+    node = federated.YoloClient(dataset=str(tiny_fed[0][1]), state=RecordDict())  # a SuperNode without save-dir
+    weights, _, first = node.fit(run["initial"], config(1))
+    assert first["optimizer_kept"] == 0 and "optimizer" in node.state  # in its memory
+    _, _, second = node.fit(weights, config(2))
     assert second["optimizer_kept"] == 1
 
 

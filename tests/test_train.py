@@ -211,6 +211,37 @@ def test_optimizer_state_continues_into_the_next_round(data_yaml, tiny_model):
     assert fresh["optimizer_kept"] == 0  # a state that does not fit the optimizer is not loaded
 
 
+def test_musgd_state_of_every_group_survives_the_round_trip():
+    """MuSGD (Ultralytics' optimizer past 10,000 iterations) keeps other buffers for its Muon group than for its SGD
+    groups; the kept state must hold every group's, or the next round's first step fails on a missing buffer."""
+    from ultralytics.optim import MuSGD
+
+    from utils.train import get_optimizer_state, set_optimizer_state
+
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        conv, bn = net[0], net[1]
+        groups = [{"params": [bn.weight, bn.bias, conv.bias]}, {"params": [conv.weight], "use_muon": True}]
+        return net, MuSGD(groups, lr=0.01, momentum=0.9)
+
+    def step(net, opt):
+        opt.zero_grad()
+        net(torch.ones(2, 3, 8, 8)).square().mean().backward()
+        opt.step()
+
+    net, opt = make()
+    step(net, opt)
+    keys, arrays = get_optimizer_state(opt)
+    assert keys == ["momentum_buffer", "momentum_buffer_SGD"]  # the SGD groups' parameter came first
+    net2, opt2 = make()
+    net2.load_state_dict(net.state_dict())
+    assert set_optimizer_state(opt2, keys, arrays)
+    step(net, opt)
+    step(net2, opt2)  # failed on the Muon weight's missing momentum_buffer_SGD when only the first weight's keys were kept
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))
+
+
 def test_a_small_client_halves_its_batch_until_an_epoch_makes_enough_steps():
     assert client_batch(8, 8, 96, 6) == {"batch": 8, "nbs": 8}  # 12 steps already
     assert client_batch(8, 8, 24, 6) == {"batch": 4, "nbs": 4}  # 3 steps -> 6

@@ -72,21 +72,27 @@ class ProximalLoss:
 def get_optimizer_state(optimizer):
     """Return (state keys, arrays): the optimizer's per-weight state (Adam moments, step) in parameter order."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    keys = sorted(next((optimizer.state[p] for p in params if optimizer.state[p]), {}))
-    zero = {k: 0.0 if k == "step" else None for k in keys}  # a weight without state (frozen): zeros, step 0
-    return keys, [torch.as_tensor(optimizer.state[p].get(k, zero[k] if k == "step" else torch.zeros_like(p)))
+    keys = sorted({k for p in params for k in optimizer.state[p]})  # all weights' keys (MuSGD's groups differ)
+    # a weight without some key (frozen, or another group's buffer): zeros, step 0
+    return keys, [torch.as_tensor(optimizer.state[p].get(k, 0.0 if k == "step" else torch.zeros_like(p)))
                   .detach().cpu().numpy().copy() for p in params for k in keys]
 
 
 def set_optimizer_state(optimizer, keys, arrays):
     """Load state saved by get_optimizer_state into a fresh optimizer of the same model; False if it does not fit."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    params = [(p, g) for g in optimizer.param_groups for p in g["params"]]
     if not keys or len(arrays) != len(params) * len(keys):
         return False
-    for i, p in enumerate(params):
-        state = {k: torch.tensor(arrays[i * len(keys) + j], device=p.device) for j, k in enumerate(keys)}  # a copy
-        if any(v.shape != p.shape for k, v in state.items() if k != "step"):
-            return False
+    states = []
+    for i, (p, g) in enumerate(params):
+        # a copy, where torch keeps it: the step count on the CPU unless the optimizer is fused (Ultralytics' Adam and
+        # AdamW on CUDA) or capturable
+        step_device = p.device if g.get("fused") or g.get("capturable") else "cpu"
+        states.append({k: torch.tensor(arrays[i * len(keys) + j], device=step_device if k == "step" else p.device)
+                       for j, k in enumerate(keys)})
+        if any(v.shape != p.shape for k, v in states[-1].items() if k != "step"):
+            return False  # nothing loaded: the optimizer stays fresh
+    for (p, _), state in zip(params, states):
         optimizer.state[p] = state
     return True
 
