@@ -238,7 +238,7 @@ def test_musgd_state_of_every_group_survives_the_round_trip():
     net2.load_state_dict(net.state_dict())
     assert set_optimizer_state(opt2, keys, arrays)
     step(net, opt)
-    step(net2, opt2)  # failed on the Muon weight's missing momentum_buffer_SGD when only the first weight's keys were kept
+    step(net2, opt2)  # failed on the Muon weight's missing momentum_buffer_SGD when only the first weight's keys came
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))
 
 
