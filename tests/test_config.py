@@ -84,17 +84,19 @@ def test_warmup_depends_on_the_start(trained):
 def test_learning_rate_scale_is_derived_from_the_clients_image_counts():
     # the ratio of a centralized epoch's optimizer steps (one per max(BATCH, NBS) of all images) to the image-
     # weighted mean of the clients' steps per epoch (their own batch after MIN_STEPS)
-    cfg = dict(federated.DEFAULTS)  # LR_SCALE 0: derived; BATCH = NBS = 8, MIN_STEPS 6
+    cfg = {**federated.DEFAULTS, "BATCH": 8, "NBS": 8, "MIN_STEPS": 6}  # LR_SCALE 0: derived, at most LR_SCALE_MAX 4
     scale = federated.resolve_lr_scale
     assert scale(cfg, [96], 1) == 1.0  # one client: plain Ultralytics
     assert scale(cfg, [200, 200, 200], 3) == 3.0  # K equal clients at the same batch: K
-    assert scale(cfg, [100] * 8, 8) == 8.0
+    assert scale(cfg, [100] * 8, 8) == 4.0  # 8, capped at LR_SCALE_MAX
+    assert scale({**cfg, "LR_SCALE_MAX": 10.0}, [100] * 8, 8) == 8.0
     assert scale(cfg, [96, 72, 48], 3) == pytest.approx(216**2 / (96**2 + 72**2 + 48**2), abs=0.01)  # 2.79
     # 8 clients of 27 images halve their batch to 4 (6.75 steps each): half of 8
     assert scale(cfg, [27] * 8, 8) == 4.0
-    assert scale({**cfg, "MIN_STEPS": 0}, [27] * 8, 8) == 8.0
+    assert scale({**cfg, "MIN_STEPS": 0}, [27] * 8, 8) == 4.0  # 8, capped
     assert scale({**cfg, "LR_SCALE": 2.5}, [27] * 8, 8) == 2.5  # set: as given
-    assert scale(cfg, [], 5) == 5.0  # a deployment: the sizes are on the SuperNodes, K equal clients assumed
+    assert scale(cfg, [], 3) == 3.0  # a deployment: the sizes are on the SuperNodes, K equal clients assumed
+    assert scale(cfg, [], 5) == 4.0  # capped
     run = federated.prepare({**cfg, "DATASETS": [], "NAMES": ["a"], "MIN_CLIENTS": 4, "SAVE_DIR": "/nonexistent/x"})
     assert run["spec"]["lr_scale"] == 4.0 and run["spec"]["hyp"]["lr0"] == pytest.approx(0.002 * 5 / 5 * 4)
 
