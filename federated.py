@@ -362,7 +362,7 @@ class YoloClient(NumPyClient):
         saved = self._kept_optimizer(dataset, spec, config) if keep else None
         out = train_round(model, data_yaml, config["start-epoch"], config["epochs"], config["total-epochs"], hyp,
                           proximal_mu=float(config["proximal-mu"]), classes=classes, optimizer_state=saved,
-                          label=client_label(dataset))
+                          label=client_label(dataset), return_state=keep)
         keys, arrays = out.pop("optimizer_state")
         if keep and keys:
             self._keep_optimizer(keys, arrays, dataset, spec)

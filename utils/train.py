@@ -123,7 +123,7 @@ def client_batch(batch, nbs, images, min_steps):
 
 
 def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callbacks=None, proximal_mu=0.0,
-                classes=None, optimizer_state=None, label=None):
+                classes=None, optimizer_state=None, label=None, return_state=True):
     """Train `model` in place for one round of the federation's schedule.
 
     Args:
@@ -140,12 +140,14 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         optimizer_state (tuple | None): (keys, arrays) of this client's optimizer at the end of its last round, to
             continue with (Adam moments); None: a fresh optimizer.
         label (str | None): the client's name; with it, one progress line per local epoch is logged.
+        return_state (bool): copy the optimizer's state out for the next round (about twice the model's size);
+            False when the client does not keep it.
 
     Returns:
         (dict): `train_images` (the FedAvg weight), the mean train losses of the round's last epoch, `lr` (the
             learning rate of the weights at the end of the round), seconds spent: `time_setup` (trainer,
             dataset scan, dataloaders) and `time_train` (the epochs), `optimizer_state` (keys, arrays) to pass to
-            the next round, `optimizer_kept` (1 if `optimizer_state` was loaded) and on CUDA `gpu_mem` (peak MB).
+            the next round (empty lists without `return_state`), `optimizer_kept` (1 if `optimizer_state` was loaded) and on CUDA `gpu_mem` (peak MB).
     """
     no_downloads()
     t0, marks = time.time(), {}
@@ -203,4 +205,5 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
             losses["gpu_mem"] = torch.cuda.max_memory_reserved(trainer.device) / 2**20
         return {"train_images": len(trainer.train_loader.dataset), **losses, "lr": lr, "batch": trainer.batch_size,
                 "time_setup": marks["setup"] - t0, "time_train": t1 - marks["setup"],
-                "optimizer_state": get_optimizer_state(trainer.optimizer), "optimizer_kept": int(marks["kept"])}
+                "optimizer_state": get_optimizer_state(trainer.optimizer) if return_state else ([], []),
+                "optimizer_kept": int(marks["kept"])}
