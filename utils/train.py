@@ -147,7 +147,8 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         (dict): `train_images` (the FedAvg weight), the mean train losses of the round's last epoch, `lr` (the
             learning rate of the weights at the end of the round), seconds spent: `time_setup` (trainer,
             dataset scan, dataloaders) and `time_train` (the epochs), `optimizer_state` (keys, arrays) to pass to
-            the next round (empty lists without `return_state`), `optimizer_kept` (1 if `optimizer_state` was loaded) and on CUDA `gpu_mem` (peak MB).
+            the next round (empty lists without `return_state`), `optimizer_kept` (1 if `optimizer_state` was
+            loaded) and on CUDA `gpu_mem` (peak MB).
     """
     no_downloads()
     t0, marks = time.time(), {}
