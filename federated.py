@@ -167,14 +167,14 @@ def resolve_lr_scale(cfg, sizes, clients):
     """
     if cfg["LR_SCALE"]:
         return float(cfg["LR_SCALE"])
-    if not sizes:
-        return min(float(clients), cfg["LR_SCALE_MAX"])
     from utils.train import client_batch
 
-    total = sum(sizes)
-    steps = [n / max(client_batch(cfg["BATCH"], cfg["NBS"], n, cfg["MIN_STEPS"]).values()) for n in sizes]
-    fedavg = sum(n / total * s for n, s in zip(sizes, steps))
-    return round(min(total / max(cfg["BATCH"], cfg["NBS"]) / fedavg, cfg["LR_SCALE_MAX"]), 2)
+    scale = float(clients)
+    if sizes:
+        total = sum(sizes)
+        steps = [n / max(client_batch(cfg["BATCH"], cfg["NBS"], n, cfg["MIN_STEPS"]).values()) for n in sizes]
+        scale = total / max(cfg["BATCH"], cfg["NBS"]) / sum(n / total * s for n, s in zip(sizes, steps))
+    return round(min(scale, cfg["LR_SCALE_MAX"]), 2)
 
 
 def resolve_optimizer(cfg, nc, train_images, scale=1.0):
