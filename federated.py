@@ -470,7 +470,7 @@ class SaveFedAvg(FedAvg):
         """Return the run's round number of Flower's `server_round`."""
         return server_round + self.run["offset"]
 
-    def _config(self, server_round):
+    def round_config(self, server_round):
         """Return what every client needs this round to continue the one training schedule."""
         r, e = self._round(server_round), self.cfg["EPOCHS"]
         mu = self.cfg["PROXIMAL_MU"] if self.cfg["STRATEGY"] == "fedprox" else 0.0
@@ -491,13 +491,13 @@ class SaveFedAvg(FedAvg):
         sent = self._sent(everything=server_round == 1 and not self.mixed)  # mixed: heads start from their own
         params = ndarrays_to_parameters(to_half(sent) if self.cfg["FP16"] == "both" else sent)
         self.pending["bytes_down"] = sum(len(t) for t in params.tensors)
-        return [(c, type(ins)(params, self._config(server_round)))
+        return [(c, type(ins)(params, self.round_config(server_round)))
                 for c, ins in super().configure_fit(server_round, parameters, client_manager)]
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         """Send the new global weights (under SHARE: the shared parts) for validation on each client's val split."""
         params = ndarrays_to_parameters(self._sent())
-        return [(c, type(ins)(params, self._config(server_round)))
+        return [(c, type(ins)(params, self.round_config(server_round)))
                 for c, ins in super().configure_evaluate(server_round, parameters, client_manager)]
 
     def aggregate_fit(self, server_round, results, failures):
