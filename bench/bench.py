@@ -60,9 +60,9 @@ VARIANTS = {  # name: federated.py flags (run on non-iid-3 unless --settings say
     "fedavg pooled-bn-var": ["--pooled-bn-var"],
     "fedavg keep-optimizer": ["--keep-optimizer"],
     "fedavg no partial-label mask": ["--partial-labels", "false"],
-    "fedavg dp clip 100 no noise": ["--dp-clip", "100", "--dp-noise", "0"],  # README "Privacy": clipping's cost
+    "fedavg dp clip 100 no noise": ["--dp-clip", "100", "--dp-noise", "0"],  # bench/privacy.md: clipping's cost
     "fedavg dp clip 100 noise 0.01": ["--dp-clip", "100", "--dp-noise", "0.01"],
-    "fedavg secagg": ["--secagg"],  # README "Secure aggregation (SecAgg+)": its cost in mAP, seconds and bytes
+    "fedavg secagg": ["--secagg"],  # bench/privacy.md: SecAgg+'s cost in mAP, seconds and bytes
     "fedavg secagg dp clip 100 no noise": ["--secagg", "--dp-clip", "100", "--dp-noise", "0"],
 }
 ARGS = {"imgsz": 64, "batch": 8, "nbs": 8, "workers": 0, "device": "cpu"}  # federated.py's defaults, for all

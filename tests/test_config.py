@@ -6,6 +6,7 @@ import pytest
 
 import federated
 from tests.conftest import ROOT
+from utils import schedule
 from utils.config import coerce, get_args_parser, resolve, setting_help
 
 
@@ -37,21 +38,33 @@ def test_run_config_strings_and_type_errors():
 
 
 def test_help_shows_every_setting_with_its_comment_and_default():
-    helps = setting_help(ROOT / "federated.py")
+    helps, groups = setting_help(ROOT / "federated.py")
     assert [k for k in federated.DEFAULTS if not helps.get(k)] == []
-    text = " ".join(get_args_parser(federated.DEFAULTS, "", helps).format_help().split())  # unwrapped
+    assert [k for k in federated.DEFAULTS if not groups.get(k)] == []  # every setting sits under a header
+    text = " ".join(get_args_parser(federated.DEFAULTS, "", helps, groups).format_help().split())  # unwrapped
     assert "--num-rounds INT federated rounds (default: 15)" in text
     assert "--save-dir STR folder for round{N}.npz" in text and "(default: runs/federated)" in text
     assert text.count("(default: ") == len(federated.DEFAULTS)
+    # a comment continued on the next lines is shown whole
+    assert "its task (detect, segment, pose, obb, classify) is the run's; adapted to the datasets' classes" in text
+    assert "halves BATCH and NBS (down to 2) until an epoch makes this many optimizer steps" in text
+    # grouped as the constants are: the everyday groups first, then the expert ones
+    titles = ["Run:", "Data and model:", "Federation:", "Training", "Strategy", "Privacy", "Communication:",
+              "Advanced training", "Advanced run:"]
+    assert [text.index(t) for t in titles] == sorted(text.index(t) for t in titles)
+    body = text[text.index("options:"):]  # below the usage line
+    assert body.index("--num-rounds") < body.index("Data and model:") < body.index("--base-model")
 
 
 def test_setting_help_reads_only_top_level_upper_case_comments(tmp_path):
     f = tmp_path / "settings.py"
     f.write_text('A = 1  # (int) first\nB = "x # y"  # (str) hash inside the value\nlower = 2  # not a setting\n'
                  'C = 3\nD = {"k": 1,\n     "j": 2}  # (dict) spans lines\nif True:\n    E = 4  # indented\n'
-                 'F = 5  # 100% sure\n')
-    helps = setting_help(f)
-    assert helps == {"A": "first", "B": "hash inside the value", "D": "spans lines", "F": "100% sure"}
+                 'F = 5  # 100% sure\n# --- Later ---\nG = 6  # (int) a comment\n#          on two lines\n# not G\n')
+    helps, groups = setting_help(f)
+    assert helps == {"A": "first", "B": "hash inside the value", "D": "spans lines", "F": "100% sure",
+                     "G": "a comment on two lines"}
+    assert groups == {"G": "Later"}
     text = " ".join(get_args_parser({"A": 1, "C": 3, "F": 5}, "", helps).format_help().split())
     assert "--a INT first (default: 1)" in text and "--c INT (default: 3)" in text and "100% sure (default: 5)" in text
 
@@ -73,19 +86,19 @@ def test_warmup_depends_on_the_start(trained):
     # and the learning-rate scale (at least 1) times as long with OPTIMIZER=auto (the rate climbs as Ultralytics' own
     # would over its warmup)
     one = {**federated.DEFAULTS, "NUM_ROUNDS": 1, "EPOCHS": 1}
-    assert federated.resolve_optimizer(one, 4, 300, scale=3)["lr0"] == pytest.approx(0.00125 * 3)
-    assert federated.resolve_warmup(one, trained, scale=3) == (9.0 if trained else 0.0)
-    assert federated.resolve_warmup({**one, "NUM_ROUNDS": 15, "EPOCHS": 2}, trained, 3) == (9.0 if trained else 3.0)
-    assert federated.resolve_warmup(one, trained, scale=0.5) == (3.0 if trained else 0.0)  # never shorter
+    assert schedule.resolve_optimizer(one, 4, 300, scale=3)["lr0"] == pytest.approx(0.00125 * 3)
+    assert schedule.resolve_warmup(one, trained, scale=3) == (9.0 if trained else 0.0)
+    assert schedule.resolve_warmup({**one, "NUM_ROUNDS": 15, "EPOCHS": 2}, trained, 3) == (9.0 if trained else 3.0)
+    assert schedule.resolve_warmup(one, trained, scale=0.5) == (3.0 if trained else 0.0)  # never shorter
     explicit = {**one, "OPTIMIZER": "SGD", "NUM_ROUNDS": 4}
-    assert federated.resolve_warmup(explicit, trained, 3) == 3.0  # no scale applies to an explicit optimizer
+    assert schedule.resolve_warmup(explicit, trained, 3) == 3.0  # no scale applies to an explicit optimizer
 
 
 def test_learning_rate_scale_is_derived_from_the_clients_image_counts():
     # the ratio of a centralized epoch's optimizer steps (one per max(BATCH, NBS) of all images) to the image-
     # weighted mean of the clients' steps per epoch (their own batch after MIN_STEPS)
     cfg = {**federated.DEFAULTS, "BATCH": 8, "NBS": 8, "MIN_STEPS": 6}  # LR_SCALE 0: derived, at most LR_SCALE_MAX 4
-    scale = federated.resolve_lr_scale
+    scale = schedule.resolve_lr_scale
     assert scale(cfg, [96], 1) == 1.0  # one client: plain Ultralytics
     assert scale(cfg, [200, 200, 200], 3) == 3.0  # K equal clients at the same batch: K
     assert scale(cfg, [100] * 8, 8) == 4.0  # 8, capped at LR_SCALE_MAX

@@ -50,7 +50,7 @@ class Deployment:
         c = self.certs
         cmd = [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile",
                str(c / "server.pem"), "--ssl-keyfile", str(c / "server.key"), "--port", str(self.port),
-               "--disable-runtime-dependency-installation"]  # in-memory state: see the README's deployment notes
+               "--disable-runtime-dependency-installation"]  # in-memory state: see docs/deployment.md
         p = self._start("superlink", cmd + (["--enable-supernode-auth"] if self.auth else []))
         deadline = time.time() + 90
         while time.time() < deadline:

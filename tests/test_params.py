@@ -140,7 +140,7 @@ def test_strategy_skips_round_below_min_updates_and_survives_full_disk(tmp_path,
     kept = parameters_to_ndarrays(params)  # one valid update < min-updates 2: the global model is kept
     assert all(np.array_equal(a, b) for a, b in zip(kept, ref))
     assert all(np.array_equal(a, b) for a, b in zip(load_npz(tmp_path / "round1.npz"), ref))
-    assert strategy.pending["updates"] == 1
+    assert strategy.record.pending["updates"] == 1
 
     before = (tmp_path / "round1.npz").read_bytes()
 

@@ -168,7 +168,7 @@ def test_evaluation_leaves_the_global_parameters_untouched(tiny_fed, tiny_model,
     strategy = federated.SaveFedAvg(settings, run)
     save_npz(tmp_path / "round1.npz", sent)
     loss, m = strategy.evaluate(1, ndarrays_to_parameters(sent))
-    assert "map50_95" in m and strategy.pending["server_map50_95"] == m["map50_95"]
+    assert "map50_95" in m and strategy.record.pending["server_map50_95"] == m["map50_95"]
     for arrays in (load_npz(tmp_path / "round1.npz"), strategy.current):
         assert all(np.array_equal(a, b) for a, b in zip(arrays, copy))
 

@@ -11,13 +11,15 @@ import hashlib
 import json
 import os
 import shutil
+from logging import WARNING
 from pathlib import Path
 
 import yaml
 from ultralytics.data.utils import img2label_paths
 
 from utils.atomic import atomic_write_text
-from utils.datasets import image_files
+from utils.console import log
+from utils.datasets import client_label, image_files
 
 VIEW_SPLITS = ("train", "val", "test")
 MANIFEST = "view.json"
@@ -64,6 +66,25 @@ def union_names(checks, files):
             else:
                 first[_key(name)] = name, file
     return names, notes
+
+
+def federation_names(checks, files, given):
+    """Return the federation's classes: `given` (NAMES, the user's list and order, which must hold every dataset's
+    classes), else the union of the datasets' names; log the notes on suspicious names. ValueError with one sentence.
+    """
+    names, notes = union_names(checks, files) if checks else (given, [])
+    for note in notes:
+        log(WARNING, "%s", note)
+    missing = [n for n in names if n not in given]
+    if given and missing:
+        raise ValueError(f"names {given} lack the classes {missing} of the datasets")
+    return given or names
+
+
+def view_folder(root, dataset, names):
+    """Return the work folder of a client's dataset view: one per dataset and class list, under `root`."""
+    key = hashlib.sha1(json.dumps([str(Path(dataset).resolve()), names]).encode()).hexdigest()[:10]
+    return Path(root) / f"{client_label(dataset)}-{key}"
 
 
 def class_map(client_names, global_names):

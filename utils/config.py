@@ -60,44 +60,62 @@ def coerce(name, value, default):
 
 
 def setting_help(path):
-    """Return {NAME: comment} for the top-level UPPER_CASE assignments of a settings file that end in a comment.
+    """Return the comments and groups of the top-level UPPER_CASE assignments of a settings file.
 
-    A line `NUM_ROUNDS = 15  # (int) federated rounds` gives {"NUM_ROUNDS": "federated rounds"}: the leading
-    `(type)` is dropped, as the flag's metavar shows the type.
+    A line `NUM_ROUNDS = 15  # (int) federated rounds` gives "federated rounds": the leading `(type)` is dropped, as
+    the flag's metavar shows the type. A comment continued on the next lines (comment-only lines indented after the
+    `#`) is read whole. A ruler comment `# --- Run ---` starts a group: the settings below it, up to the next ruler.
 
     Args:
         path (str | Path): a Python file such as federated.py.
 
     Returns:
-        (dict[str, str]): one entry per commented setting, in file order.
+        (tuple[dict[str, str], dict[str, str]]): {NAME: comment} and {NAME: group title}, in file order.
     """
     source = Path(path).read_text(encoding="utf-8")
-    comments = {t.start[0]: t.string for t in tokenize.generate_tokens(io.StringIO(source).readline)
-                if t.type == tokenize.COMMENT}
-    out = {}
+    comments = {t.start[0]: (t.string, t.line.strip() == t.string.strip())
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    rulers = {n: m.group(1).strip() for n, (c, alone) in comments.items()
+              if alone and (m := re.match(r"#\s*-{3}\s*([^-].*?)\s*-*$", c))}
+    helps, groups = {}, {}
     for node in ast.parse(source).body:
         targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
-        comment = comments.get(node.end_lineno)
-        for t in targets:
-            if isinstance(t, ast.Name) and t.id.isupper() and comment:
-                out[t.id] = re.sub(r"^#\s*(\([^)]*\)\s*)?", "", comment).strip()
-    return out
+        names = [t.id for t in targets if isinstance(t, ast.Name) and t.id.isupper()]
+        if not names or node.end_lineno not in comments:
+            continue
+        text, line = [re.sub(r"^#\s*(\([^)]*\)\s*)?", "", comments[node.end_lineno][0]).strip()], node.end_lineno + 1
+        while line in comments and comments[line][1] and re.match(r"#\s{2,}\S", comments[line][0]):
+            text.append(comments[line][0].lstrip("#").strip())
+            line += 1
+        group = next((rulers[n] for n in range(node.lineno - 1, 0, -1) if n in rulers), None)
+        for name in names:
+            helps[name] = " ".join(text)
+            if group:
+                groups[name] = group
+    return helps, groups
 
 
-def get_args_parser(defaults, description="", helps=None):
+def get_args_parser(defaults, description="", helps=None, groups=None):
     """Return an argparse parser with one `--flag` per constant in `defaults`, each showing its help and default.
+
+    Flags must be given whole: a prefix (`--num-round`) is an error, never taken for the flag it starts.
 
     Args:
         defaults (dict): constant name -> default value (its type is the flag's type).
         description (str): the text above the flags.
-        helps (dict[str, str] | None): constant name -> one-line description (see `setting_help`).
+        helps (dict[str, str] | None): constant name -> its description (see `setting_help`).
+        groups (dict[str, str] | None): constant name -> the title of its group in `--help`.
 
     Returns:
-        (argparse.ArgumentParser): `--help` prints every flag as `description (default: value)`.
+        (argparse.ArgumentParser): `--help` prints every flag as `description (default: value)`, by group.
     """
-    helps = helps or {}
-    parser = argparse.ArgumentParser(description=description)
+    helps, groups = helps or {}, groups or {}
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    sections = {}
     for name, default in defaults.items():
+        title = groups.get(name)
+        if title not in sections:
+            sections[title] = parser.add_argument_group(title) if title else parser
         kw = {"default": default, "dest": name, "metavar": type(default).__name__.upper()}
         shown = '""' if default == "" else default  # written here, as ArgumentDefaultsHelpFormatter skips empty helps
         kw["help"] = f"{helps.get(name, '')} (default: {shown})".strip().replace("%", "%%")
@@ -105,7 +123,7 @@ def get_args_parser(defaults, description="", helps=None):
             kw.update(nargs="?", const=True)
         elif isinstance(default, list):
             kw.update(nargs="*")
-        parser.add_argument(f"--{flag(name)}", **kw)
+        sections[title].add_argument(f"--{flag(name)}", **kw)
     return parser
 
 

@@ -7,6 +7,7 @@ with train/ and val/ (or validation/, valid/), each holding one folder of images
 import glob
 import json
 import os
+from copy import deepcopy
 from pathlib import Path
 
 import yaml
@@ -197,6 +198,35 @@ def check_dataset(file, task="detect"):
         "val_images": len(images["val"]),
         "labelled_images": _labelled(images["train"], file, task, data.get("kpt_shape")),
     }
+
+
+def _version(path):
+    """Return a path's modification time (None if it is gone): what tells a changed dataset from a checked one."""
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+_CHECKED = {}  # (data.yaml as given, task) -> (its check, the versions it was made at)
+
+
+def check_dataset_cached(file, task="detect"):
+    """Return check_dataset(file, task) (a copy), checked again only when the data.yaml or a split folder changed.
+
+    Flower builds a new client object for every message; without this every fit and evaluate would read every label
+    file of the client's train split again. Images added or removed (or a split folder gone) change a split folder's
+    modification time, which checks the dataset again; a label file edited in place during a run is read by
+    Ultralytics' own scan, not here.
+    """
+    key = (str(file), task)
+    hit = _CHECKED.get(key)
+    if hit is None or any(_version(p) != v for p, v in hit[1]):
+        check = check_dataset(file, task)
+        splits = [check["yaml"][s] for s in SPLITS]
+        paths = [file, *(p for s in splits for p in (s if isinstance(s, list) else [s]))]
+        hit = _CHECKED[key] = check, [(p, _version(p)) for p in paths]
+    return deepcopy(hit[0])
 
 
 def check_federation(files, task="detect"):

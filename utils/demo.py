@@ -236,6 +236,17 @@ def make_demo(out_dir, seed=0, n_train=None, n_val=None, task="detect"):
     return yamls, test_yaml
 
 
+def demo_datasets(folder, seed, tasks):
+    """Generate the demo federation (3 clients) under `folder` for one task per client; return their datasets.
+
+    Tasks other than detect get their own folder, `folder`-<task>.
+    """
+    if len(tasks) > 3:
+        raise ValueError(f"the demo federation has 3 clients, client-models names {len(tasks)}: give datasets too")
+    where = {t: folder if t == "detect" else f"{folder}-{t}" for t in tasks}
+    return [str(make_demo(where[t], seed=seed, task=t)[0][i]) for i, t in enumerate(tasks)]
+
+
 if __name__ == "__main__":
     print(*make_demo(sys.argv[1] if len(sys.argv) > 1 else "datasets/demo",
                      task=sys.argv[2] if len(sys.argv) > 2 else "detect")[0], sep="\n")

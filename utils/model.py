@@ -65,6 +65,12 @@ def read_base_cached(base):
     return deepcopy(cfg), model
 
 
+def bn_entries(model):
+    """Return the state_dict indices of the BatchNorm weights, biases and statistics (FedBN keeps them local)."""
+    bn = {name for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    return [i for i, k in enumerate(model.state_dict()) if k.rsplit(".", 1)[0] in bn]
+
+
 def model_task(cfg):
     """Return the Task (utils/tasks.py) of an architecture dict."""
     return get_task(guess_model_task(cfg))

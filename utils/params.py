@@ -81,13 +81,19 @@ def to_half(arrays):
     return [a.astype(np.float16) if a.dtype.kind == "f" else a for a in arrays]
 
 
+def change_since(trained, received, dtype=np.float32):
+    """Return a client's change since the arrays it received, trained - received in `dtype`, per entry; None for an
+    integer entry (BatchNorm's num_batches_tracked: no change is taken of it). The one place the change is computed
+    (FP16 uplink, SecAgg+, DP clipping)."""
+    return [t.astype(dtype) - r.astype(dtype) if t.dtype.kind == "f" else None for t, r in zip(trained, received)]
+
+
 def encode_update(trained, received):
     """Return a client's update for FP16 uplink: float entries as float16 (trained - received), integers as they are.
 
     Sending the change instead of the weights keeps float16's 11-bit precision for the small per-round moves.
     """
-    return [(t.astype(np.float32) - r.astype(np.float32)).astype(np.float16) if t.dtype.kind == "f" else t
-            for t, r in zip(trained, received)]
+    return [t if c is None else c.astype(np.float16) for t, c in zip(trained, change_since(trained, received))]
 
 
 def decode_update(update, sent):

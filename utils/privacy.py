@@ -29,8 +29,13 @@ is for what leaves the server: round files, checkpoints, the model sent to clien
 to them (how many updates were clipped, their median norm, the clients' own validation metrics) are not noised.
 """
 
+from logging import INFO
+
+import dp_accounting
 import numpy as np
 
+from utils.console import log
+from utils.params import change_since
 from utils.strategies import ROBUST
 
 CLIP_LR = 0.2  # adaptive clipping: the clip moves by exp(-CLIP_LR x (unclipped fraction - DP_QUANTILE)) a round
@@ -90,8 +95,6 @@ def epsilon(noise, rounds, delta):
         return 0.0
     if noise <= 0:
         return float("inf")
-    import dp_accounting
-
     accountant = dp_accounting.rdp.RdpAccountant()
     accountant.compose(dp_accounting.GaussianDpEvent(noise), count=int(rounds))
     return float(accountant.get_epsilon(delta))
@@ -102,14 +105,10 @@ def clip_change(trained, received, clip):
 
     The norm is over every float entry (FlatClip); integer entries are returned as they are.
     """
-    floats = [i for i, r in enumerate(received) if r.dtype.kind == "f"]
-    change = {i: trained[i].astype(np.float64) - received[i] for i in floats}
-    norm = float(np.sqrt(sum(np.sum(c * c) for c in change.values())))
+    change = change_since(trained, received, np.float64)
+    norm = float(np.sqrt(sum(np.sum(c * c) for c in change if c is not None)))
     scale = min(1.0, clip / norm) if norm > 0 else 1.0  # a client that did not move counts as it is
-    out = list(trained)
-    for i, c in change.items():
-        out[i] = (received[i] + c * scale).astype(received[i].dtype)
-    return out, norm
+    return [t if c is None else (r + c * scale).astype(r.dtype) for t, r, c in zip(trained, received, change)], norm
 
 
 def add_noise(arrays, std, var_entries=()):
@@ -153,3 +152,51 @@ def private_mean(updates, current, clip, noise, var_entries=()):
     out = [o.astype(c.dtype) for o, c in zip(out, current)]
     return out, {"dp_clipped": sum(n > clip for n in norms), "dp_update_norm": float(np.median(norms)),
                  "dp_noise_std": std}
+
+
+class ServerDP:
+    """The server's side of DP in a run: the clip (moving under DP_ADAPTIVE), the noise, and each round's accounting.
+
+    Args:
+        cfg (dict): the run's settings (DP_CLIP, DP_NOISE, DP_DELTA, DP_ADAPTIVE, DP_QUANTILE).
+        clients (int): clients per round (the adaptive count's noise grows with it).
+        rows (list[dict]): a resumed run's metrics rows: an adaptive clip continues from the last round's.
+        var_entries (list[int]): the BatchNorm running_var entries, clamped at 0 after the noise.
+    """
+
+    def __init__(self, cfg, clients, rows=(), var_entries=()):
+        """Start the clip at DP_CLIP (adaptive, resumed: the last round's) and split the noise for adaptive clipping."""
+        clips = [float(x["dp_clip"]) for x in rows if x.get("dp_clip")]
+        self.cfg, self.var_entries = cfg, list(var_entries)
+        self.clip = clips[-1] if cfg["DP_ADAPTIVE"] and clips else cfg["DP_CLIP"]
+        self.count_std, self.noise = adaptive_noise(cfg["DP_NOISE"], clients) if cfg["DP_ADAPTIVE"] else \
+            (0.0, cfg["DP_NOISE"])
+
+    def mean(self, updates, current):
+        """Return the noised unweighted mean of the clipped changes and its diagnostics (see `private_mean`)."""
+        return private_mean(updates, current, self.clip, self.noise, self.var_entries)
+
+    def noised(self, mean, clients, clipped):
+        """Return the secure mean of `clients` changes the clients clipped themselves (SecAgg+), noised, and its
+        diagnostics; `clipped`: how many of them said they clipped."""
+        std = self.noise * self.clip / clients
+        return add_noise(mean, std, self.var_entries), {"dp_clipped": clipped, "dp_noise_std": std}
+
+    def account(self, r, dp, counted):
+        """Return round r's privacy columns (its diagnostics `dp`, the clip, the epsilon spent so far); under
+        DP_ADAPTIVE move the clip for the next round from the noised count of the `counted` clients left unclipped."""
+        out = {**dp, "dp_clip": self.clip, "dp_epsilon": epsilon(self.cfg["DP_NOISE"], r, self.cfg["DP_DELTA"])}
+        if self.cfg["DP_ADAPTIVE"]:
+            self.clip = next_clip(self.clip, counted - dp["dp_clipped"], counted, self.count_std,
+                                  self.cfg["DP_QUANTILE"])
+        return out
+
+
+def describe(cfg):
+    """Log what differential privacy does in this run and what it spends."""
+    log(INFO, "differential privacy: each client's change clipped to norm %g, noise std %g / clients; %d rounds "
+        "spend epsilon %.3g at delta %g", cfg["DP_CLIP"], cfg["DP_NOISE"] * cfg["DP_CLIP"], cfg["NUM_ROUNDS"],
+        epsilon(cfg["DP_NOISE"], cfg["NUM_ROUNDS"], cfg["DP_DELTA"]), cfg["DP_DELTA"])
+    if cfg["DP_ADAPTIVE"]:
+        log(INFO, "adaptive clipping: the clip starts at %g and follows the %g quantile of the clients' change "
+            "norms (metrics.csv dp_clip)", cfg["DP_CLIP"], cfg["DP_QUANTILE"])

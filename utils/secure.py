@@ -26,8 +26,19 @@ move to the client: it withholds NaN/Inf weights itself; the server checks the s
 image-count clamp of simulation cannot apply (the weights are inside the masked vectors).
 """
 
-import numpy as np
+from logging import INFO
 
+import numpy as np
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.common import ndarray_to_bytes, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+
+from utils.console import log
+from utils.params import change_since, entry_mismatch
 from utils.strategies import ROBUST
 
 STAT_SCALE = 64.0  # BatchNorm running statistics enter the protocol divided by this, and leave multiplied by it
@@ -69,14 +80,8 @@ def max_weight(train_images, unweighted=False):
 
 def encode(trained, received, trainable):
     """Return what a client puts into SecAgg+: its change as float32, statistics scaled down, integers as 0."""
-    out = []
-    for t, r, train in zip(trained, received, trainable):
-        if t.dtype.kind != "f":
-            out.append(np.zeros(t.shape, np.float32))
-            continue
-        change = t.astype(np.float32) - r.astype(np.float32)
-        out.append(change if train else change / np.float32(STAT_SCALE))
-    return out
+    return [np.zeros(t.shape, np.float32) if c is None else c if train else c / np.float32(STAT_SCALE)
+            for t, c, train in zip(trained, change_since(trained, received), trainable)]
 
 
 def clipped_entries(encoded, n, weight, clip):
@@ -97,10 +102,28 @@ def decode(mean, current, trainable):
     return out
 
 
+def secure_mean(results, current, trainable):
+    """Return (the round's securely averaged arrays, None) or (None, why the secure sum is refused).
+
+    Flower's workflow hands every client's result with the same parameters, the weighted mean of the encoded changes
+    (`encode`); the server checks its shapes and values and adds it to the current global arrays (`decode`).
+    """
+    mean = parameters_to_ndarrays(results[0][1].parameters)
+    problem = entry_mismatch(mean, [(c.shape, "f") for c in current]) if len(mean) == len(current) \
+        else f"it holds {len(mean)} arrays, the global model has {len(current)}"
+    problem = problem or next((f"entry {i} holds NaN or Inf values" for i, a in enumerate(mean)
+                               if not np.isfinite(a).all()), None)
+    return (None, problem) if problem else (decode(mean, current, trainable), None)
+
+
+def describe(cfg):
+    """Log what secure aggregation does in this run."""
+    log(INFO, "secure aggregation (SecAgg+): the server sees only the sum of each round's changes; each client's "
+        "secrets shared with %d clients, %d rebuild a dropped one", cfg["SECAGG_SHARES"], cfg["SECAGG_THRESHOLD"])
+
+
 def masked_bytes(current):
     """Return the bytes of one client's masked vector: Flower sends it as int64 arrays plus the weight factor."""
-    from flwr.common import ndarray_to_bytes
-
     return sum(len(ndarray_to_bytes(np.zeros(c.shape, np.int64))) for c in current) + len(
         ndarray_to_bytes(np.zeros(1, np.int64)))
 
@@ -110,25 +133,18 @@ def when_asked(msg, context, call_next):
 
     One ClientApp then serves runs with and without SECAGG (the server decides; a SuperNode needs no setting).
     """
-    from flwr.app.message_type import MessageType
-    from flwr.client.mod import secaggplus_mod
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-
     if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
 
 
-def workflow(cfg, weight, on_halt):
+def workflow(cfg, weight, aggregate_fit):
     """Return Flower's DefaultWorkflow with SecAgg+ as its fit step.
 
-    `on_halt(round, failures)` runs after a round the protocol gave up on (too few clients left to rebuild the
-    masks), which Flower's workflow never hands to the strategy; `failures` are the clients' errors and why.
+    A round the protocol gave up on (too few clients left to rebuild the masks), which Flower's workflow never hands
+    to the strategy, is closed as a round without updates: `aggregate_fit(round, [], failures)`, the strategy's own,
+    with the clients' errors and why.
     """
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
-    from flwr.server.workflow.constant import Key as WorkflowKey
-
     class Workflow(SecAggPlusWorkflow):
         def __call__(self, grid, context):
             self.aggregated, self.failures = False, []
@@ -137,7 +153,7 @@ def workflow(cfg, weight, on_halt):
                 r = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
                 why = RuntimeError("secure aggregation halted: too few clients left to rebuild the masks "
                                    f"(secagg-threshold {cfg['SECAGG_THRESHOLD']})")
-                on_halt(r, [*self.failures, why])
+                aggregate_fit(r, [], [*self.failures, why])
 
         def collect_masked_vectors_stage(self, grid, context, state):
             going = super().collect_masked_vectors_stage(grid, context, state)

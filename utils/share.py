@@ -11,6 +11,8 @@ started (the base model's, or its seeded random init).
 
 import re
 
+from utils.model import build_model
+
 PARTS = ("backbone", "neck", "head")
 
 
@@ -80,6 +82,16 @@ def check_fit(arch, state, client_arch, client_state, share, base, name):
                     f"there, {kb} {list(sb)} in {name}")
     if len(a) != len(b):
         return f"client model {name} has {len(b)} shared entries ({share}), {base} has {len(a)}"
+    return None
+
+
+def check_client_models(cfg, arch, state, own, names):
+    """Return None if every client model of a federation of mixed tasks (`own`: their (architecture, weights), in
+    CLIENT_MODELS' order) holds SHARE's parts of the run's model (`arch`, its `state`), else one sentence."""
+    for m, (a, _) in zip(cfg["CLIENT_MODELS"], own):
+        problem = check_fit(arch, state, a, build_model(a, names).state_dict(), cfg["SHARE"], cfg["BASE_MODEL"], m)
+        if problem:
+            return problem
     return None
 
 

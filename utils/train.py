@@ -13,7 +13,7 @@ through callbacks only:
   and hand back the best epoch's fp16 EMA copy instead of the weights it ended with): the global
   model is evaluated once per round instead, and the caller reads the live fp32 weights it trained.
 What restarts every round: the optimizer's moment buffers and the trainer's EMA (which is not used: the client
-returns the raw trained weights; see README "Training schedule").
+returns the raw trained weights; see docs/training-schedule.md).
 
 Two optional changes to the loss, both made on the model's own criterion before the first batch:
 - `proximal_mu` (FedProx): the loss gains mu/2 * ||w - w_global||^2 over the trainable weights, w_global being the

@@ -1,0 +1,147 @@
+"""The record of a run's rounds in SAVE_DIR: metrics rows, last.pt/best.pt/results.png, the progress line, pruning,
+the closing summary and the verdict on a run that trained nothing.
+
+The strategy notes a round's values as they come (`begin`, `note`) and closes the round with `finish` once its
+evaluation is in: the metrics.csv row (with round{N}.npz, already written, the round is then complete), the round's
+line, and last.pt, best.pt and results.png written in a background thread while the next round trains.
+"""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from logging import ERROR, INFO
+from pathlib import Path
+
+from utils.checkpoint import write_checkpoint
+from utils.console import log
+from utils.params import set_weights
+from utils.report import plot, write_rows
+
+STALL_ROUNDS = 2  # a run whose last rounds (this many, or all) got no valid update ends with an error
+
+
+class RoundRecord:
+    """What the run has done so far: rows, best score and round, rounds with and without updates, first error.
+
+    Args:
+        cfg (dict): the run's settings (SAVE_DIR, NUM_ROUNDS, KEEP_ROUNDS).
+        run (dict): the run's starting state (`prepare`): `rows` of a resumed run, `offset`, the server's `model`
+            and `train_args` for checkpoints.
+        metric (str): the metrics column of the global score (map50_95, mask_map50_95, ..., score); `label` its name.
+        task: the run's task (utils/tasks.py), for the server-side score.
+    """
+
+    def __init__(self, cfg, run, metric, label, task):
+        """Start from a resumed run's rows (none for a fresh run)."""
+        self.cfg, self.run, self.metric, self.label, self.task = cfg, run, metric, label, task
+        self.save_dir, self.rows, self.pending = Path(cfg["SAVE_DIR"]), run["rows"], {}
+        scored = [(float(x[metric]), int(x["round"])) for x in self.rows if x.get(metric)]
+        self.best, self.best_round = max(scored, default=(None, None))
+        self.trained, self.untrained, self.failed, self.first_error = 0, 0, [], None  # rounds with / without updates
+        self.writer, self.writing = ThreadPoolExecutor(max_workers=1), None
+        self.t0 = self.t_last = time.time()
+
+    def note(self, **values):
+        """Add values to the current round's row."""
+        self.pending.update(values)
+
+    def begin(self, r, updates, bytes_up, failed):
+        """Start round r's row once its updates are counted: how many were valid, why the others failed."""
+        self.pending = {"round": r, "updates": updates, "bytes_down": self.pending.get("bytes_down"),
+                        "bytes_up": bytes_up}
+        self.failed = failed
+        self.first_error = self.first_error or (failed[0] if failed else None)
+
+    def trained_round(self, trained):
+        """Count the round as one with enough valid updates (True) or as one that kept the global model."""
+        self.trained, self.untrained = (self.trained + 1, 0) if trained else (self.trained, self.untrained + 1)
+
+    def check_writing(self):
+        """Raise what the background writer raised (a disk full stops the run at the next round)."""
+        if self.writing is not None and self.writing.done():
+            self.wait_for_files()
+
+    def wait_for_files(self):
+        """Wait until the last round's last.pt, best.pt and results.png are written; raise what writing raised."""
+        if self.writing is not None:
+            writing, self.writing = self.writing, None
+            writing.result()
+
+    def _write_files(self, weights, r, score, improved, rows):
+        """Write last.pt, best.pt (when improved) and results.png of round r."""
+        model = self.run["model"]
+        set_weights(model, weights)
+        write_checkpoint(model, self.save_dir / "last.pt", self.run["train_args"], {"round": r})
+        if improved:
+            write_checkpoint(model, self.save_dir / "best.pt", self.run["train_args"], {"round": r, self.metric: score})
+        plot(self.save_dir / "results.png", rows, self.metric, self.label)
+
+    def finish(self, current):
+        """Close the round: its metrics row; then last.pt, best.pt and results.png of `current` (the new global
+        arrays) while the next round trains; its line; pruning; after the last round, the summary."""
+        row, r = self.pending, self.pending.get("round")
+        if r is None:
+            return
+        now = time.time()
+        row["time_s"], row["time_round"], self.t_last = round(now - self.t0, 1), round(now - self.t_last, 2), now
+        self.rows = [x for x in self.rows if int(x["round"]) != r] + [row]
+        write_rows(self.save_dir / "metrics.csv", self.rows)  # with round{r}.npz: the round is complete (resume)
+        score = row.get(self.metric, row.get(f"server_{self.metric}"))
+        improved = score is None or self.best is None or score > self.best
+        if improved:
+            self.best, self.best_round = score, r
+        self.wait_for_files()  # one writer at a time: the previous round's files are done
+        args = (current, r, score, improved, list(self.rows))
+        if r >= self.cfg["NUM_ROUNDS"]:
+            self._write_files(*args)  # the last round: done before the run ends
+        else:  # a checkpoint and a plot take ~0.5 s of server time: overlap them with the next round's training
+            self.writing = self.writer.submit(self._write_files, *args)
+        self.pending = {}
+        log(INFO, "%s", self.line(row))
+        self.prune(r)
+        if r >= self.cfg["NUM_ROUNDS"]:
+            self.summary()
+
+    def line(self, row):
+        """Return the round's progress line: time, train loss (or why skipped), failures, the global score."""
+        r, n, elapsed = row["round"], self.cfg["NUM_ROUNDS"], time.time() - self.t0
+        line = f"round {r}/{n}  {elapsed:.0f}s elapsed, ~{elapsed / (r - self.run['offset']) * (n - r):.0f}s left"
+        losses = [v for k, v in row.items() if k.startswith("train_") and k.endswith("_loss")]
+        line += f"  train loss {sum(losses):.3f}" if losses else f"  skipped ({row['updates']} valid updates)"
+        if self.failed:
+            line += f"  {len(self.failed)} failed: " + "; ".join(self.failed)
+        if self.metric in row:
+            first = f"mAP50 {row['map50']:.3f}  " if self.metric == "map50_95" else ""
+            line += f"  val {first}{self.label} {row[self.metric]:.3f} (best {self.best:.3f})"
+        if f"server_{self.task.metric}" in row:
+            line += f"  server {self.task.label} {row[f'server_{self.task.metric}']:.3f}"
+        return line
+
+    def prune(self, r):
+        """Remove round files older than the last KEEP_ROUNDS, keeping the best round's."""
+        if self.cfg["KEEP_ROUNDS"] < 1:
+            return
+        for i in range(1, r - self.cfg["KEEP_ROUNDS"] + 1):
+            if i != self.best_round:
+                (self.save_dir / f"round{i}.npz").unlink(missing_ok=True)
+
+    def summary(self):
+        """Log where the run's outputs are (or why it failed): the run's last lines, under flwr run too."""
+        if self.failure():
+            log(ERROR, "%s", self.failure())
+            return
+        d = self.save_dir
+        log(INFO, "done: %d rounds in %s", self.cfg["NUM_ROUNDS"], d)
+        log(INFO, "  best model  %s (best global %s %s, round %s)", d / "best.pt", self.label,
+            f"{self.best:.3f}" if self.best is not None else "not measured", self.best_round)
+        log(INFO, "  last model  %s;  round files %s;  metrics %s;  plot %s", d / "last.pt", d / "round*.npz",
+            d / "metrics.csv", d / "results.png")
+        log(INFO, "  export a round: python3 utils/export_federated.py %s", d / f"round{self.cfg['NUM_ROUNDS']}.npz")
+
+    def failure(self):
+        """Return one sentence when the run trained nothing or its last rounds got no valid update, else None."""
+        last = min(STALL_ROUNDS, self.cfg["NUM_ROUNDS"] - self.run["offset"])
+        if self.trained and self.untrained < last:
+            return None
+        what = "no round got a valid client update" if not self.trained else \
+            f"the last {self.untrained} rounds got no valid client update"
+        return f"the run failed: {what} (first client error: {self.first_error or 'none reported'})"
