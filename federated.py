@@ -105,7 +105,7 @@ from flwr.server.compat import start_grid
 from flwr.server.strategy import FedAvg
 
 from utils import privacy, secure, start
-from utils.aggregate import check_update, failure_reason, first_line
+from utils.aggregate import check_update, failure_reason, first_line, weighted_metrics
 from utils.atomic import remove_stale_temps
 from utils.classes import annotated, class_map, client_view, view_folder
 from utils.client_state import KeptState
@@ -114,7 +114,7 @@ from utils.console import log
 from utils.console import setup as setup_console
 from utils.datasets import check_dataset_cached, client_label
 from utils.devices import client_device, count_gpus, plan_simulation, restrict_visible
-from utils.evaluate import evaluate
+from utils.evaluate import evaluate, evaluate_on_server
 from utils.interrupt import on_interrupt, start_ray
 from utils.model import bn_entries, build_model, model_task, read_base_cached
 from utils.params import decode_update, get_weights, save_npz, set_weights, to_half
@@ -345,23 +345,12 @@ class SaveFedAvg(FedAvg):
         return valid
 
     def _secure_updates(self, r, results, reasons):
-        """SecAgg+: return the round's one update, the secure mean (noised under DP), as [(arrays, 1, metrics)] per
-        client that took part, so each client's image count and metrics still count; [] if the sum is refused."""
-        new, problem = secure.secure_mean(results, self.current, self.run["trainable"]) if results else (None, None)
-        if problem:
-            reasons.append(f"the secure sum was rejected: {problem}")
-            log(WARNING, "round %d: the secure sum of %d clients was rejected: %s", r, len(results), problem)
+        """SecAgg+: add the round's one update, the secure mean, to the aggregator; return [(None, image count,
+        metrics, bytes)] per client that took part (each one's count and metrics still count; [] if the sum was
+        refused) and the mean's DP diagnostics (utils/secure.py)."""
+        new, dp = secure.secure_mean(r, results, self.current, self.run, self.cfg, self.dp, reasons)
         if new is None:
             return [], {}
-        for proxy, res in results:
-            if res.metrics.get("secagg_clipped"):
-                log(WARNING, "round %d: client %s clipped %d entries of its change at +-%g before secure aggregation;"
-                    " raise secagg-clip", r, self.run["labels"].get(res.metrics.get("dataset"), proxy.cid),
-                    res.metrics["secagg_clipped"], self.cfg["SECAGG_CLIP"])
-        dp = {}
-        if self.dp:  # the clients clipped their own changes (weight 1 each): the noise goes on the mean here
-            clipped = sum(int(res.metrics.get("dp_clipped", 0)) for _, res in results)
-            new, dp = self.dp.noised(new, len(results), clipped)
         self.aggregator.add(new, 1)
         return [(None, res.num_examples, {k: v for k, v in res.metrics.items() if k != "dataset"},
                  self.masked_bytes) for _, res in results], dp
@@ -417,12 +406,7 @@ class SaveFedAvg(FedAvg):
         """Validate the new global model on SERVER_DATA's val split, when set (server-side evaluation)."""
         if not self.cfg["SERVER_DATA"] or server_round == 0:
             return None
-        names, hyp = self.run["spec"]["names"], dict(self.run["spec"]["hyp"])
-        hyp["device"] = client_device(hyp["device"])
-        model = build_model(self.run["spec"]["model"], names)
-        set_weights(model, parameters_to_ndarrays(parameters))
-        view = client_view(self.run["server_check"], names, view_folder(self.run["spec"]["work"], "server", names))
-        m = evaluate(model, view, hyp)
+        m = evaluate_on_server(self.run, parameters_to_ndarrays(parameters))
         self.record.note(**{f"server_{k}": v for k, v in m.items() if k != "images"})
         return 1.0 - m[self.task.metric], m
 
@@ -432,16 +416,7 @@ class SaveFedAvg(FedAvg):
         for f in failures:
             log(WARNING, "round %d: a client failed to evaluate: %r", server_round + self.run["offset"],
                 f if isinstance(f, BaseException) else f[1])
-        metrics, total = {}, sum(res.num_examples for _, res in results)
-        order = list(self.task.metrics.values())  # the task's own order first (precision, recall, map50, map50_95)
-        keys = {k for _, res in results for k in res.metrics if k not in ("client", "dataset")} if total else ()
-        for k in sorted(keys, key=lambda k: (order.index(k) if k in order else len(order), k)):
-            have = [(float(res.metrics[k]), res.num_examples) for _, res in results if k in res.metrics]
-            metrics[k] = sum(v * n for v, n in have) / sum(n for _, n in have)  # mixed: over the clients of a task
-        if total:  # per client, named by the server's label for the dataset, else the client's own
-            per_client = {self.run["labels"].get(res.metrics.get("dataset"), res.metrics.get("client", "client")):
-                          float(res.metrics[self.metric]) for _, res in results}
-            metrics.update({f"{self.metric}_{k}": v for k, v in sorted(per_client.items())})
+        metrics = weighted_metrics(results, list(self.task.metrics.values()), self.metric, self.run["labels"])
         self.record.note(**metrics)
         self.record.finish(self.current)
         return (1.0 - metrics[self.metric] if metrics else None), metrics

@@ -56,6 +56,15 @@ def test_help_shows_every_setting_with_its_comment_and_default():
     assert body.index("--num-rounds") < body.index("Data and model:") < body.index("--base-model")
 
 
+def test_a_misspelled_or_shortened_flag_is_one_line_naming_the_closest_flag(capsys):
+    p = get_args_parser(federated.DEFAULTS)
+    for typo in ("--num-runds", "--num-round"):  # a prefix is never taken for the flag it starts
+        with pytest.raises(SystemExit) as e:
+            p.parse_args([typo, "3"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and "did you mean --num-rounds?" in err, err
+
+
 def test_setting_help_reads_only_top_level_upper_case_comments(tmp_path):
     f = tmp_path / "settings.py"
     f.write_text('A = 1  # (int) first\nB = "x # y"  # (str) hash inside the value\nlower = 2  # not a setting\n'

@@ -97,6 +97,31 @@ def weighted_average(updates, reference):
     return mean.result(reference)
 
 
+def weighted_metrics(results, order, metric, labels):
+    """Return the clients' validation metrics averaged weighted by their val images, and the score per client.
+
+    Args:
+        results (list[tuple[ClientProxy, EvaluateRes]]): the round's evaluation replies.
+        order (list[str]): the task's own metrics, listed first in this order (precision, recall, map50, ...).
+        metric (str): the run's score; each client's goes into `<metric>_<client>`.
+        labels (dict[str, str]): the server's name of each dataset (a client reports its dataset), else the
+            client's own name is used.
+
+    Returns:
+        (dict[str, float]): empty when no image was validated. A metric only some clients report (mixed tasks) is
+            averaged over those.
+    """
+    if not sum(res.num_examples for _, res in results):
+        return {}
+    out, keys = {}, {k for _, res in results for k in res.metrics if k not in ("client", "dataset")}
+    for k in sorted(keys, key=lambda k: (order.index(k) if k in order else len(order), k)):
+        have = [(float(res.metrics[k]), res.num_examples) for _, res in results if k in res.metrics]
+        out[k] = sum(v * n for v, n in have) / sum(n for _, n in have)
+    per_client = {labels.get(res.metrics.get("dataset"), res.metrics.get("client", "client")):
+                  float(res.metrics[metric]) for _, res in results}
+    return {**out, **{f"{metric}_{k}": v for k, v in sorted(per_client.items())}}
+
+
 def server_step(current, average, trainable, lr=1.0):
     """Return the new global arrays: trainable weights move `lr` x (average - current); buffers take the average.
 

@@ -8,6 +8,7 @@ command line, a comma- or else space-separated string in the run config) and dic
 
 import argparse
 import ast
+import difflib
 import io
 import json
 import re
@@ -95,6 +96,19 @@ def setting_help(path):
     return helps, groups
 
 
+class SettingsParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, naming the closest flag for a misspelled one."""
+
+    def error(self, message):
+        """Exit 2 with one line: the error and, for an unknown flag, the flag it probably meant."""
+        unknown = re.findall(r"(--?[\w-]+)", message.split(":", 1)[1]) if "unrecognized" in message else []
+        flags = [o for a in self._actions for o in a.option_strings]
+        close = [difflib.get_close_matches(u.split("=")[0], flags, 1) for u in unknown]
+        hints = [f"did you mean {m[0]}?" for m in close if m]
+        self.exit(2, f"{self.prog}: error: {message}{'; ' + ' '.join(hints) if hints else ''} (--help lists every "
+                     "flag)\n")
+
+
 def get_args_parser(defaults, description="", helps=None, groups=None):
     """Return an argparse parser with one `--flag` per constant in `defaults`, each showing its help and default.
 
@@ -110,7 +124,7 @@ def get_args_parser(defaults, description="", helps=None, groups=None):
         (argparse.ArgumentParser): `--help` prints every flag as `description (default: value)`, by group.
     """
     helps, groups = helps or {}, groups or {}
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = SettingsParser(description=description, allow_abbrev=False)
     sections = {}
     for name, default in defaults.items():
         title = groups.get(name)

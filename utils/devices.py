@@ -13,6 +13,8 @@ when it has one, else the CPU. The server's view of GPUs says nothing about a da
 import math
 import os
 
+import torch
+
 SIMULATION_GPU = "cuda"  # a simulated client's device: the GPU Ray gave it
 
 
@@ -118,13 +120,9 @@ def client_device(requested):
 
 def _cuda():
     """Return True when torch sees a CUDA device."""
-    import torch
-
     return torch.cuda.is_available()
 
 
 def count_gpus():
     """Return the number of CUDA GPUs this process sees."""
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -5,7 +5,11 @@ from pathlib import Path
 
 from ultralytics.nn.tasks import guess_model_task
 
+from utils.classes import client_view, view_folder
+from utils.devices import client_device
+from utils.model import build_model
 from utils.offline import no_downloads
+from utils.params import set_weights
 from utils.tasks import get_task
 
 
@@ -27,3 +31,14 @@ def evaluate(model, data_yaml, hyp, split="val"):
         stats = validator(model=model)
         images = len(validator.dataloader.dataset)
     return {**{short: float(stats[k]) for k, short in task.metrics.items()}, "images": images}
+
+
+def evaluate_on_server(run, arrays):
+    """Return the metrics of the global `arrays` on the val split of the server's own dataset (SERVER_DATA, checked
+    as `run["server_check"]`), seen through a view with the federation's class ids like a client's."""
+    spec = run["spec"]
+    hyp = {**spec["hyp"], "device": client_device(spec["hyp"]["device"])}
+    model = build_model(spec["model"], spec["names"])
+    set_weights(model, arrays)
+    view = client_view(run["server_check"], spec["names"], view_folder(spec["work"], "server", spec["names"]))
+    return evaluate(model, view, hyp)

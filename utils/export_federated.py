@@ -16,6 +16,10 @@ from pathlib import Path
 if __package__ in {None, ""}:  # run as a script: make `utils` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from utils.checkpoint import write_checkpoint  # noqa: E402 (after the path above)
+from utils.model import build_model, read_base  # noqa: E402
+from utils.params import load_npz, set_weights  # noqa: E402
+
 
 def run_config(npz):
     """Return the run's config.json beside `npz` as a dict, or None if there is none."""
@@ -69,10 +73,6 @@ def export(base, npz, out=None, names=None):
     Raises:
         ValueError: one sentence naming the file and the first entry that does not fit; no output is written.
     """
-    from utils.checkpoint import write_checkpoint
-    from utils.model import build_model, read_base
-    from utils.params import load_npz, set_weights
-
     npz = Path(npz)
     if not npz.is_file():
         raise ValueError(f"{npz} does not exist")

@@ -13,6 +13,8 @@ import os
 import signal
 import sys
 
+import psutil
+
 
 def start_ray(**init_args):
     """Start Ray for Flower's simulation here, so that on_interrupt, called after it, holds SIGINT and SIGTERM.
@@ -22,7 +24,7 @@ def start_ray(**init_args):
     path). SIGINT is ignored while Ray spawns its services, so a Ctrl-C during start-up cannot reach them half-made;
     the processes Ray starts block SIGINT themselves, leaving Ctrl-C to the driver, which ends them (on_interrupt).
     """
-    import ray
+    import ray  # seconds to import: only a simulation needs it
 
     path = os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")])
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -34,8 +36,6 @@ def start_ray(**init_args):
 
 def end_descendants():
     """Kill every process started by this one (recursively): Ray's services and workers, which hold no project file."""
-    import psutil
-
     for p in psutil.Process().children(recursive=True):
         try:
             p.kill()

@@ -9,12 +9,15 @@ off Ultralytics' other network use (update checks, events).
 
 from pathlib import Path
 
+import ultralytics.data.utils as data_utils
+import ultralytics.engine.trainer as trainer
+from matplotlib import font_manager
+from ultralytics.utils import USER_CONFIG_DIR, WEIGHTS_DIR
+from ultralytics.utils.checks import check_amp
+
 
 def _local_font(font="Arial.ttf"):
     """Return the font's path if it is already on this machine, else None; never download."""
-    from matplotlib import font_manager
-    from ultralytics.utils import USER_CONFIG_DIR
-
     file = USER_CONFIG_DIR / Path(font).name
     if file.exists():
         return file
@@ -23,17 +26,11 @@ def _local_font(font="Arial.ttf"):
 
 def _local_amp_check(model):
     """Ultralytics' AMP check, except that on CUDA without its reference model on disk it keeps AMP on."""
-    from ultralytics.utils import WEIGHTS_DIR
-    from ultralytics.utils.checks import check_amp
-
     on_cuda = next(model.parameters()).device.type == "cuda"
     return check_amp(model) if not on_cuda or (WEIGHTS_DIR / "yolo26n.pt").is_file() else True
 
 
 def no_downloads():
     """Install the local-only font and AMP checks in the Ultralytics modules that call them (idempotent)."""
-    import ultralytics.data.utils as data_utils
-    import ultralytics.engine.trainer as trainer
-
     data_utils.check_font = _local_font
     trainer.check_amp = _local_amp_check

@@ -42,7 +42,7 @@ def _fmt(v):
 def plot(path, rows, metric="map50_95", label="mAP50-95"):
     """Draw the task's score `metric` (global and per client; `label` names it) and the train losses against round
     into results.png, atomically."""
-    import matplotlib
+    import matplotlib  # here: the Agg backend is chosen before pyplot is imported, and only a plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

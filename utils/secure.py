@@ -26,7 +26,7 @@ move to the client: it withholds NaN/Inf weights itself; the server checks the s
 image-count clamp of simulation cannot apply (the weights are inside the masked vectors).
 """
 
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app.message_type import MessageType
@@ -102,18 +102,36 @@ def decode(mean, current, trainable):
     return out
 
 
-def secure_mean(results, current, trainable):
-    """Return (the round's securely averaged arrays, None) or (None, why the secure sum is refused).
+def secure_mean(r, results, current, run, cfg, dp, reasons):
+    """Return (round r's securely averaged arrays, noised under DP, or None; the DP diagnostics of the mean).
 
     Flower's workflow hands every client's result with the same parameters, the weighted mean of the encoded changes
-    (`encode`); the server checks its shapes and values and adds it to the current global arrays (`decode`).
+    (`encode`); the server checks its shapes and values (a misfit is added to `reasons`, and None returned), adds it
+    to the `current` global arrays (`decode`) and, with DP (`dp`, a privacy.ServerDP: the clients clipped their own
+    changes and weigh 1 each), noises the mean as it does without SecAgg+. A client that says SecAgg+ clipped some of
+    its entries at +-SECAGG_CLIP (`secagg_clipped`) is named in a warning. `run`: the run's `trainable` entries and
+    dataset `labels` (federated.prepare); `cfg`: its settings.
     """
+    if not results:
+        return None, {}
     mean = parameters_to_ndarrays(results[0][1].parameters)
     problem = entry_mismatch(mean, [(c.shape, "f") for c in current]) if len(mean) == len(current) \
         else f"it holds {len(mean)} arrays, the global model has {len(current)}"
     problem = problem or next((f"entry {i} holds NaN or Inf values" for i, a in enumerate(mean)
                                if not np.isfinite(a).all()), None)
-    return (None, problem) if problem else (decode(mean, current, trainable), None)
+    if problem:
+        reasons.append(f"the secure sum was rejected: {problem}")
+        log(WARNING, "round %d: the secure sum of %d clients was rejected: %s", r, len(results), problem)
+        return None, {}
+    for proxy, res in results:
+        if res.metrics.get("secagg_clipped"):
+            log(WARNING, "round %d: client %s clipped %d entries of its change at +-%g before secure aggregation; "
+                "raise secagg-clip", r, run["labels"].get(res.metrics.get("dataset"), proxy.cid),
+                res.metrics["secagg_clipped"], cfg["SECAGG_CLIP"])
+    new = decode(mean, current, run["trainable"])
+    if not dp:
+        return new, {}
+    return dp.noised(new, len(results), sum(int(res.metrics.get("dp_clipped", 0)) for _, res in results))
 
 
 def describe(cfg):

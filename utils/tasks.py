@@ -6,6 +6,7 @@ and the validation metrics that go into metrics.csv. `metric` is the one that de
 "best" (a run's score).
 """
 
+import importlib
 from dataclasses import dataclass, field
 
 
@@ -25,8 +26,6 @@ class Task:
 
     def load(self, part):
         """Return this task's Ultralytics class for `part`: "model", "trainer" or "validator"."""
-        import importlib
-
         module = "ultralytics.nn.tasks" if part == "model" else f"ultralytics.models.yolo.{self.module}"
         return getattr(importlib.import_module(module), getattr(self, part))
 
