@@ -320,8 +320,8 @@ class SaveFedAvg(FedAvg):
                 for c, ins in super().configure_evaluate(server_round, parameters, client_manager)]
 
     def _valid_updates(self, r, results, reasons):
-        """Return [(arrays as full float32 global entries, image count, metrics)] of the valid updates; add why each
-        other one was rejected to `reasons`."""
+        """Return [(arrays as full float32 global entries, image count, metrics, bytes sent)] of the valid updates;
+        add why each other one was rejected to `reasons`."""
         sent, valid = self._sent(), []  # what a client's update must fit (under SHARE: the shared entries)
         for proxy, res in results:
             arrays = parameters_to_ndarrays(res.parameters)
