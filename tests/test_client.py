@@ -1,7 +1,5 @@
 """The Flower client's per-node state across rounds: FedBN's local BatchNorm and the kept optimizer state."""
 
-import json
-
 import numpy as np
 from flwr.common import RecordDict
 
@@ -10,13 +8,13 @@ from utils.config import resolve
 
 
 def _client_and_config(tiny_fed, tmp_path, **settings):
+    """One simulated node and the config the server sends in round r of a 3-round, 1-epoch run (the strategy's own)."""
     cfg = resolve(federated.DEFAULTS, {"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(tmp_path / "r"),
-                                       "imgsz": 32, "batch": 4, "nbs": 4, "device": "cpu", **settings})
+                                       "imgsz": 32, "batch": 4, "nbs": 4, "device": "cpu", "epochs": 1,
+                                       "num-rounds": 3, **settings})
     run = federated.prepare(cfg)
-
-    def config(r):
-        return {"server-round": r, "start-epoch": r - 1, "epochs": 1, "total-epochs": 3, "proximal-mu": 0.0,
-                "fp16": "off", "spec": json.dumps(run["spec"])}
+    strategy = federated.make_strategy(cfg, run)
+    config = strategy.round_config  # round r: exactly the dict every client gets
 
     client = federated.YoloClient(partition_id=0, state=RecordDict())  # one node: its state outlives the rounds
     return client, config, run
