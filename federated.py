@@ -112,13 +112,13 @@ from utils.client_state import KeptState
 from utils.config import explicit_settings, get_args_parser, resolve, setting_help
 from utils.console import log
 from utils.console import setup as setup_console
-from utils.datasets import check_dataset_cached, client_label
+from utils.datasets import check_dataset_cached, client_label, client_name
 from utils.devices import client_device, count_gpus, plan_simulation, restrict_visible
 from utils.evaluate import evaluate, evaluate_on_server
 from utils.interrupt import on_interrupt, start_ray
 from utils.model import bn_entries, build_model, model_task, read_base_cached
 from utils.params import decode_update, get_weights, save_npz, set_weights, to_half
-from utils.record import RoundRecord
+from utils.record import RoundRecord, RunStopped
 from utils.resume import interrupted_line, write_config
 from utils.schedule import describe as describe_schedule
 from utils.share import expand, shared_entries
@@ -148,9 +148,9 @@ class YoloClient(NumPyClient):
         """Return how the server's log names this client: its dataset's label, else its partition id."""
         try:
             dataset = self.dataset or json.loads(config["spec"])["datasets"][self.partition_id]
-            return f"client {client_label(dataset)}"
+            return client_name(client_label(dataset))
         except (KeyError, IndexError, TypeError, ValueError):
-            return f"client {self.partition_id}"
+            return client_name(self.partition_id)
 
     def _own_model(self, spec):
         """Return (architecture, base weights or None, task name) of the model this client trains: the run's, or in a
@@ -328,7 +328,7 @@ class SaveFedAvg(FedAvg):
             problem = check_update(arrays, sent, res.num_examples, res.metrics)
             if problem:
                 name = self.run.get("labels", {}).get(res.metrics.get("dataset"), proxy.cid)
-                reasons.append(f"client {name}: update rejected: {problem}")
+                reasons.append(f"{client_name(name)}: update rejected: {problem}")
                 log(WARNING, "round %d: update of client %s rejected: %s", r, name, problem)
                 continue
             if self.cfg["FP16"] in ("up", "both"):  # the change is added to the float32 global model, not to the
@@ -385,6 +385,7 @@ class SaveFedAvg(FedAvg):
             keys = sorted(set.intersection(*(set(m) for _, _, m, _ in valid)))
             total = sum(n for _, n, _, _ in valid)
             metrics = {k: sum(float(m[k]) * n for _, n, m, _ in valid) / total for k in keys}
+            self._stop_if_diverged(r, new, metrics)
         else:  # the round's file then repeats the kept global model
             log(WARNING, "round %d skipped: %d valid client update(s), min-updates is %d; the global model is kept",
                 r, len(valid), self.cfg["MIN_UPDATES"])
@@ -401,6 +402,16 @@ class SaveFedAvg(FedAvg):
         if not self.cfg["EVALUATE"]:
             self.record.finish(self.current)
         return ndarrays_to_parameters(self.current), metrics
+
+    def _stop_if_diverged(self, r, new, metrics):
+        """Stop the run (RunStopped) when round r's global model diverged; its round file is not written."""
+        clients = self.cfg["MIN_CLIENTS"] or len(self.run["spec"]["datasets"])
+        cause = (f"the DP noise (std {privacy.noise_std(self.cfg, clients):.3g} per weight each round); lower dp-clip "
+                 "or dp-noise") if self.dp else "a learning rate too large for this model and data; lower --lr-scale"
+        stop = self.record.check_divergence(r, new, [v for k, v in metrics.items() if k.endswith("loss")], cause)
+        if stop:
+            log(ERROR, "%s", stop)
+            raise RunStopped(stop)
 
     def evaluate(self, server_round, parameters):
         """Validate the new global model on SERVER_DATA's val split, when set (server-side evaluation)."""
@@ -448,12 +459,12 @@ def make_strategy(cfg, run):
         (save_dir / "metrics.csv").unlink(missing_ok=True)
         for f in (save_dir / "clients").glob("*.optimizer.npz"):  # an overwritten run's: never continued from
             f.unlink()
+    n = cfg["MIN_CLIENTS"] or len(run["spec"]["datasets"])
     if cfg["DP_CLIP"]:
-        privacy.describe(cfg)
+        privacy.describe(cfg, run["initial"], run["trainable"], n)
     describe_schedule(cfg, run)
     if cfg["SECAGG"]:
         secure.describe(cfg)
-    n = cfg["MIN_CLIENTS"] or len(run["spec"]["datasets"])
     return SaveFedAvg(cfg, run, fraction_fit=1.0, fraction_evaluate=1.0 if cfg["EVALUATE"] else 0.0,
                       min_fit_clients=n, min_evaluate_clients=n if cfg["EVALUATE"] else 0, min_available_clients=n)
 
@@ -510,17 +521,20 @@ def main(argv=None):
     on_interrupt(lambda: interrupted_line(cfg))  # Ctrl-C: Ray ended, the resume command printed, exit 130
     app = ServerApp()
     app.main()(lambda grid, context: serve(grid, context, cfg, strategy, rounds))
-    run_simulation(server_app=app, client_app=client_app, num_supernodes=n,
-                   backend_config={"client_resources": plan["resources"]})  # on the Ray started above
+    try:
+        run_simulation(server_app=app, client_app=client_app, num_supernodes=n,
+                       backend_config={"client_resources": plan["resources"]})  # on the Ray started above
+    except RunStopped:
+        pass  # the strategy said why; the exit below repeats it
     try:
         strategy.wait_for_files()  # a run cut short may still be writing its last round's checkpoints
     except OSError as e:
         log(ERROR, "could not write last.pt, best.pt or results.png: %s", e)
+    if strategy.failure():
+        sys.exit(f"federated.py: {strategy.failure()}")
     last = Path(cfg["SAVE_DIR"]) / f"round{cfg['NUM_ROUNDS']}.npz"
     if not last.exists():
         sys.exit(f"federated.py: the run ended without {last}; see the log above (continue it with --resume)")
-    if strategy.failure():
-        sys.exit(f"federated.py: {strategy.failure()}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the server (driver) process, not Ray's workers
     log(INFO, "  peak memory of the server process: %.0f MB", peak)
 

@@ -253,6 +253,13 @@ def client_label(file):
     return file.parent.name if file.stem == "data" and file.parent.name else file.stem
 
 
+def client_name(label):
+    """Return how the log names a client: "client <label>", or the label alone when it says client already
+    (utils/partition.py names its clients client0, client1, ...)."""
+    label = str(label)
+    return label if label.lower().startswith("client") else f"client {label}"
+
+
 def client_labels(files):
     """Return {resolved path: unique short name} for the datasets; a name shared by several gets its index first."""
     names = [client_label(f) for f in files]

@@ -24,6 +24,7 @@ def start_ray(**init_args):
     path). SIGINT is ignored while Ray spawns its services, so a Ctrl-C during start-up cannot reach them half-made;
     the processes Ray starts block SIGINT themselves, leaving Ctrl-C to the driver, which ends them (on_interrupt).
     """
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # each client's lines, each once: no "[repeated 4x across cluster]"
     import ray  # seconds to import: only a simulation needs it
 
     path = os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")])

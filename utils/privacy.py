@@ -29,7 +29,7 @@ is for what leaves the server: round files, checkpoints, the model sent to clien
 to them (how many updates were clipped, their median norm, the clients' own validation metrics) are not noised.
 """
 
-from logging import INFO
+from logging import INFO, WARNING
 
 import dp_accounting
 import numpy as np
@@ -192,8 +192,26 @@ class ServerDP:
         return out
 
 
-def describe(cfg):
-    """Log what differential privacy does in this run and what it spends."""
+def noise_std(cfg, clients):
+    """Return the standard deviation of the DP noise on each entry of the mean change, with `clients` per round."""
+    return cfg["DP_NOISE"] * cfg["DP_CLIP"] / max(clients, 1)
+
+
+def describe(cfg, weights, trainable, clients):
+    """Log what differential privacy does in this run and what it spends; warn when its noise would swamp the model.
+
+    The noise on every entry of the mean change has std DP_NOISE x DP_CLIP / clients; above the typical trainable
+    weight (the median |w| of `weights`' `trainable` entries) one round's noise moves every weight by more than its
+    size, and the model is destroyed within a round or two.
+    """
+    std = noise_std(cfg, clients)
+    typical = float(np.median(np.abs(np.concatenate([w.ravel() for w, t in zip(weights, trainable) if t]))))
+    if std > typical:
+        log(WARNING, "dp-noise %g x dp-clip %g / %d clients gives noise of std %.3g on every weight each round, "
+            "%.0fx the median trainable weight %.3g: it will destroy the model; a dp-clip of %.3g or less (noise a "
+            "tenth of that weight), a smaller dp-noise or more clients make it usable (docs/privacy.md)",
+            cfg["DP_NOISE"], cfg["DP_CLIP"], clients, std, std / typical, typical,
+            0.1 * typical * clients / cfg["DP_NOISE"])
     log(INFO, "differential privacy: each client's change clipped to norm %g, noise std %g / clients; %d rounds "
         "spend epsilon %.3g at delta %g", cfg["DP_CLIP"], cfg["DP_NOISE"] * cfg["DP_CLIP"], cfg["NUM_ROUNDS"],
         epsilon(cfg["DP_NOISE"], cfg["NUM_ROUNDS"], cfg["DP_DELTA"]), cfg["DP_DELTA"])

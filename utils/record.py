@@ -6,10 +6,13 @@ evaluation is in: the metrics.csv row (with round{N}.npz, already written, the r
 line, and last.pt, best.pt and results.png written in a background thread while the next round trains.
 """
 
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
+
+import numpy as np
 
 from utils.checkpoint import write_checkpoint
 from utils.console import log
@@ -17,6 +20,18 @@ from utils.params import set_weights
 from utils.report import plot, write_rows
 
 STALL_ROUNDS = 2  # a run whose last rounds (this many, or all) got no valid update ends with an error
+DIVERGED = 10.0  # a round whose train loss is above this many times the first round's has diverged
+NOTHING_LEARNED = 0.0005  # a best score below this prints as 0.000: the run learned nothing measurable
+
+
+class RunStopped(RuntimeError):
+    """The run stopped itself (its global model diverged); the message is its last line."""
+
+
+def train_loss(row):
+    """Return the sum of a metrics row's train losses (box, cls, dfl, ...), or None when it has none."""
+    losses = [float(v) for k, v in row.items() if k.startswith("train_") and k.endswith("loss") and v not in ("", None)]
+    return sum(losses) if losses else None
 
 
 class RoundRecord:
@@ -37,6 +52,8 @@ class RoundRecord:
         scored = [(float(x[metric]), int(x["round"])) for x in self.rows if x.get(metric)]
         self.best, self.best_round = max(scored, default=(None, None))
         self.trained, self.untrained, self.failed, self.first_error = 0, 0, [], None  # rounds with / without updates
+        self.first_loss = next((x for x in map(train_loss, self.rows) if x is not None), None)
+        self.stopped = None  # why the run stopped itself (divergence)
         self.writer, self.writing = ThreadPoolExecutor(max_workers=1), None
         self.t0 = self.t_last = time.time()
 
@@ -54,6 +71,25 @@ class RoundRecord:
     def trained_round(self, trained):
         """Count the round as one with enough valid updates (True) or as one that kept the global model."""
         self.trained, self.untrained = (self.trained + 1, 0) if trained else (self.trained, self.untrained + 1)
+
+    def check_divergence(self, r, weights, losses, cause):
+        """Return None, or the sentence that stops the run because round r's global model diverged: its `weights` hold
+        NaN or Inf, or its clients' train `losses` add up to a non-finite value or to over DIVERGED times the first
+        trained round's (a from-scratch warmup rises at most ~1.5x); `cause` names the likely reason."""
+        loss = sum(losses) if losses else None
+        if any(w.dtype.kind == "f" and not np.isfinite(w).all() for w in weights):
+            what = "its weights hold NaN or Inf"
+        elif loss is not None and not math.isfinite(loss):
+            what = f"its train loss is {loss}"
+        elif loss is not None and self.first_loss and loss > DIVERGED * self.first_loss:
+            what = f"train loss {loss:.4g}, over {DIVERGED:g}x the first round's {self.first_loss:.4g}"
+        else:
+            self.first_loss = self.first_loss or loss
+            return None
+        kept = f"rounds 1-{r - 1} are kept in {self.save_dir}" if r > 2 else \
+            f"round 1 is kept in {self.save_dir}" if r == 2 else "no round was kept"
+        self.stopped = f"round {r}: the global model diverged ({what}); likely cause: {cause}; {kept}"
+        return self.stopped
 
     def check_writing(self):
         """Raise what the background writer raised (a disk full stops the run at the next round)."""
@@ -129,6 +165,10 @@ class RoundRecord:
         if self.failure():
             log(ERROR, "%s", self.failure())
             return
+        if self.best is not None and self.best < NOTHING_LEARNED:
+            log(WARNING, "the global model scored %s 0.000 in every round: it learned nothing measurable yet; more "
+                "rounds or epochs (the schedule spans num-rounds x epochs), or a trained .pt base model, usually fix "
+                "it", self.label)
         d = self.save_dir
         log(INFO, "done: %d rounds in %s", self.cfg["NUM_ROUNDS"], d)
         log(INFO, "  best model  %s (best global %s %s, round %s)", d / "best.pt", self.label,
@@ -138,7 +178,10 @@ class RoundRecord:
         log(INFO, "  export a round: python3 utils/export_federated.py %s", d / f"round{self.cfg['NUM_ROUNDS']}.npz")
 
     def failure(self):
-        """Return one sentence when the run trained nothing or its last rounds got no valid update, else None."""
+        """Return one sentence when the run stopped itself, trained nothing or its last rounds got no valid update,
+        else None."""
+        if self.stopped:
+            return self.stopped
         last = min(STALL_ROUNDS, self.cfg["NUM_ROUNDS"] - self.run["offset"])
         if self.trained and self.untrained < last:
             return None

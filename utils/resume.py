@@ -101,5 +101,5 @@ def interrupted_line(cfg):
     done, _ = complete_rounds(save_dir)
     if not done:
         return f"interrupted before any round was complete; nothing in {save_dir} to resume: start the run again"
-    return (f"interrupted: rounds 1-{done} of {cfg['NUM_ROUNDS']} are complete in {save_dir}; "
-            f"continue with: {resume_command(save_dir)}")
+    rounds = f"rounds 1-{done} of {cfg['NUM_ROUNDS']} are" if done > 1 else f"round 1 of {cfg['NUM_ROUNDS']} is"
+    return f"interrupted: {rounds} complete in {save_dir}; continue with: {resume_command(save_dir)}"

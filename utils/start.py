@@ -3,10 +3,12 @@ datasets, resume), the federation's classes, the model and its first global weig
 receives. Anything off stops here with one sentence (ValueError), before Ray or any client starts.
 """
 
+from logging import WARNING
 from pathlib import Path
 
 from utils import privacy, secure
 from utils.classes import federation_names
+from utils.console import log
 from utils.datasets import check_dataset, check_federation, client_labels
 from utils.demo import demo_datasets
 from utils.model import build_model, model_task, read_base
@@ -40,6 +42,10 @@ def read_inputs(cfg, defaults, given=None):
         raise ValueError(f"client-models names {len(own)} models for {len(cfg['DATASETS'])} datasets: give one per "
                          "dataset, in the same order")
     checks = check_federation(cfg["DATASETS"], tasks) if cfg["DATASETS"] else []  # none: the SuperNodes have them
+    for file, check in zip(cfg["DATASETS"], checks):
+        if check["yaml"]["val"] == check["yaml"]["train"]:
+            log(WARNING, "dataset %s: its val split is its train split, so its scores are measured on training "
+                "images (give it a val split of its own)", file)
     if task == "pose" and checks and "kpt_shape" in checks[0]["yaml"]:  # the datasets' keypoints shape the head
         arch["kpt_shape"] = checks[0]["yaml"]["kpt_shape"]
     clients = cfg["MIN_CLIENTS"] or len(cfg["DATASETS"])

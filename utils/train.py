@@ -35,6 +35,7 @@ from ultralytics.nn.tasks import guess_model_task
 from ultralytics.utils.torch_utils import unwrap_model
 
 from utils.console import log
+from utils.datasets import client_name
 from utils.offline import no_downloads
 from utils.tasks import get_task
 
@@ -171,8 +172,8 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
     def progress(trainer):
         seconds = max(time.time() - trainer.epoch_time_start, 1e-9)
         loss = sum(float(v) for v in (trainer.tloss or {}).values())
-        log(INFO, "client %s  round %d/%d  epoch %d/%d  loss %.3f  %.0f img/s", label, start_epoch // epochs + 1,
-            total_epochs // epochs, trainer.epoch - start_epoch + 1, epochs, loss,
+        log(INFO, "%s  round %d/%d  epoch %d/%d  loss %.3f  %.0f img/s", client_name(label),
+            start_epoch // epochs + 1, total_epochs // epochs, trainer.epoch - start_epoch + 1, epochs, loss,
             len(trainer.train_loader.dataset) / seconds)
 
     def stop_round(trainer):

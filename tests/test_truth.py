@@ -1,0 +1,103 @@
+"""Runs that tell the truth: a diverged model stops the run, DP noise that would destroy the model is named at start,
+a run that learned nothing says so, and the small lines a user reads are right."""
+
+import csv
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import federated
+from tests.conftest import ROOT
+from utils.config import resolve
+from utils.console import LOGGER
+from utils.datasets import client_name
+from utils.record import RoundRecord
+from utils.resume import interrupted_line
+from utils.tasks import get_task
+
+
+@pytest.fixture
+def lines():
+    """The project's log lines while a test runs."""
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    LOGGER.addHandler(handler)
+    yield seen
+    LOGGER.removeHandler(handler)
+
+
+def _record(tmp_path, rows=(), rounds=5):
+    cfg = {**federated.DEFAULTS, "SAVE_DIR": str(tmp_path), "NUM_ROUNDS": rounds}
+    task = get_task("detect")
+    return RoundRecord(cfg, {"rows": list(rows), "offset": 0}, task.metric, task.label, task)
+
+
+def test_divergence_is_a_non_finite_or_tenfold_train_loss_or_non_finite_weights(tmp_path):
+    weights = [np.ones(3, np.float32), np.array(5)]
+    record = _record(tmp_path)
+    assert record.check_divergence(1, weights, [1.0, 1.5, 0.5], "cause") is None  # the first round: 3.0
+    assert record.check_divergence(2, weights, [1.5, 2.5, 0.5], "cause") is None  # a warmup's 1.5x is no alarm
+    assert record.check_divergence(3, weights, [20.0, 9.0, 1.0], "cause") is None  # exactly 10x: still none
+    stop = record.check_divergence(4, weights, [3.0e6, 2.0, 1.0], "the DP noise")
+    assert stop.startswith("round 4: the global model diverged (train loss 3e+06, over 10x the first round's 3)")
+    assert "likely cause: the DP noise" in stop and f"rounds 1-3 are kept in {tmp_path}" in stop
+    assert record.failure() == stop  # the run's verdict, and so its exit code 1
+
+    assert "its train loss is nan" in _record(tmp_path).check_divergence(1, weights, [float("nan")], "c")
+    bad = [np.array([1.0, np.inf], np.float32), np.array(5)]
+    assert "its weights hold NaN or Inf" in _record(tmp_path).check_divergence(2, bad, [1.0], "c")
+    resumed = _record(tmp_path, rows=[{"round": "1", "train_box_loss": "2.0", "train_cls_loss": "1.0"}])
+    assert "over 10x the first round's 3" in resumed.check_divergence(2, weights, [31.0], "c")  # from metrics.csv
+
+
+def test_a_run_that_learned_nothing_says_so_and_one_that_learned_does_not(tmp_path, lines):
+    record = _record(tmp_path)
+    record.trained, record.best, record.best_round = 1, 0.0002, 1
+    record.summary()
+    assert any("scored mAP50-95 0.000 in every round: it learned nothing" in line for line in lines)
+    lines.clear()
+    record.best = 0.01
+    record.summary()
+    assert not any("learned nothing" in line for line in lines) and any(line.startswith("done:") for line in lines)
+
+
+def test_names_and_the_interrupted_line_read_right(tmp_path):
+    assert client_name("client0") == "client0" and client_name("dark") == "client dark" and client_name(3) == "client 3"
+    cfg = {"SAVE_DIR": str(tmp_path), "NUM_ROUNDS": 4}
+    (tmp_path / "round1.npz").write_bytes(b"")
+    with (tmp_path / "metrics.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["round"], ["1"]])
+    assert interrupted_line(cfg).startswith(f"interrupted: round 1 of 4 is complete in {tmp_path}; continue with: ")
+
+
+def test_a_val_split_equal_to_the_train_split_is_named(tiny_fed, tmp_path, lines):
+    src = tiny_fed[0][0]
+    same = tmp_path / "same.yaml"
+    same.write_text(src.read_text().replace("val: val", "val: train").replace("val: images/val", "val: images/train"))
+    assert "val" in same.read_text()
+    cfg = resolve(federated.DEFAULTS, {"datasets": [str(same), str(tiny_fed[0][1])], "save-dir": str(tmp_path / "r")})
+    federated.prepare(cfg)
+    warned = [line for line in lines if "its val split is its train split" in line]
+    assert len(warned) == 1 and str(same) in warned[0]
+
+
+@pytest.mark.slow
+def test_dp_noise_that_destroys_the_model_is_named_at_start_and_stops_the_run(tiny_fed, tmp_path):
+    save = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", *map(str, tiny_fed[0][:2]), "--dp-clip", "100",
+           "--num-rounds", "3", "--epochs", "1", "--imgsz", "32", "--batch", "4", "--device", "cpu", "--evaluate",
+           "false", "--save-dir", str(save)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    log = r.stdout + r.stderr
+    assert r.returncode == 1, log[-3000:]
+    warning = next(line for line in log.splitlines() if "it will destroy the model" in line)
+    assert "dp-noise 1 x dp-clip 100 / 2 clients gives noise of std 50" in warning and "a dp-clip of" in warning
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("federated.py: round 2: the global model diverged (train loss ") and "over 10x" in last
+    assert "likely cause: the DP noise" in last and f"round 1 is kept in {save}" in last
+    assert (save / "round1.npz").is_file() and not (save / "round2.npz").exists()
+    assert "done:" not in log and "Traceback" not in log
