@@ -101,3 +101,26 @@ def test_dp_noise_that_destroys_the_model_is_named_at_start_and_stops_the_run(ti
     assert "likely cause: the DP noise" in last and f"round 1 is kept in {save}" in last
     assert (save / "round1.npz").is_file() and not (save / "round2.npz").exists()
     assert "done:" not in log and "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_a_clients_score_is_what_yolo_val_prints_for_the_same_weights(tmp_path):
+    from ultralytics import YOLO
+
+    from utils.demo import make_demo
+
+    clients, _ = make_demo(tmp_path / "demo", seed=0)  # the demo's dark client: 96 train, 24 val images
+    YOLO("yolov8n.yaml").train(data=str(clients[0]), epochs=30, imgsz=64, batch=8, workers=0, device="cpu", seed=0,
+                               project=str(tmp_path), name="t", plots=False, val=False, verbose=False)
+    pt = tmp_path / "t" / "weights" / "last.pt"
+    cfg = resolve(federated.DEFAULTS, {"datasets": [str(c) for c in clients[:2]], "base-model": str(pt),
+                                       "save-dir": str(tmp_path / "run"), "imgsz": 64, "device": "cpu"})
+    run = federated.prepare(cfg)
+    strategy = federated.make_strategy(cfg, run)
+
+    _, n, mine = federated.YoloClient(partition_id=0).evaluate(run["initial"], strategy.round_config(1))
+
+    theirs = YOLO(str(pt)).val(data=str(clients[0]), split="val", imgsz=64, device="cpu", plots=False, verbose=False)
+    assert n == 24 and mine["map50_95"] > 0.002, (mine, theirs.box.map)  # a score that can disagree
+    assert mine["map50_95"] == pytest.approx(theirs.box.map, abs=1e-4)
+    assert mine["map50"] == pytest.approx(theirs.box.map50, abs=1e-4)

@@ -17,7 +17,8 @@ def evaluate(model, data_yaml, hyp, split="val"):
     """Return the task's metrics (utils/tasks.py: detect precision, recall, map50, map50_95; segment and pose those of
     the boxes and mask_/pose_ ones; classify top1, top5) and the image count of `model` on `split` of `data_yaml`.
 
-    The validator fuses Conv+BN in place (BatchNorm folded into the convolutions): pass a model built for evaluation
+    The scores are the ones `yolo val model=<the round's .pt> data=<data_yaml> split=<split> imgsz=<imgsz>` prints
+    (the same validator and settings, rectangular batches included). The validator fuses Conv+BN in place (BatchNorm folded into the convolutions): pass a model built for evaluation
     only, never one whose parameters are read afterwards.
     """
     no_downloads()
@@ -25,7 +26,7 @@ def evaluate(model, data_yaml, hyp, split="val"):
     keep = ("imgsz", "batch", "device", "workers")
     args = {k: hyp[k] for k in keep if k in hyp}
     args.update(data=str(data_yaml), split=split, plots=False, verbose=False, save_json=False, half=False,
-                task=task.name)
+                task=task.name, rect=True)  # rect as `yolo val` and Ultralytics' own validation: the same scores
     with tempfile.TemporaryDirectory(prefix="fedyolo-val-") as work:
         validator = task.load("validator")(save_dir=Path(work), args=args)
         stats = validator(model=model)
