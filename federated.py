@@ -1,10 +1,10 @@
 """Federated training of an Ultralytics YOLO model with Flower: one client per dataset, weights only exchanged.
 
 Usage:
-    python3 federated.py                                   # the embedded demo federation (generated, offline)
-    python3 federated.py --base-model yolov8n-seg.yaml     # the demo for a task: -seg, -pose, -obb, -cls models
-    python3 federated.py --datasets a/data.yaml b/data.yaml --base-model best.pt --num-rounds 10 --epochs 2
-    python3 federated.py --help                            # every setting with its default, grouped as below
+    .venv/bin/python federated.py                                # the embedded demo federation (generated, offline)
+    .venv/bin/python federated.py --base-model yolov8n-seg.yaml  # the demo for a task: -seg, -pose, -obb, -cls models
+    .venv/bin/python federated.py --datasets a/data.yaml b/data.yaml --base-model best.pt --num-rounds 10 --epochs 2
+    .venv/bin/python federated.py --help                         # every setting with its default, grouped as below
 """
 
 import os

@@ -4,6 +4,7 @@ Fast (no training): reads README.md and docs/*.md, and imports federated.py for 
 """
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,53 @@ def test_the_checks_can_fail(tmp_path):
     assert settings_problems(bad, defaults) == [
         "--num-rounds: default `16`, federated.py has `15`", "--no-such is not a setting",
         "--dp-delta is missing", "--save-dir is listed 2 times"]
+
+
+SCRIPTS = {"federated.py": lambda: __import__("federated").main,  # the project's scripts and their parsers
+           "utils/partition.py": lambda: __import__("utils.partition", fromlist=["x"]).get_args_parser,
+           "utils/export_federated.py": lambda: __import__("utils.export_federated", fromlist=["x"]).get_args_parser}
+
+
+def commands(md):
+    """Return the commands of Markdown file `md`'s shell blocks that run one of the project's scripts, as
+    (script, argument list), continuation lines joined and comments dropped."""
+    out = []
+    for block in re.findall(r"^```(?:sh|bash|shell)\n(.*?)^```", md.read_text(encoding="utf-8"), flags=re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            for i, word in enumerate(words):
+                script = next((s for s in SCRIPTS if word == s or word.endswith("/" + s)), None)
+                if script and i and words[i - 1].endswith(("python", "python3")):
+                    out.append((script, [w for w in words[i + 1:] if w not in ("&&", "|")]))
+    return out
+
+
+def unknown_flags(script, args):
+    """Return the `--flags` of `args` that `script`'s parser does not know (exactly: no prefixes)."""
+    if script == "federated.py":
+        import federated
+        from utils.config import get_args_parser
+
+        parser = get_args_parser(federated.DEFAULTS)
+    else:
+        parser = SCRIPTS[script]()()
+    known = {o for a in parser._actions for o in a.option_strings}
+    return [a.split("=")[0] for a in args if a.startswith("--") and a.split("=")[0] not in known]
+
+
+def test_every_documented_command_uses_the_venv_python_and_flags_that_exist():
+    found = [(md.name, script, args) for md in DOCS for script, args in commands(md)]
+    assert len(found) >= 8  # the quick start, the own-data walkthrough, export, ...
+    assert [(name, script, unknown_flags(script, args)) for name, script, args in found
+            if unknown_flags(script, args)] == []
+    runs = re.compile(r"([\w./-]*python3?)\s+[\w./-]*(?:federated|partition|export_federated)\.py")
+    python = {(md.name, p) for md in DOCS for p in runs.findall(md.read_text(encoding="utf-8"))}
+    assert len(python) > 5 and {p for _, p in python} == {".venv/bin/python"}, python  # as the quick start has it
+
+
+def test_the_command_checks_can_fail(tmp_path):
+    md = tmp_path / "x.md"
+    md.write_text("```sh\n.venv/bin/python federated.py --num-round 3 \\\n  --epochs 1\n"
+                  ".venv/bin/python utils/export_federated.py --nmes a b c\n```\n")
+    assert [(s, unknown_flags(s, a)) for s, a in commands(md)] == [("federated.py", ["--num-round"]),
+                                                                   ("utils/export_federated.py", ["--nmes"])]

@@ -39,11 +39,12 @@ def _record(tmp_path, rows=(), rounds=5):
 def test_divergence_is_a_non_finite_or_tenfold_train_loss_or_non_finite_weights(tmp_path):
     weights = [np.ones(3, np.float32), np.array(5)]
     record = _record(tmp_path)
-    assert record.check_divergence(1, weights, [1.0, 1.5, 0.5], "cause") is None  # the first round: 3.0
-    assert record.check_divergence(2, weights, [1.5, 2.5, 0.5], "cause") is None  # a warmup's 1.5x is no alarm
-    assert record.check_divergence(3, weights, [20.0, 9.0, 1.0], "cause") is None  # exactly 10x: still none
+    assert record.check_divergence(1, weights, [0.05, 0.1, 0.01], "cause") is None  # from scratch: no box matched yet
+    assert record.check_divergence(2, weights, [1.5, 2.5, 0.5], "cause") is None  # 27x that, as a model learns
+    assert record.check_divergence(3, weights, [60.0, 39.0, 1.0], "cause") is None  # 10x the floor of 10: no alarm
     stop = record.check_divergence(4, weights, [3.0e6, 2.0, 1.0], "the DP noise")
-    assert stop.startswith("round 4: the global model diverged (train loss 3e+06, over 10x the first round's 3)")
+    assert stop.startswith("round 4: the global model diverged (train loss 3e+06, above 1000: 10x the highest of "
+                           "the earlier rounds' (100, counted as at least 10))"), stop
     assert "likely cause: the DP noise" in stop and f"rounds 1-3 are kept in {tmp_path}" in stop
     assert record.failure() == stop  # the run's verdict, and so its exit code 1
 
@@ -51,7 +52,7 @@ def test_divergence_is_a_non_finite_or_tenfold_train_loss_or_non_finite_weights(
     bad = [np.array([1.0, np.inf], np.float32), np.array(5)]
     assert "its weights hold NaN or Inf" in _record(tmp_path).check_divergence(2, bad, [1.0], "c")
     resumed = _record(tmp_path, rows=[{"round": "1", "train_box_loss": "2.0", "train_cls_loss": "1.0"}])
-    assert "over 10x the first round's 3" in resumed.check_divergence(2, weights, [31.0], "c")  # from metrics.csv
+    assert "above 100: 10x" in resumed.check_divergence(2, weights, [101.0], "c")  # the floor: metrics.csv's 3 is less
 
 
 def test_a_run_that_learned_nothing_says_so_and_one_that_learned_does_not(tmp_path, lines):
@@ -97,7 +98,7 @@ def test_dp_noise_that_destroys_the_model_is_named_at_start_and_stops_the_run(ti
     warning = next(line for line in log.splitlines() if "it will destroy the model" in line)
     assert "dp-noise 1 x dp-clip 100 / 2 clients gives noise of std 50" in warning and "a dp-clip of" in warning
     last = log.strip().splitlines()[-1]
-    assert last.startswith("federated.py: round 2: the global model diverged (train loss ") and "over 10x" in last
+    assert last.startswith("federated.py: round 2: the global model diverged (train loss ") and "10x the hig" in last
     assert "likely cause: the DP noise" in last and f"round 1 is kept in {save}" in last
     assert (save / "round1.npz").is_file() and not (save / "round2.npz").exists()
     assert "done:" not in log and "Traceback" not in log

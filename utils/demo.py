@@ -3,7 +3,7 @@
 detect: boxes; segment: the shapes' polygons; pose: 4 keypoints at the corners of each shape's (rotated) square;
 obb: that rotated square as an oriented box; classify: one centred shape per image, in a folder per class.
 
-Usage: python3 -m utils.demo OUT_DIR [TASK]
+Usage: .venv/bin/python -m utils.demo OUT_DIR [TASK]
 """
 
 import sys

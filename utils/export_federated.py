@@ -1,7 +1,7 @@
 """Rebuild an ordinary Ultralytics .pt from the base model a run started from and one of its round npz files.
 
 Usage:
-    python3 utils/export_federated.py [BASE] NPZ [-o OUT.pt] [--names a b c]
+    .venv/bin/python utils/export_federated.py [BASE] NPZ [-o OUT.pt] [--names a b c]
 
 BASE is the .pt or .yaml the run started from; without it, the run's config.json beside NPZ names it (its
 BASE_MODEL). The class names come from --names, else from that config.json, else from BASE itself. The output loads

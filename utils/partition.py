@@ -1,7 +1,7 @@
 """Split one Ultralytics dataset into K client datasets for federated experiments (IID or non-IID).
 
 Usage:
-    python3 utils/partition.py SRC_DATA_YAML --clients K --mode iid|dirichlet --alpha A --seed S --out DIR
+    .venv/bin/python utils/partition.py SRC_DATA_YAML --clients K --mode iid|dirichlet --alpha A --seed S --out DIR
         [--quantity-skew Q]
 
 Writes DIR/client0 ... DIR/client{K-1}, each with a `data.yaml` (absolute `path`, `train: train.txt`,

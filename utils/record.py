@@ -18,9 +18,11 @@ from utils.checkpoint import write_checkpoint
 from utils.console import log
 from utils.params import set_weights
 from utils.report import plot, write_rows
+from utils.resume import command
 
 STALL_ROUNDS = 2  # a run whose last rounds (this many, or all) got no valid update ends with an error
-DIVERGED = 10.0  # a round whose train loss is above this many times the first round's has diverged
+DIVERGED = 10.0  # a round whose train loss is above this many times the highest of the earlier rounds' has diverged
+LOSS_FLOOR = 10.0  # ... counted as at least this: from scratch YOLO's loss rises from ~0.1 (no box assigned yet) to ~5
 NOTHING_LEARNED = 0.0005  # a best score below this prints as 0.000: the run learned nothing measurable
 
 
@@ -52,7 +54,7 @@ class RoundRecord:
         scored = [(float(x[metric]), int(x["round"])) for x in self.rows if x.get(metric)]
         self.best, self.best_round = max(scored, default=(None, None))
         self.trained, self.untrained, self.failed, self.first_error = 0, 0, [], None  # rounds with / without updates
-        self.first_loss = next((x for x in map(train_loss, self.rows) if x is not None), None)
+        self.top_loss = max((x for x in map(train_loss, self.rows) if x is not None), default=None)
         self.stopped = None  # why the run stopped itself (divergence)
         self.writer, self.writing = ThreadPoolExecutor(max_workers=1), None
         self.t0 = self.t_last = time.time()
@@ -74,17 +76,21 @@ class RoundRecord:
 
     def check_divergence(self, r, weights, losses, cause):
         """Return None, or the sentence that stops the run because round r's global model diverged: its `weights` hold
-        NaN or Inf, or its clients' train `losses` add up to a non-finite value or to over DIVERGED times the first
-        trained round's (a from-scratch warmup rises at most ~1.5x); `cause` names the likely reason."""
+        NaN or Inf, or its clients' train `losses` add up to a non-finite value or to over DIVERGED times the highest
+        train loss of the earlier rounds, counted as at least LOSS_FLOOR (a model trained from scratch at a small image
+        size starts near 0.1, before the assigner matches any box, and rises 10-40x to its usual few units; noise
+        that destroys the model sends it to millions); `cause` names the likely reason."""
         loss = sum(losses) if losses else None
+        limit = DIVERGED * max(self.top_loss, LOSS_FLOOR) if self.top_loss is not None else None
         if any(w.dtype.kind == "f" and not np.isfinite(w).all() for w in weights):
             what = "its weights hold NaN or Inf"
         elif loss is not None and not math.isfinite(loss):
             what = f"its train loss is {loss}"
-        elif loss is not None and self.first_loss and loss > DIVERGED * self.first_loss:
-            what = f"train loss {loss:.4g}, over {DIVERGED:g}x the first round's {self.first_loss:.4g}"
+        elif loss is not None and limit is not None and loss > limit:
+            what = (f"train loss {loss:.4g}, above {limit:.4g}: {DIVERGED:g}x the highest of the earlier rounds' "
+                    f"({self.top_loss:.4g}, counted as at least {LOSS_FLOOR:g})")
         else:
-            self.first_loss = self.first_loss or loss
+            self.top_loss = loss if self.top_loss is None else max(self.top_loss, loss or 0.0)
             return None
         kept = f"rounds 1-{r - 1} are kept in {self.save_dir}" if r > 2 else \
             f"round 1 is kept in {self.save_dir}" if r == 2 else "no round was kept"
@@ -175,7 +181,8 @@ class RoundRecord:
             f"{self.best:.3f}" if self.best is not None else "not measured", self.best_round)
         log(INFO, "  last model  %s;  round files %s;  metrics %s;  plot %s", d / "last.pt", d / "round*.npz",
             d / "metrics.csv", d / "results.png")
-        log(INFO, "  export a round: python3 utils/export_federated.py %s", d / f"round{self.cfg['NUM_ROUNDS']}.npz")
+        last = d / f"round{self.cfg['NUM_ROUNDS']}.npz"
+        log(INFO, "  export a round: %s", command("utils/export_federated.py", last))
 
     def failure(self):
         """Return one sentence when the run stopped itself, trained nothing or its last rounds got no valid update,

@@ -88,11 +88,21 @@ def write_config(cfg, spec):
     atomic_write_text(Path(cfg["SAVE_DIR"]) / "config.json", json.dumps(info, indent=2, default=str))
 
 
+ROOT = Path(__file__).resolve().parent.parent  # the project folder
+
+
+def command(script, *args):
+    """Return the command line that runs this project's `script` (its path in the project) with `args`, as it runs
+    from the current folder: this process's Python, paths relative when the run was started with a relative path."""
+    relative = not os.path.isabs(sys.argv[0])
+    python, path = (sys.executable, ROOT / script) if not relative else (os.path.relpath(sys.executable),
+                                                                         os.path.relpath(ROOT / script))
+    return " ".join(shlex.quote(str(x)) for x in (python, path, *args))
+
+
 def resume_command(save_dir):
     """Return the command line that continues the run in save_dir."""
-    python = os.path.relpath(sys.executable) if not os.path.isabs(sys.argv[0]) else sys.executable
-    script = sys.argv[0] if sys.argv[0].endswith(".py") else "federated.py"
-    return f"{shlex.quote(python)} {shlex.quote(script)} --resume --save-dir {shlex.quote(str(save_dir))}"
+    return command("federated.py", "--resume", "--save-dir", save_dir)
 
 
 def interrupted_line(cfg):
