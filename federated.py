@@ -115,7 +115,7 @@ from utils.console import setup as setup_console
 from utils.datasets import check_dataset_cached, client_label, client_name
 from utils.devices import client_device, count_gpus, plan_simulation, restrict_visible
 from utils.evaluate import evaluate, evaluate_on_server
-from utils.interrupt import on_interrupt, start_ray
+from utils.interrupt import on_interrupt, start_ray, stop_ray
 from utils.model import bn_entries, build_model, model_task, read_base_cached
 from utils.params import decode_update, get_weights, save_npz, set_weights, to_half
 from utils.record import RoundRecord, RunStopped
@@ -512,6 +512,7 @@ def main(argv=None):
     if run["offset"]:
         log(INFO, "resuming %s after round %d of %d", cfg["SAVE_DIR"], run["offset"], cfg["NUM_ROUNDS"])
     strategy = make_strategy(cfg, run)
+    strategy.record.defer_summary = True  # printed last, below every line Ray forwards from the clients
     from flwr.simulation import run_simulation  # imports Ray (seconds): only a simulation needs it
 
     rounds = ServerConfig(num_rounds=cfg["NUM_ROUNDS"] - run["offset"])
@@ -526,10 +527,13 @@ def main(argv=None):
                        backend_config={"client_resources": plan["resources"]})  # on the Ray started above
     except RunStopped:
         pass  # the strategy said why; the exit below repeats it
+    stop_ray()
     try:
         strategy.wait_for_files()  # a run cut short may still be writing its last round's checkpoints
     except OSError as e:
         log(ERROR, "could not write last.pt, best.pt or results.png: %s", e)
+    if strategy.record.finished:
+        strategy.record.summary()
     if strategy.failure():
         sys.exit(f"federated.py: {strategy.failure()}")
     last = Path(cfg["SAVE_DIR"]) / f"round{cfg['NUM_ROUNDS']}.npz"

@@ -125,3 +125,27 @@ def test_a_clients_score_is_what_yolo_val_prints_for_the_same_weights(tmp_path):
     assert n == 24 and mine["map50_95"] > 0.002, (mine, theirs.box.map)  # a score that can disagree
     assert mine["map50_95"] == pytest.approx(theirs.box.map, abs=1e-4)
     assert mine["map50"] == pytest.approx(theirs.box.map50, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_every_client_line_once_no_colour_and_the_summary_last(tiny_fed, tmp_path):
+    names = []
+    for i, src in enumerate(tiny_fed[0]):  # named as utils/partition.py names its clients
+        (tmp_path / f"client{i}").mkdir()
+        names.append(tmp_path / f"client{i}" / "data.yaml")
+        names[-1].write_text(src.read_text())  # its path: stays the demo client's folder
+    out = tmp_path / "log.txt"
+    cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", *map(str, names), "--num-rounds", "2",
+           "--epochs", "1", "--imgsz", "32", "--batch", "4", "--device", "cpu", "--save-dir", str(tmp_path / "run")]
+    with out.open("w") as f:  # a file, not a terminal
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path, timeout=600)
+    log = out.read_text()
+    assert r.returncode == 0, log[-3000:]
+    assert "\x1b[" not in log and "repeated" not in log and "client client" not in log
+    for rnd in (1, 2):
+        for i in range(3):
+            assert sum(f"client{i}  round {rnd}/2  epoch 1/1" in line for line in log.splitlines()) == 1, log
+    lines = log.strip().splitlines()
+    done = next(i for i, line in enumerate(lines) if "done: 2 rounds in" in line)
+    assert all("ClientAppActor" not in line and "client" not in line.split(":", 1)[-1][:20] for line in lines[done:])
+    assert lines[-1].split(":", 1)[-1].strip().startswith("peak memory of the server process")

@@ -12,8 +12,11 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import psutil
+
+RAY_LOG_DELAY = 1.0  # seconds to wait for Ray's last forwarded worker lines before stopping it
 
 
 def start_ray(**init_args):
@@ -33,6 +36,14 @@ def start_ray(**init_args):
         ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}, **init_args)
     finally:
         signal.signal(signal.SIGINT, old)
+
+
+def stop_ray():
+    """Stop the Ray that start_ray started, once its workers' last lines have reached this console."""
+    import ray
+
+    time.sleep(RAY_LOG_DELAY)  # Ray forwards a worker's lines to the driver within about a second
+    ray.shutdown()
 
 
 def end_descendants():

@@ -57,6 +57,7 @@ class RoundRecord:
         self.top_loss = max((x for x in map(train_loss, self.rows) if x is not None), default=None)
         self.stopped = None  # why the run stopped itself (divergence)
         self.writer, self.writing = ThreadPoolExecutor(max_workers=1), None
+        self.finished, self.defer_summary = False, False  # the last round is done; the summary waits for the caller
         self.t0 = self.t_last = time.time()
 
     def note(self, **values):
@@ -140,7 +141,8 @@ class RoundRecord:
         self.pending = {}
         log(INFO, "%s", self.line(row))
         self.prune(r)
-        if r >= self.cfg["NUM_ROUNDS"]:
+        self.finished = r >= self.cfg["NUM_ROUNDS"]
+        if self.finished and not self.defer_summary:
             self.summary()
 
     def line(self, row):
