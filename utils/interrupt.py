@@ -69,8 +69,12 @@ def on_interrupt(message):
             text = message()
         except Exception as e:  # the line must not fail the stop
             text = f"interrupted ({e})"
-        sys.stderr.write(f"\n{text}\n")
+        sys.stdout.flush()
         sys.stderr.flush()
+        os.write(2, f"\n{text}\n".encode())
+        null = os.open(os.devnull, os.O_WRONLY)  # the line is the last one: nothing Ray forwards comes after it
+        os.dup2(null, 1)
+        os.dup2(null, 2)
         end_descendants()  # right before exiting: Ray's driver code exits (code 1) once it notices its services gone
         os._exit(128 + signum)  # no interpreter shutdown: it would wait on Flower's and Ray's threads
 
