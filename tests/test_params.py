@@ -100,8 +100,8 @@ def test_strategy_aggregates_real_fitres_saves_npz_and_rejects_bad_update(tmp_pa
 
     ref = [np.zeros((2, 2), np.float32), np.zeros(3, np.float32), np.array(0, np.int64)]
     cfg = {**federated.DEFAULTS, "SAVE_DIR": str(tmp_path), "NUM_ROUNDS": 2, "EVALUATE": True}
-    run = {"initial": ref, "spec": {"names": ["a"]}, "trainable": [True, False, False], "offset": 0, "rows": [],
-           "train_images": {}, "bn_pairs": []}
+    run = {"initial": ref, "spec": {"names": ["a"], "datasets": []}, "trainable": [True, False, False], "offset": 0,
+           "rows": [], "train_images": {}, "bn_pairs": []}
     strategy = federated.SaveFedAvg(cfg, run)
     a = [np.ones((2, 2), np.float32), np.full(3, 2.0, np.float32), np.array(4, np.int64)]
     b = [np.full((2, 2), 3.0, np.float32), np.full(3, 6.0, np.float32), np.array(8, np.int64)]
@@ -127,8 +127,8 @@ def test_strategy_skips_round_below_min_updates_and_survives_full_disk(tmp_path,
 
     ref = [np.zeros((2, 2), np.float32), np.array(0, np.int64)]
     cfg = {**federated.DEFAULTS, "SAVE_DIR": str(tmp_path), "NUM_ROUNDS": 3, "EVALUATE": True, "MIN_UPDATES": 2}
-    run = {"initial": ref, "spec": {"names": ["a"]}, "trainable": [True, False], "offset": 0, "rows": [],
-           "train_images": {}, "bn_pairs": []}
+    run = {"initial": ref, "spec": {"names": ["a"], "datasets": []}, "trainable": [True, False], "offset": 0,
+           "rows": [], "train_images": {}, "bn_pairs": []}
     strategy = federated.SaveFedAvg(cfg, run)
     good = [np.ones((2, 2), np.float32), np.array(1, np.int64)]
     nan = [np.full((2, 2), np.nan, np.float32), np.array(1, np.int64)]
@@ -171,7 +171,7 @@ def test_strategy_counts_no_client_above_its_datasets_size(tmp_path):
 
     ref = [np.zeros(2, np.float32)]
     cfg = {**federated.DEFAULTS, "SAVE_DIR": str(tmp_path), "NUM_ROUNDS": 1, "EVALUATE": True}
-    run = {"initial": ref, "spec": {"names": ["a"]}, "trainable": [True], "offset": 0, "rows": [],
+    run = {"initial": ref, "spec": {"names": ["a"], "datasets": []}, "trainable": [True], "offset": 0, "rows": [],
            "train_images": {"/data/a": 10, "/data/b": 10}, "bn_pairs": []}
     strategy = federated.SaveFedAvg(cfg, run)
     liar = _fit_res([np.full(2, 9.0, np.float32)], 10**9, {"dataset": "/data/a", "box_loss": 1.0})
