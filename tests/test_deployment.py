@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, export_cli
 
 BIN = Path(sys.executable).parent
 NAMES = "circle,square,triangle,cross"
@@ -147,14 +147,14 @@ def test_tls_deployment_two_supernodes_two_rounds(deployment, tiny_fed, tmp_path
 
     for row in rows:  # the privacy spent after each round, as the accountant computes it
         assert float(row["dp_epsilon"]) == pytest.approx(epsilon(0.0001, int(row["round"]), 0.001), rel=1e-5)
-    r = subprocess.run([sys.executable, str(ROOT / "utils" / "export_federated.py"), "yolov8n.yaml",
-                        str(save / "round2.npz")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    status, last = export_cli("yolov8n.yaml", save / "round2.npz")
+    assert status == 0, last
     from ultralytics import YOLO
 
     assert YOLO(str(save / "round2.pt")).names[0] == "circle"
 
 
+@pytest.mark.slow
 def test_unregistered_supernode_is_refused_when_auth_is_on(deployment, tmp_path):
     d = deployment(auth=True)
     d.superlink()
@@ -175,6 +175,7 @@ def test_unregistered_supernode_is_refused_when_auth_is_on(deployment, tmp_path)
     assert good.poll() is None, good.log_path.read_text()[-2000:]  # the registered node stays connected
 
 
+@pytest.mark.slow
 def test_supernode_with_missing_dataset_fails_its_part_only(deployment, tiny_fed, tmp_path):
     d = deployment()
     d.superlink()
@@ -190,6 +191,7 @@ def test_supernode_with_missing_dataset_fails_its_part_only(deployment, tiny_fed
     assert (save / "round1.npz").is_file()
 
 
+@pytest.mark.slow
 def test_tls_is_required_and_a_wrong_ca_fails_fast(deployment, tmp_path):
     d = deployment()
     r = subprocess.run([str(BIN / "flower-superlink"), "--port", str(_free_port()), "--database", ":memory:"],
@@ -208,6 +210,7 @@ def test_tls_is_required_and_a_wrong_ca_fails_fast(deployment, tmp_path):
     assert time.time() - start < 120 and "CERTIFICATE_VERIFY_FAILED" in node.log_path.read_text()
 
 
+@pytest.mark.slow
 def test_supernode_killed_mid_round_then_restarted_rejoins(deployment, tiny_fed, tmp_path):
     d = deployment()
     d.superlink()

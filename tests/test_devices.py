@@ -104,6 +104,7 @@ class _Probe:
             return os.environ.get("CUDA_VISIBLE_DEVICES"), str(e)
 
 
+@pytest.mark.slow
 def test_ray_client_started_with_the_project_resources_sees_its_gpu(monkeypatch):
     import ray
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, export_cli
 from utils.export_federated import main as export_main
 from utils.model import build_model, read_base
 from utils.params import get_weights, save_npz
 
-EXPORT = [sys.executable, str(ROOT / "utils" / "export_federated.py")]
+EXPORT = [sys.executable, str(ROOT / "utils" / "export_federated.py")]  # the script's smoke test: the round trip
 
 
 @pytest.fixture()
@@ -54,8 +54,8 @@ def test_export_round_trip_predicts_like_the_in_memory_model(round_file, tiny_fe
 def test_export_custom_output_path(round_file, tmp_path):
     npz, _ = round_file
     out = tmp_path / "sub" / "model.pt"
-    r = subprocess.run([*EXPORT, "yolov8n.yaml", str(npz), "-o", str(out)], capture_output=True, text=True)
-    assert r.returncode == 0 and out.is_file() and not npz.with_suffix(".pt").exists()
+    status, _ = export_cli("yolov8n.yaml", npz, "-o", out)
+    assert status == 0 and out.is_file() and not npz.with_suffix(".pt").exists()
 
 
 def test_export_refuses_npz_of_another_model(round_file, tiny_model, tmp_path):
@@ -63,10 +63,9 @@ def test_export_refuses_npz_of_another_model(round_file, tiny_model, tmp_path):
     npz = tmp_path / "other.npz"
     save_npz(npz, get_weights(build_model(cfg, names + ["extra"])))  # five classes, config.json says four
 
-    r = subprocess.run([*EXPORT, "yolov8n.yaml", str(npz)], capture_output=True, text=True)
+    status, last = export_cli("yolov8n.yaml", npz)
 
-    assert r.returncode != 0
-    last = r.stderr.strip().splitlines()[-1]
+    assert status != 0
     assert "other.npz" in last and "model.22.cv3.0.2.weight" in last and "shape" in last
     assert not npz.with_suffix(".pt").exists()
 
@@ -79,16 +78,16 @@ def test_export_refuses_wrong_dtype_and_count(round_file, tmp_path):
     short = tmp_path / "short.npz"
     save_npz(short, arrays[:-1])
     for f, words in ((bad, "dtype"), (short, "354 arrays")):
-        r = subprocess.run([*EXPORT, "yolov8n.yaml", str(f)], capture_output=True, text=True)
-        assert r.returncode != 0 and words in r.stderr.strip().splitlines()[-1]
+        status, last = export_cli("yolov8n.yaml", f)
+        assert status != 0 and words in last
         assert not f.with_suffix(".pt").exists()
 
 
 def test_export_refuses_truncated_npz(round_file):
     npz, _ = round_file
     npz.write_bytes(npz.read_bytes()[:1000])
-    r = subprocess.run([*EXPORT, "yolov8n.yaml", str(npz)], capture_output=True, text=True)
-    assert r.returncode != 0 and "round3.npz" in r.stderr.strip().splitlines()[-1]
+    status, last = export_cli("yolov8n.yaml", npz)
+    assert status != 0 and "round3.npz" in last
     assert not npz.with_suffix(".pt").exists()
 
 
@@ -98,8 +97,7 @@ def test_exported_model_exports_to_onnx_and_predicts_the_same(round_file, tiny_f
 
     npz, _ = round_file
     out = tmp_path / "m.pt"
-    r = subprocess.run([*EXPORT, "yolov8n.yaml", str(npz), "-o", str(out)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert export_cli("yolov8n.yaml", npz, "-o", out) == (0, "")
     onnx_path = YOLO(str(out)).export(format="onnx", imgsz=64)  # what `yolo export format=onnx` runs
 
     x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
@@ -126,8 +124,7 @@ def test_export_without_base_takes_it_from_config_json(tmp_path):
     from ultralytics import YOLO
 
     npz = _run_dir(tmp_path / "run", ["a", "b"], ["a", "b"])
-    r = subprocess.run([*EXPORT, str(npz)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert export_cli(npz) == (0, "")
     ckpt = YOLO(str(npz.with_suffix(".pt")))
     assert ckpt.names == {0: "a", 1: "b"} and ckpt.ckpt["train_args"]["model"] == "yolov8n.yaml"
 

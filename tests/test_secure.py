@@ -58,11 +58,9 @@ def test_secagg_settings_and_conflicts_are_refused_in_one_line():
     assert "fp16" in check_secagg({**CFG, "FP16": "up"}, 3)
 
 
-def test_command_line_refuses_secagg_with_a_robust_strategy(tiny_fed, tmp_path):
-    cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", *map(str, tiny_fed[0]), "--secagg",
-           "--strategy", "krum", "--save-dir", str(tmp_path / "run")]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert r.returncode != 0 and "secagg cannot be used with strategy krum" in r.stderr.strip().splitlines()[-1]
+def test_command_line_refuses_secagg_with_a_robust_strategy(tiny_fed, tmp_path, refused):
+    status, last = refused("--datasets", *tiny_fed[0], "--secagg", "--strategy", "krum", "--save-dir", tmp_path / "run")
+    assert status != 0 and "secagg cannot be used with strategy krum" in last
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, export_cli
 from utils.classes import client_view
 from utils.datasets import check_dataset, check_federation
 from utils.demo import NAMES, make_demo
@@ -162,9 +162,8 @@ def test_task_simulation_export_and_yolo_val(task, task_fed, tmp_path):
     assert ckpt["train_args"]["task"] == task and type(ckpt["model"]).__name__ == TASKS[task].model
 
     out = tmp_path / "exported.pt"
-    r = subprocess.run([sys.executable, str(ROOT / "utils" / "export_federated.py"), str(save / "round1.npz"),
-                        "-o", str(out)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+    status, last = export_cli(save / "round1.npz", "-o", out)
+    assert status == 0, last
     yolo = Path(sys.executable).parent / "yolo"
     r = subprocess.run([str(yolo), "val", f"model={out}", f"data={test}", "imgsz=32", "batch=4", "device=cpu",
                         "plots=False", f"project={tmp_path / 'val'}"], capture_output=True, text=True, cwd=tmp_path,

@@ -1,0 +1,131 @@
+"""A real federation in this process (tests/conftest.py run_in_process): the strategy and real clients, round by
+round as Flower's server loop drives them, and every output file of the run; no Ray, so it stays in the fast tier.
+tests/test_simulation.py runs the same through `python3 federated.py` (Ray)."""
+
+import csv
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import FED, export_cli, run_in_process
+from utils.params import load_npz
+
+NAMES = ["circle", "square", "triangle", "cross"]
+
+
+def _rows(save):
+    with (save / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_every_round_file_is_the_whole_model_and_round_two_moved_it(fed_run):
+    save = fed_run.save
+    rounds = [load_npz(save / f"round{i}.npz") for i in (1, 2)]
+    for arrays in rounds:
+        assert len(arrays) == 355
+        assert {a.dtype.name for a in arrays} == {"float32", "int64"}
+        assert all(np.isfinite(a).all() for a in arrays)
+    assert any(not np.array_equal(a, b) for a, b in zip(*rounds))  # round 2 moved the model
+    config = json.loads((save / "config.json").read_text())
+    assert config["names"] == NAMES and config["settings"]["NUM_ROUNDS"] == 2
+    assert not [p for p in save.iterdir() if p.name.endswith(".tmp")]
+    assert [sorted(cid for cid, _ in fed_run.fits[r]) for r in (1, 2)] == [["0", "1"]] * 2  # both clients, both rounds
+
+
+def test_metrics_rows_hold_every_column_and_the_global_map_is_the_val_weighted_mean(fed_run):
+    rows = _rows(fed_run.save)
+    assert [row["round"] for row in rows] == ["1", "2"]
+    for row in rows:
+        for key in ("time_s", "train_box_loss", "train_cls_loss", "train_dfl_loss", "train_lr", "precision",
+                    "recall", "map50", "map50_95", "map50_95_dark", "map50_95_light"):
+            assert row[key] != "" and np.isfinite(float(row[key])), key
+        # the global mAP is the val-image-weighted mean of the clients' (4 val images each here)
+        assert float(row["map50_95"]) == pytest.approx((float(row["map50_95_dark"]) + float(row["map50_95_light"])) / 2,
+                                                       abs=1e-5)
+        assert float(row["train_batch"]) == 2  # 8 images at batch 4 make 2 steps: halved for MIN_STEPS 6
+        assert int(row["updates"]) == 2
+    assert (fed_run.save / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_last_and_best_load_in_ultralytics_and_a_round_exports(fed_run, tmp_path):
+    from ultralytics import YOLO
+
+    save = fed_run.save
+    for name in ("last.pt", "best.pt"):
+        assert list(YOLO(str(save / name)).names.values()) == NAMES
+    # last.pt holds exactly round 2's weights
+    last = [v.numpy() for v in YOLO(str(save / "last.pt")).model.state_dict().values()]
+    assert all(np.array_equal(a, b) for a, b in zip(last, load_npz(save / "round2.npz")))
+
+    out = tmp_path / "round2.pt"  # the run's folder is shared by the tests: exported elsewhere
+    assert export_cli("yolov8n.yaml", save / "round2.npz", "-o", out) == (0, "")
+    assert YOLO(str(out)).names[3] == "cross"
+
+
+def test_the_run_says_its_learning_rate_each_round_and_where_its_outputs_are(fed_run):
+    log = fed_run.log
+    # two 8-image clients at batch 2 (4 steps per epoch each) against a centralized epoch of 16 images at nbs 8
+    # (2 steps): 0.5
+    assert "optimizer AdamW, lr0 0.000625: Ultralytics' own rate x 0.5 (derived from the clients' image counts)" in log
+    assert "round 1/2" in log and "round 2/2" in log and "mAP50-95" in log and "best.pt" in log
+    assert "client dark  round 2/2  epoch 1/1  loss " in log and " img/s" in log  # progress inside a round
+    assert "a client failed" not in log and fed_run.strategy.failure() is None
+
+
+def test_a_finished_run_extended_by_a_round_continues_its_schedule(fed_run, tmp_path):
+    """Resume with a larger num-rounds: the earlier rounds kept byte for byte, the schedule recomputed over 3 rounds,
+    the optimizer and learning rate the run started with."""
+    save = tmp_path / "run"
+    shutil.copytree(fed_run.save, save)
+    kept = {n: _sha(save / n) for n in ("round1.npz", "round2.npz")}
+
+    ext = run_in_process({"resume": True, "save-dir": str(save), "num-rounds": 3},
+                         given={"RESUME", "SAVE_DIR", "NUM_ROUNDS"})  # as `--resume --save-dir S --num-rounds 3`
+
+    assert ext.run["offset"] == 2 and sorted(ext.fits) == [1]  # one more round, Flower's round 1 is the run's 3
+    assert {n: _sha(save / n) for n in kept} == kept
+    rows = _rows(save)
+    assert [row["round"] for row in rows] == ["1", "2", "3"]
+    # round 3 is epoch 3 of 3 of one run: linear decay lr0 * ((1 - 2/3) * 0.99 + 0.01), lr0 0.000625 as above
+    assert float(rows[2]["train_lr"]) == pytest.approx(0.000625 * (1 / 3 * 0.99 + 0.01), rel=1e-4)
+    assert len(load_npz(save / "round3.npz")) == 355
+    config = json.loads((save / "config.json").read_text())
+    assert config["settings"]["NUM_ROUNDS"] == 3 and config["settings"]["IMGSZ"] == 32
+    assert config["hyp"]["lr0"] == 0.000625 and config["lr_scale"] == 0.5  # the optimizer the run started with
+
+
+def test_partial_sharing_sends_only_the_shared_parts_and_keeps_the_rest_on_each_client(tiny_fed, tmp_path):
+    """SHARE=backbone+neck with the median: after round 1 only those entries travel (fewer bytes both ways), the
+    global model's head stays the starting one, and each client writes its own model with its own head."""
+    import torch
+
+    from utils.model import build_model, read_base
+    from utils.params import get_weights
+    from utils.share import part
+
+    save = tmp_path / "run"
+    run_in_process({"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(save), **FED,
+                    "share": "backbone+neck", "strategy": "fedmedian"})
+    rows = _rows(save)
+    full, up, down2 = int(rows[0]["bytes_down"]), int(rows[0]["bytes_up"]), int(rows[1]["bytes_down"])
+    assert up == down2 == int(rows[1]["bytes_up"]) and up < 0.9 * full  # the head never travels after round 1
+    arch = read_base("yolov8n.yaml")[0]
+    model = build_model(arch, NAMES, seed=0)
+    keys, start = list(model.state_dict()), get_weights(model)
+    head = [i for i, k in enumerate(keys) if part(k, arch) == "head"]
+    shared = [i for i in range(len(keys)) if i not in head and start[i].dtype.kind == "f"]
+    for n in (1, 2):
+        arrays = load_npz(save / f"round{n}.npz")
+        assert all(np.array_equal(arrays[i], start[i]) for i in head)
+        assert any(not np.array_equal(arrays[i], start[i]) for i in shared)
+    for client in ("dark", "light"):
+        mine = [t.numpy() for t in torch.load(save / "clients" / f"{client}.pt", weights_only=False)["model"]
+                .state_dict().values()]
+        assert any(not np.array_equal(mine[i], start[i]) for i in head), client  # its own trained head
