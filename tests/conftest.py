@@ -175,3 +175,47 @@ def refused(monkeypatch):
         return code, lines[-1] if lines else ""
 
     return call
+
+
+def check_round_files(save, names):
+    """Assert what a finished 2-round run of the tiny federation left in `save`: whole round files (round 2 moved
+    the model), config.json, no temp file. Return the two rounds' arrays."""
+    import json
+
+    import numpy as np
+
+    from utils.params import load_npz
+
+    rounds = [load_npz(save / f"round{i}.npz") for i in (1, 2)]
+    for arrays in rounds:
+        assert len(arrays) == 355
+        assert {a.dtype.name for a in arrays} == {"float32", "int64"}
+        assert all(np.isfinite(a).all() for a in arrays)
+    assert any(not np.array_equal(a, b) for a, b in zip(*rounds))  # round 2 moved the model
+    config = json.loads((save / "config.json").read_text())
+    assert config["names"] == names and config["settings"]["NUM_ROUNDS"] == 2
+    assert not [p for p in save.iterdir() if p.name.endswith(".tmp")]
+    return rounds
+
+
+def check_metrics(save):
+    """Assert the metrics.csv rows and results.png of a 2-round run of the tiny federation's dark and light clients
+    (8 train, 4 val images each, batch 4). Return the rows."""
+    import csv
+
+    import numpy as np
+
+    with (save / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["round"] for row in rows] == ["1", "2"]
+    for row in rows:
+        for key in ("time_s", "train_box_loss", "train_cls_loss", "train_dfl_loss", "train_lr", "precision",
+                    "recall", "map50", "map50_95", "map50_95_dark", "map50_95_light"):
+            assert row[key] != "" and np.isfinite(float(row[key])), key
+        # the global mAP is the val-image-weighted mean of the clients' (4 val images each here)
+        assert float(row["map50_95"]) == pytest.approx((float(row["map50_95_dark"]) + float(row["map50_95_light"])) / 2,
+                                                       abs=1e-5)
+        assert float(row["train_batch"]) == 2  # 8 images at batch 4 make 2 steps: halved for MIN_STEPS 6
+        assert int(row["updates"]) == 2
+    assert (save / "results.png").read_bytes()[:4] == b"\x89PNG"
+    return rows

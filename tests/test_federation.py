@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import FED, export_cli, run_in_process
+from tests.conftest import FED, check_metrics, check_round_files, export_cli, run_in_process
 from utils.params import load_npz
 
 NAMES = ["circle", "square", "triangle", "cross"]
@@ -26,32 +26,12 @@ def _sha(path):
 
 
 def test_every_round_file_is_the_whole_model_and_round_two_moved_it(fed_run):
-    save = fed_run.save
-    rounds = [load_npz(save / f"round{i}.npz") for i in (1, 2)]
-    for arrays in rounds:
-        assert len(arrays) == 355
-        assert {a.dtype.name for a in arrays} == {"float32", "int64"}
-        assert all(np.isfinite(a).all() for a in arrays)
-    assert any(not np.array_equal(a, b) for a, b in zip(*rounds))  # round 2 moved the model
-    config = json.loads((save / "config.json").read_text())
-    assert config["names"] == NAMES and config["settings"]["NUM_ROUNDS"] == 2
-    assert not [p for p in save.iterdir() if p.name.endswith(".tmp")]
+    check_round_files(fed_run.save, NAMES)
     assert [sorted(cid for cid, _ in fed_run.fits[r]) for r in (1, 2)] == [["0", "1"]] * 2  # both clients, both rounds
 
 
 def test_metrics_rows_hold_every_column_and_the_global_map_is_the_val_weighted_mean(fed_run):
-    rows = _rows(fed_run.save)
-    assert [row["round"] for row in rows] == ["1", "2"]
-    for row in rows:
-        for key in ("time_s", "train_box_loss", "train_cls_loss", "train_dfl_loss", "train_lr", "precision",
-                    "recall", "map50", "map50_95", "map50_95_dark", "map50_95_light"):
-            assert row[key] != "" and np.isfinite(float(row[key])), key
-        # the global mAP is the val-image-weighted mean of the clients' (4 val images each here)
-        assert float(row["map50_95"]) == pytest.approx((float(row["map50_95_dark"]) + float(row["map50_95_light"])) / 2,
-                                                       abs=1e-5)
-        assert float(row["train_batch"]) == 2  # 8 images at batch 4 make 2 steps: halved for MIN_STEPS 6
-        assert int(row["updates"]) == 2
-    assert (fed_run.save / "results.png").read_bytes()[:4] == b"\x89PNG"
+    check_metrics(fed_run.save)
 
 
 def test_last_and_best_load_in_ultralytics_and_a_round_exports(fed_run, tmp_path):

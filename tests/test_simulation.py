@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, export_cli, run_in_process
+from tests.conftest import ROOT, check_metrics, check_round_files, export_cli, run_in_process
 from utils.params import load_npz
 
 NAMES = ["circle", "square", "triangle", "cross"]
@@ -60,27 +60,8 @@ def test_simulation_two_clients_two_rounds(tiny_fed, tmp_path):
     assert "optimizer AdamW, lr0 0.000625: Ultralytics' own rate x 0.5 (derived from the clients' image counts)" in log
     for noise in ("[SUMMARY]", "History (", "DEPRECATED", "FutureWarning", "\x1b[", "configure_fit"):
         assert noise not in log, noise  # Flower's and Ray's chatter (and colour codes off a terminal): --verbose
-    rounds = [load_npz(save / f"round{i}.npz") for i in (1, 2)]
-    for arrays in rounds:
-        assert len(arrays) == 355
-        assert {a.dtype.name for a in arrays} == {"float32", "int64"}
-        assert all(np.isfinite(a).all() for a in arrays)
-    assert any(not np.array_equal(a, b) for a, b in zip(*rounds))  # round 2 moved the model
-    config = json.loads((save / "config.json").read_text())
-    assert config["names"] == NAMES and config["settings"]["NUM_ROUNDS"] == 2
-    assert not [p for p in save.iterdir() if p.name.endswith(".tmp")]
-
-    rows = _rows(save)
-    assert [row["round"] for row in rows] == ["1", "2"]
-    for row in rows:
-        for key in ("time_s", "train_box_loss", "train_cls_loss", "train_dfl_loss", "train_lr", "precision",
-                    "recall", "map50", "map50_95", "map50_95_dark", "map50_95_light"):
-            assert row[key] != "" and np.isfinite(float(row[key])), key
-        # the global mAP is the val-image-weighted mean of the clients' (4 val images each here)
-        assert float(row["map50_95"]) == pytest.approx((float(row["map50_95_dark"]) + float(row["map50_95_light"])) / 2,
-                                                       abs=1e-5)
-        assert float(row["train_batch"]) == 2  # 8 images at --batch 4 make 2 steps: halved for MIN_STEPS 6
-    assert (save / "results.png").read_bytes()[:4] == b"\x89PNG"
+    rounds = check_round_files(save, NAMES)
+    check_metrics(save)
 
     from ultralytics import YOLO
 
