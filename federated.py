@@ -283,11 +283,13 @@ class SaveFedAvg(FedAvg):
         self.aggregator = Aggregator(cfg, run["trainable"], run["bn_pairs"])
         self.task, self.mixed = get_task(run["spec"].get("task", "detect")), bool(run["spec"].get("client_models"))
         self.metric, label = ("score", "score") if self.mixed else (self.task.metric, self.task.label)
-        self.record = RoundRecord(cfg, run, self.metric, label, self.task)
+        clients = cfg["MIN_CLIENTS"] or len(run["spec"]["datasets"])
+        cause = privacy.noise_cause(cfg, clients) or "a learning rate too large for this model; lower --lr-scale"
+        self.record = RoundRecord(cfg, run, self.metric, label, self.task, cause)
         self.masked_bytes = secure.masked_bytes(self.current) if cfg["SECAGG"] else None  # SecAgg+'s upload per client
         self.secagg_weight = secure.max_weight(run["train_images"], unweighted=cfg["DP_CLIP"] > 0)
-        self.dp = privacy.ServerDP(cfg, cfg["MIN_CLIENTS"] or len(run["spec"]["datasets"]), run["rows"],
-                                   [j for _, j in run["bn_pairs"]]) if cfg["DP_CLIP"] else None
+        bn_var = [j for _, j in run["bn_pairs"]]
+        self.dp = privacy.ServerDP(cfg, clients, run["rows"], bn_var) if cfg["DP_CLIP"] else None
         super().__init__(initial_parameters=ndarrays_to_parameters(self.current), **kwargs)
 
     def round_config(self, server_round):
@@ -385,7 +387,7 @@ class SaveFedAvg(FedAvg):
             keys = sorted(set.intersection(*(set(m) for _, _, m, _ in valid)))
             total = sum(n for _, n, _, _ in valid)
             metrics = {k: sum(float(m[k]) * n for _, n, m, _ in valid) / total for k in keys}
-            self._stop_if_diverged(r, new, metrics)
+            self.record.stop_if_diverged(r, new, metrics)  # RunStopped: this round's file is not written
         else:  # the round's file then repeats the kept global model
             log(WARNING, "round %d skipped: %d valid client update(s), min-updates is %d; the global model is kept",
                 r, len(valid), self.cfg["MIN_UPDATES"])
@@ -402,16 +404,6 @@ class SaveFedAvg(FedAvg):
         if not self.cfg["EVALUATE"]:
             self.record.finish(self.current)
         return ndarrays_to_parameters(self.current), metrics
-
-    def _stop_if_diverged(self, r, new, metrics):
-        """Stop the run (RunStopped) when round r's global model diverged; its round file is not written."""
-        clients = self.cfg["MIN_CLIENTS"] or len(self.run["spec"]["datasets"])
-        cause = (f"the DP noise (std {privacy.noise_std(self.cfg, clients):.3g} per weight each round); lower dp-clip "
-                 "or dp-noise") if self.dp else "a learning rate too large for this model and data; lower --lr-scale"
-        stop = self.record.check_divergence(r, new, [v for k, v in metrics.items() if k.endswith("loss")], cause)
-        if stop:
-            log(ERROR, "%s", stop)
-            raise RunStopped(stop)
 
     def evaluate(self, server_round, parameters):
         """Validate the new global model on SERVER_DATA's val split, when set (server-side evaluation)."""

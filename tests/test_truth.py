@@ -33,26 +33,26 @@ def lines():
 def _record(tmp_path, rows=(), rounds=5):
     cfg = {**federated.DEFAULTS, "SAVE_DIR": str(tmp_path), "NUM_ROUNDS": rounds}
     task = get_task("detect")
-    return RoundRecord(cfg, {"rows": list(rows), "offset": 0}, task.metric, task.label, task)
+    return RoundRecord(cfg, {"rows": list(rows), "offset": 0}, task.metric, task.label, task, "the DP noise")
 
 
 def test_divergence_is_a_non_finite_or_tenfold_train_loss_or_non_finite_weights(tmp_path):
     weights = [np.ones(3, np.float32), np.array(5)]
     record = _record(tmp_path)
-    assert record.check_divergence(1, weights, [0.05, 0.1, 0.01], "cause") is None  # from scratch: no box matched yet
-    assert record.check_divergence(2, weights, [1.5, 2.5, 0.5], "cause") is None  # 27x that, as a model learns
-    assert record.check_divergence(3, weights, [60.0, 39.0, 1.0], "cause") is None  # 10x the floor of 10: no alarm
-    stop = record.check_divergence(4, weights, [3.0e6, 2.0, 1.0], "the DP noise")
+    assert record.check_divergence(1, weights, [0.05, 0.1, 0.01]) is None  # from scratch: no box matched yet
+    assert record.check_divergence(2, weights, [1.5, 2.5, 0.5]) is None  # 27x that, as a model learns
+    assert record.check_divergence(3, weights, [60.0, 39.0, 1.0]) is None  # 10x the floor of 10: no alarm
+    stop = record.check_divergence(4, weights, [3.0e6, 2.0, 1.0])
     assert stop.startswith("round 4: the global model diverged (train loss 3e+06, above 1000: 10x the highest of "
                            "the earlier rounds' (100, counted as at least 10))"), stop
     assert "likely cause: the DP noise" in stop and f"rounds 1-3 are kept in {tmp_path}" in stop
     assert record.failure() == stop  # the run's verdict, and so its exit code 1
 
-    assert "its train loss is nan" in _record(tmp_path).check_divergence(1, weights, [float("nan")], "c")
+    assert "its train loss is nan" in _record(tmp_path).check_divergence(1, weights, [float("nan")])
     bad = [np.array([1.0, np.inf], np.float32), np.array(5)]
-    assert "its weights hold NaN or Inf" in _record(tmp_path).check_divergence(2, bad, [1.0], "c")
+    assert "its weights hold NaN or Inf" in _record(tmp_path).check_divergence(2, bad, [1.0])
     resumed = _record(tmp_path, rows=[{"round": "1", "train_box_loss": "2.0", "train_cls_loss": "1.0"}])
-    assert "above 100: 10x" in resumed.check_divergence(2, weights, [101.0], "c")  # the floor: metrics.csv's 3 is less
+    assert "above 100: 10x" in resumed.check_divergence(2, weights, [101.0])  # the floor: metrics.csv's 3 is less
 
 
 def test_a_run_that_learned_nothing_says_so_and_one_that_learned_does_not(tmp_path, lines):

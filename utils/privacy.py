@@ -197,6 +197,13 @@ def noise_std(cfg, clients):
     return cfg["DP_NOISE"] * cfg["DP_CLIP"] / max(clients, 1)
 
 
+def noise_cause(cfg, clients):
+    """Return the DP noise as the likely cause of a diverged model, or None without DP."""
+    if not cfg["DP_CLIP"]:
+        return None
+    return f"the DP noise (std {noise_std(cfg, clients):.3g} per weight each round); lower dp-clip or dp-noise"
+
+
 def describe(cfg, weights, trainable, clients):
     """Log what differential privacy does in this run and what it spends; warn when its noise would swamp the model.
 

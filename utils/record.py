@@ -45,11 +45,13 @@ class RoundRecord:
             and `train_args` for checkpoints.
         metric (str): the metrics column of the global score (map50_95, mask_map50_95, ..., score); `label` its name.
         task: the run's task (utils/tasks.py), for the server-side score.
+        cause (str): what most likely makes this run's model diverge, for the line that stops it.
     """
 
-    def __init__(self, cfg, run, metric, label, task):
+    def __init__(self, cfg, run, metric, label, task, cause="unknown"):
         """Start from a resumed run's rows (none for a fresh run)."""
         self.cfg, self.run, self.metric, self.label, self.task = cfg, run, metric, label, task
+        self.cause = cause
         self.save_dir, self.rows, self.pending = Path(cfg["SAVE_DIR"]), run["rows"], {}
         scored = [(float(x[metric]), int(x["round"])) for x in self.rows if x.get(metric)]
         self.best, self.best_round = max(scored, default=(None, None))
@@ -75,12 +77,20 @@ class RoundRecord:
         """Count the round as one with enough valid updates (True) or as one that kept the global model."""
         self.trained, self.untrained = (self.trained + 1, 0) if trained else (self.trained, self.untrained + 1)
 
-    def check_divergence(self, r, weights, losses, cause):
+    def stop_if_diverged(self, r, weights, metrics):
+        """Log the line and raise RunStopped when round r's global model diverged (`check_divergence` of its new
+        `weights` and its clients' weighted train `metrics`)."""
+        stop = self.check_divergence(r, weights, [v for k, v in metrics.items() if k.endswith("loss")])
+        if stop:
+            log(ERROR, "%s", stop)
+            raise RunStopped(stop)
+
+    def check_divergence(self, r, weights, losses):
         """Return None, or the sentence that stops the run because round r's global model diverged: its `weights` hold
         NaN or Inf, or its clients' train `losses` add up to a non-finite value or to over DIVERGED times the highest
         train loss of the earlier rounds, counted as at least LOSS_FLOOR (a model trained from scratch at a small image
         size starts near 0.1, before the assigner matches any box, and rises 10-40x to its usual few units; noise
-        that destroys the model sends it to millions); `cause` names the likely reason."""
+        that destroys the model sends it to millions)."""
         loss = sum(losses) if losses else None
         limit = DIVERGED * max(self.top_loss, LOSS_FLOOR) if self.top_loss is not None else None
         if any(w.dtype.kind == "f" and not np.isfinite(w).all() for w in weights):
@@ -95,7 +105,7 @@ class RoundRecord:
             return None
         kept = f"rounds 1-{r - 1} are kept in {self.save_dir}" if r > 2 else \
             f"round 1 is kept in {self.save_dir}" if r == 2 else "no round was kept"
-        self.stopped = f"round {r}: the global model diverged ({what}); likely cause: {cause}; {kept}"
+        self.stopped = f"round {r}: the global model diverged ({what}); likely cause: {self.cause}; {kept}"
         return self.stopped
 
     def check_writing(self):
