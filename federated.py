@@ -19,6 +19,7 @@ NUM_ROUNDS = 15  # (int) federated rounds
 EPOCHS = 2  # (int) local epochs each client trains per round; the whole run is NUM_ROUNDS x EPOCHS epochs
 SAVE_DIR = "runs/federated"  # (str) folder for round{N}.npz, metrics.csv, results.png, last.pt, best.pt, config.json
 RESUME = False  # (bool) continue the run in SAVE_DIR from its last complete round, with its saved settings
+PATIENCE = 0  # (int) stop when the global score has not improved for this many rounds (best.pt is the result); 0: off
 SEED = 0  # (int) seed for the initial weights, the demo data and each round's augmentation
 # --- Data and model ----------------------------------------------------------------------------------------------
 BASE_MODEL = "yolov8n.yaml"  # (str) model .yaml (random init) or .pt (its weights); its task (detect, segment, pose,
@@ -307,8 +308,11 @@ class SaveFedAvg(FedAvg):
 
     def configure_fit(self, server_round, parameters, client_manager):
         """Send the global weights (float16 with FP16=both; under SHARE the shared parts, all of them in the first
-        round, which gives each client its starting point) and this round's schedule to the sampled clients."""
+        round, which gives each client its starting point) and this round's schedule to the sampled clients; after
+        an early stop (PATIENCE) nothing, which ends the round at once."""
         self.record.check_writing()  # a failed write (disk full) stops the run here
+        if self.record.stopped_early:
+            return []
         sent = self._sent(everything=server_round == 1 and not self.mixed)  # mixed: heads start from their own
         params = ndarrays_to_parameters(to_half(sent) if self.cfg["FP16"] == "both" else sent)
         self.record.note(bytes_down=sum(len(t) for t in params.tensors))
@@ -317,6 +321,8 @@ class SaveFedAvg(FedAvg):
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         """Send the new global weights (under SHARE: the shared parts) for validation on each client's val split."""
+        if self.record.stopped_early:
+            return []
         params = ndarrays_to_parameters(self._sent())
         return [(c, type(ins)(params, self.round_config(server_round)))
                 for c, ins in super().configure_evaluate(server_round, parameters, client_manager)]
@@ -360,6 +366,8 @@ class SaveFedAvg(FedAvg):
     def aggregate_fit(self, server_round, results, failures):
         """Average the valid updates weighted by train images (with DP_CLIP: clipped, unweighted, noised; with
         SECAGG: take the secure mean), save round{N}.npz, return the new global weights."""
+        if self.record.stopped_early:  # SecAgg+'s workflow reports the round it did not start as halted
+            return None, {}
         r, t0 = server_round + self.run["offset"], time.time()
         reasons = sorted({failure_reason(f) for f in failures})  # SecAgg+'s workflow lists a failed reply twice
         for reason in reasons:
@@ -407,7 +415,7 @@ class SaveFedAvg(FedAvg):
 
     def evaluate(self, server_round, parameters):
         """Validate the new global model on SERVER_DATA's val split, when set (server-side evaluation)."""
-        if not self.cfg["SERVER_DATA"] or server_round == 0:
+        if not self.cfg["SERVER_DATA"] or server_round == 0 or self.record.stopped_early:
             return None
         m = evaluate_on_server(self.run, parameters_to_ndarrays(parameters))
         self.record.note(**{f"server_{k}": v for k, v in m.items() if k != "images"})
@@ -528,7 +536,7 @@ def main(argv=None):
         strategy.record.summary()
     if strategy.failure():
         sys.exit(f"federated.py: {strategy.failure()}")
-    last = Path(cfg["SAVE_DIR"]) / f"round{cfg['NUM_ROUNDS']}.npz"
+    last = Path(cfg["SAVE_DIR"]) / f"round{strategy.record.last_round}.npz"
     if not last.exists():
         sys.exit(f"federated.py: the run ended without {last}; see the log above (continue it with --resume)")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the server (driver) process, not Ray's workers

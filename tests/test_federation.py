@@ -109,3 +109,24 @@ def test_partial_sharing_sends_only_the_shared_parts_and_keeps_the_rest_on_each_
         mine = [t.numpy() for t in torch.load(save / "clients" / f"{client}.pt", weights_only=False)["model"]
                 .state_dict().values()]
         assert any(not np.array_equal(mine[i], start[i]) for i in head), client  # its own trained head
+
+
+def test_patience_stops_the_run_once_the_score_stops_improving(tiny_fed, tmp_path):
+    save = tmp_path / "run"
+    done = run_in_process({"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(save), **FED,
+                           "num-rounds": 4, "patience": 1})
+
+    scores = [float(row["map50_95"]) for row in _rows(save)]
+    best = [max(scores[:i + 1]) for i in range(len(scores))]
+    stop = next(r for r in range(2, 5) if best[r - 1] <= best[r - 2])  # the first round that did not improve
+    assert len(scores) == stop < 4  # no round trained after it
+    assert (save / f"round{stop}.npz").is_file() and not (save / f"round{stop + 1}.npz").exists()
+    assert f"stopping after round {stop} of 4: the global mAP50-95 has not improved for 1 rounds" in done.log
+    assert f"done: {stop} rounds in {save}" in done.log and done.strategy.failure() is None
+    assert (save / "best.pt").is_file() and (save / "last.pt").is_file()
+
+
+def test_patience_needs_a_score_every_round(tiny_fed, tmp_path):
+    with pytest.raises(ValueError, match="patience 2 needs a global score every round"):
+        run_in_process({"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(tmp_path / "r"), **FED,
+                        "patience": 2, "evaluate": False})

@@ -54,12 +54,13 @@ class RoundRecord:
         self.cause = cause
         self.save_dir, self.rows, self.pending = Path(cfg["SAVE_DIR"]), run["rows"], {}
         scored = [(float(x[metric]), int(x["round"])) for x in self.rows if x.get(metric)]
-        self.best, self.best_round = max(scored, default=(None, None))
+        self.best, self.best_round = max(scored, key=lambda x: (x[0], -x[1]), default=(None, None))  # ties: the first
         self.trained, self.untrained, self.failed, self.first_error = 0, 0, [], None  # rounds with / without updates
         self.top_loss = max((x for x in map(train_loss, self.rows) if x is not None), default=None)
         self.stopped = None  # why the run stopped itself (divergence)
         self.writer, self.writing = ThreadPoolExecutor(max_workers=1), None
         self.finished, self.defer_summary = False, False  # the last round is done; the summary waits for the caller
+        self.stopped_early, self.last_round = False, cfg["NUM_ROUNDS"]  # PATIENCE
         self.t0 = self.t_last = time.time()
 
     def note(self, **values):
@@ -145,15 +146,27 @@ class RoundRecord:
         self.wait_for_files()  # one writer at a time: the previous round's files are done
         args = (current, r, score, improved, list(self.rows))
         if r >= self.cfg["NUM_ROUNDS"]:
-            self._write_files(*args)  # the last round: done before the run ends
+            self._write_files(*args)  # the last round: done before the run ends (an early stop waits for it)
         else:  # a checkpoint and a plot take ~0.5 s of server time: overlap them with the next round's training
             self.writing = self.writer.submit(self._write_files, *args)
         self.pending = {}
         log(INFO, "%s", self.line(row))
         self.prune(r)
-        self.finished = r >= self.cfg["NUM_ROUNDS"]
+        self.stop_early(r, score)
+        self.finished = r >= self.last_round
         if self.finished and not self.defer_summary:
             self.summary()
+
+    def stop_early(self, r, score):
+        """After round r: with PATIENCE, end the run when the global score has not improved for PATIENCE rounds."""
+        patience, best = self.cfg.get("PATIENCE", 0), self.best_round
+        if not patience or score is None or best is None or r - best < patience or r >= self.cfg["NUM_ROUNDS"]:
+            return
+        self.stopped_early, self.last_round = True, r
+        log(INFO, "stopping after round %d of %d: the global %s has not improved for %d rounds (patience %d); the "
+            "best, %.3f of round %d, is best.pt", r, self.cfg["NUM_ROUNDS"], self.label, r - best, patience,
+            self.best, best)
+        self.wait_for_files()  # this round's last.pt is written in the background: done before the run ends
 
     def line(self, row):
         """Return the round's progress line: time, train loss (or why skipped), failures, the global score."""
@@ -188,12 +201,12 @@ class RoundRecord:
                 "rounds or epochs (the schedule spans num-rounds x epochs), or a trained .pt base model, usually fix "
                 "it", self.label)
         d = self.save_dir
-        log(INFO, "done: %d rounds in %s", self.cfg["NUM_ROUNDS"], d)
+        log(INFO, "done: %d rounds in %s", self.last_round, d)
         log(INFO, "  best model  %s (best global %s %s, round %s)", d / "best.pt", self.label,
             f"{self.best:.3f}" if self.best is not None else "not measured", self.best_round)
         log(INFO, "  last model  %s;  round files %s;  metrics %s;  plot %s", d / "last.pt", d / "round*.npz",
             d / "metrics.csv", d / "results.png")
-        last = d / f"round{self.cfg['NUM_ROUNDS']}.npz"
+        last = d / f"round{self.last_round}.npz"
         log(INFO, "  export a round: %s", command("utils/export_federated.py", last))
 
     def failure(self):

@@ -26,6 +26,9 @@ def read_inputs(cfg, defaults, given=None):
     cfg["STRATEGY"], cfg["FP16"] = cfg["STRATEGY"].lower(), cfg["FP16"].lower()
     problem = check_schedule(cfg) or (cfg["FP16"] not in ("off", "up", "both") and
                                       f"fp16 must be off, up or both (got {cfg['FP16']!r})")
+    if cfg["PATIENCE"] and not (cfg["EVALUATE"] or cfg["SERVER_DATA"]) or cfg["PATIENCE"] < 0:
+        problem = problem or (f"patience {cfg['PATIENCE']} needs a global score every round (keep evaluate on, or "
+                              "give server-data) and must be 0 or more")
     if problem:
         raise ValueError(problem)
     save_dir = Path(cfg["SAVE_DIR"])
