@@ -91,11 +91,10 @@ VERBOSE = False  # (bool) also print Flower's and Ray's own log (client tracebac
 DEFAULTS = {k: v for k, v in dict(globals()).items() if k.isupper()}  # only the settings are upper case up to here
 
 import json
-import resource
 import sys
 import tempfile
 import time
-from logging import ERROR, INFO, WARNING
+from logging import ERROR, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +104,7 @@ from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.compat import start_grid
 from flwr.server.strategy import FedAvg
 
-from utils import privacy, secure, start
+from utils import privacy, secure, simulation, start
 from utils.aggregate import check_update, failure_reason, first_line, weighted_metrics
 from utils.atomic import remove_stale_temps
 from utils.classes import annotated, class_map, client_view, view_folder
@@ -114,13 +113,12 @@ from utils.config import explicit_settings, get_args_parser, resolve, setting_he
 from utils.console import log
 from utils.console import setup as setup_console
 from utils.datasets import check_dataset_cached, client_label, client_name
-from utils.devices import client_device, count_gpus, plan_simulation, restrict_visible
+from utils.devices import client_device
 from utils.evaluate import evaluate, evaluate_on_server
-from utils.interrupt import on_interrupt, start_ray, stop_ray
 from utils.model import bn_entries, build_model, model_task, read_base_cached
 from utils.params import decode_update, get_weights, save_npz, set_weights, to_half
-from utils.record import RoundRecord, RunStopped
-from utils.resume import interrupted_line, write_config
+from utils.record import RoundRecord
+from utils.resume import write_config
 from utils.schedule import describe as describe_schedule
 from utils.share import expand, shared_entries
 from utils.strategies import Aggregator
@@ -498,49 +496,12 @@ def main(argv=None):
     try:
         cfg = resolve(DEFAULTS, vars(args))
         run = prepare(cfg, given=explicit_settings(parser, argv))  # every check before Ray starts
-        n, n_gpus = len(run["spec"]["datasets"]), count_gpus()
-        if not n:
-            raise ValueError("a simulation needs DATASETS (or neither DATASETS nor NAMES, for the demo)")
-        # which device the clients train on and the Ray resources that let them see it, before Ray starts
-        plan = plan_simulation(cfg["DEVICE"], cfg["CLIENT_RESOURCES"], n, n_gpus, os.cpu_count())
+        devices = simulation.plan(cfg, run)  # which device the clients train on, before Ray starts
     except ValueError as e:
         sys.exit(f"federated.py: {e}")
-    restrict_visible(plan["gpus"], n_gpus)
-    run["spec"]["hyp"]["device"] = plan["device"]
-    log(INFO, "%d clients: %s", n, ", ".join(run["spec"]["datasets"]))
-    log(INFO, "%s", plan["line"])
-    if run["offset"]:
-        log(INFO, "resuming %s after round %d of %d", cfg["SAVE_DIR"], run["offset"], cfg["NUM_ROUNDS"])
-    strategy = make_strategy(cfg, run)
-    strategy.record.defer_summary = True  # printed last, below every line Ray forwards from the clients
-    from flwr.simulation import run_simulation  # imports Ray (seconds): only a simulation needs it
-
-    rounds = ServerConfig(num_rounds=cfg["NUM_ROUNDS"] - run["offset"])
-    root = str(Path(__file__).resolve().parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)  # Ray workers
-    start_ray(num_cpus=os.cpu_count(), num_gpus=len(plan["gpus"]), logging_level="WARNING", log_to_driver=True)
-    on_interrupt(lambda: interrupted_line(cfg))  # Ctrl-C: Ray ended, the resume command printed, exit 130
-    app = ServerApp()
-    app.main()(lambda grid, context: serve(grid, context, cfg, strategy, rounds))
-    try:
-        run_simulation(server_app=app, client_app=client_app, num_supernodes=n,
-                       backend_config={"client_resources": plan["resources"]})  # on the Ray started above
-    except RunStopped:
-        pass  # the strategy said why; the exit below repeats it
-    stop_ray()
-    try:
-        strategy.wait_for_files()  # a run cut short may still be writing its last round's checkpoints
-    except OSError as e:
-        log(ERROR, "could not write last.pt, best.pt or results.png: %s", e)
-    if strategy.record.finished:
-        strategy.record.summary()
-    if strategy.failure():
-        sys.exit(f"federated.py: {strategy.failure()}")
-    last = Path(cfg["SAVE_DIR"]) / f"round{strategy.record.last_round}.npz"
-    if not last.exists():
-        sys.exit(f"federated.py: the run ended without {last}; see the log above (continue it with --resume)")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the server (driver) process, not Ray's workers
-    log(INFO, "  peak memory of the server process: %.0f MB", peak)
+    failure = simulation.simulate(cfg, run, devices, make_strategy(cfg, run), client_app, serve)
+    if failure:
+        sys.exit(f"federated.py: {failure}")
 
 
 if __name__ == "__main__":
