@@ -27,7 +27,13 @@ BASE_MODEL = "yolov8n.yaml"  # (str) model .yaml (random init) or .pt (its weigh
 DATASETS = []  # (list[str]) one data.yaml per client (classify: a folder); empty (and no NAMES): the demo federation
 NAMES = []  # (list[str]) the federation's classes; empty: the union of the datasets' names (needed in a deployment)
 # --- Federation --------------------------------------------------------------------------------------------------
-MIN_CLIENTS = 0  # (int) clients each round waits for; 0: one per entry of DATASETS
+MIN_CLIENTS = 0  # (int) clients the run waits for before round 1; 0: one per entry of DATASETS (a simulation), the
+#                   SuperNodes connected when the run starts (a deployment)
+FRACTION_FIT = 1.0  # (float) fraction of the clients that train each round: a seeded sample (the same after a
+#                     resume) of at least MIN_UPDATES; with DP_CLIP each client takes part with this probability
+FRACTION_EVALUATE = 1.0  # (float) fraction of the clients that validate each round's global model (seeded sample)
+ROUND_TIMEOUT = 0.0  # (float) seconds a round waits for its clients' replies; a late one is dropped and named on the
+#                      round line; 0: wait for every client
 CLIENT_RESOURCES = {"num_cpus": 1}  # (dict) Ray resources per simulated client; num_gpus derived from DEVICE unless set
 EVALUATE = True  # (bool) evaluate the new global model on every client's val split after each round
 # --- Training (Ultralytics train arguments, the same on every client) --------------------------------------------
@@ -99,7 +105,7 @@ from pathlib import Path
 
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
-from flwr.common import Context, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Context, EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.compat import start_grid
 from flwr.server.strategy import FedAvg
@@ -116,6 +122,7 @@ from utils.datasets import check_dataset_cached, client_label, client_name
 from utils.devices import client_device
 from utils.evaluate import evaluate, evaluate_on_server
 from utils.model import bn_entries, build_model, model_task, read_base_cached
+from utils.nodes import CONNECT_WAIT, Nodes, discover
 from utils.params import decode_update, get_weights, save_npz, set_weights, to_half
 from utils.record import RoundRecord
 from utils.resume import write_config
@@ -194,6 +201,17 @@ class YoloClient(NumPyClient):
         classes = annotated(check, names)
         partial = spec["partial_labels"] and len(classes) < len(names)
         return spec, dataset, data_yaml, model, classes if partial else None
+
+    def get_properties(self, config):
+        """Say who this node is (utils/nodes.py): in a simulation its partition id; on a SuperNode its dataset's
+        label, classes and train images, checked as the run's task (config `task`) or its own base model's."""
+        if self.dataset is None:
+            return {} if self.partition_id is None else {"partition-id": int(self.partition_id)}
+        task = model_task(read_base_cached(self.base_model)[0]).name if self.base_model else \
+            config.get("task", "detect")
+        check = check_dataset_cached(self.dataset, task)
+        return {"label": client_label(self.dataset), "names": json.dumps(list(check["names"])),
+                "train_images": int(check["train_images"])}
 
     def fit(self, parameters, config):
         """Train the sent weights for this round's epochs of the run; return fp32 weights, train images, losses.
@@ -289,6 +307,9 @@ class SaveFedAvg(FedAvg):
         self.secagg_weight = secure.max_weight(run["train_images"], unweighted=cfg["DP_CLIP"] > 0)
         bn_var = [j for _, j in run["bn_pairs"]]
         self.dp = privacy.ServerDP(cfg, clients, run["rows"], bn_var) if cfg["DP_CLIP"] else None
+        self.nodes = Nodes(run["spec"]["datasets"], run.get("labels", {}), run.get("nodes"),  # who each node is
+                           cfg["ROUND_TIMEOUT"] or None)
+        self.sent = {}  # the cids this round's fit and evaluate messages went to
         super().__init__(initial_parameters=ndarrays_to_parameters(self.current), **kwargs)
 
     def round_config(self, server_round):
@@ -313,17 +334,27 @@ class SaveFedAvg(FedAvg):
             return []
         sent = self._sent(everything=server_round == 1 and not self.mixed)  # mixed: heads start from their own
         params = ndarrays_to_parameters(to_half(sent) if self.cfg["FP16"] == "both" else sent)
-        self.record.note(bytes_down=sum(len(t) for t in params.tensors))
-        return [(c, type(ins)(params, self.round_config(server_round)))
-                for c, ins in super().configure_fit(server_round, parameters, client_manager)]
+        clients = self._choose(server_round, client_manager, "fit")
+        self.record.note(bytes_down=sum(len(t) for t in params.tensors), sampled=len(clients))
+        return [(c, FitIns(params, self.round_config(server_round))) for c in clients]
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         """Send the new global weights (under SHARE: the shared parts) for validation on each client's val split."""
-        if self.record.stopped_early:
+        if self.record.stopped_early or not self.cfg["EVALUATE"]:
             return []
         params = ndarrays_to_parameters(self._sent())
-        return [(c, type(ins)(params, self.round_config(server_round)))
-                for c, ins in super().configure_evaluate(server_round, parameters, client_manager)]
+        return [(c, EvaluateIns(params, self.round_config(server_round)))
+                for c in self._choose(server_round, client_manager, "evaluate")]
+
+    def _choose(self, server_round, client_manager, stage):
+        """Return the clients of this round's `stage` (fit, evaluate): FRACTION_FIT / FRACTION_EVALUATE of the
+        connected ones, a sample seeded by the run's round (utils/nodes.py), and remember whom it asked."""
+        client_manager.wait_for(self.min_available_clients, timeout=int(CONNECT_WAIT))
+        fraction = self.cfg["FRACTION_FIT" if stage == "fit" else "FRACTION_EVALUATE"]
+        clients = self.nodes.choose(client_manager, fraction, max(self.cfg["MIN_UPDATES"], 1), self.cfg["SEED"],
+                                    server_round + self.run["offset"], stage, poisson=bool(self.cfg["DP_CLIP"]))
+        self.sent[stage] = [c.cid for c in clients]
+        return clients
 
     def _valid_updates(self, r, results, reasons):
         """Return [(arrays as full float32 global entries, image count, metrics, bytes sent)] of the valid updates;
@@ -367,6 +398,7 @@ class SaveFedAvg(FedAvg):
         if self.record.stopped_early:  # SecAgg+'s workflow reports the round it did not start as halted
             return None, {}
         r, t0 = server_round + self.run["offset"], time.time()
+        late, failures = self.nodes.late(self.sent.get("fit", []), results, failures)  # ROUND_TIMEOUT's
         reasons = sorted({failure_reason(f) for f in failures})  # SecAgg+'s workflow lists a failed reply twice
         for reason in reasons:
             log(WARNING, "round %d: a client failed: %s", r, reason)
@@ -378,7 +410,7 @@ class SaveFedAvg(FedAvg):
             for arrays, n, _, _ in valid if not self.dp else []:
                 self.aggregator.add(arrays, n)
         sizes = [size for *_, size in valid]
-        self.record.begin(r, len(valid), round(sum(sizes) / len(sizes)) if sizes else None, reasons)
+        self.record.begin(r, len(valid), round(sum(sizes) / len(sizes)) if sizes else None, reasons, late)
         new, metrics, enough = self.current, {}, len(valid) >= max(self.cfg["MIN_UPDATES"], 1)
         self.record.trained_round(enough)
         if enough:
@@ -422,9 +454,13 @@ class SaveFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round, results, failures):
         """Average the clients' validation metrics of the new global model weighted by their val images; the task's
         score per client too (`map50_95_<client>`, segment `mask_map50_95_<client>`, ...)."""
+        late, failures = self.nodes.late(self.sent.get("evaluate", []), results, failures)
+        if late:
+            log(WARNING, "round %d: %d late to validate: %s", server_round + self.run["offset"], len(late),
+                ", ".join(late))
         for f in failures:
-            log(WARNING, "round %d: a client failed to evaluate: %r", server_round + self.run["offset"],
-                f if isinstance(f, BaseException) else f[1])
+            log(WARNING, "round %d: a client failed to evaluate: %s", server_round + self.run["offset"],
+                failure_reason(f))
         metrics = weighted_metrics(results, list(self.task.metrics.values()), self.metric, self.run["labels"])
         self.record.note(**metrics)
         self.record.finish(self.current)
@@ -467,8 +503,11 @@ def make_strategy(cfg, run):
                       min_fit_clients=n, min_evaluate_clients=n if cfg["EVALUATE"] else 0, min_available_clients=n)
 
 
-def serve(grid, context, cfg, strategy, rounds):
-    """Run the rounds: Flower's own round loop, or with SECAGG its SecAgg+ workflow (utils/secure.py)."""
+def serve(grid, context, cfg, strategy):
+    """Run the rounds: Flower's own round loop, or with SECAGG its SecAgg+ workflow (utils/secure.py); with
+    ROUND_TIMEOUT each message's time-to-live is the deadline (utils/nodes.py)."""
+    rounds = ServerConfig(num_rounds=cfg["NUM_ROUNDS"] - strategy.run["offset"], round_timeout=cfg["ROUND_TIMEOUT"]
+                          or None)
     if not cfg["SECAGG"]:
         start_grid(grid=grid, strategy=strategy, config=rounds)
         return
@@ -479,8 +518,13 @@ def serve(grid, context, cfg, strategy, rounds):
 def server_main(grid, context: Context):
     """ServerApp entry for `flwr run`: the constants above, overridden by the run config."""
     cfg = resolve(DEFAULTS, dict(context.run_config))
+    known = None
+    if not cfg["DATASETS"]:  # a deployment: the SuperNodes say what they hold (names, how many nodes)
+        task = model_task(read_base_cached(cfg["BASE_MODEL"])[0]).name
+        cfg["NAMES"], cfg["MIN_CLIENTS"], known = discover(grid, cfg, task)
     run = prepare(cfg)
-    serve(grid, context, cfg, make_strategy(cfg, run), ServerConfig(num_rounds=cfg["NUM_ROUNDS"] - run["offset"]))
+    run["nodes"] = known  # the strategy names and samples them by what they said
+    serve(grid, context, cfg, make_strategy(cfg, run))
 
 
 client_app = ClientApp(client_fn=client_fn, mods=[secure.when_asked])  # the mod acts only in SecAgg+ rounds

@@ -119,9 +119,27 @@ def deployment(tmp_path):
         d.close()
 
 
-def _run_config(save, rounds):
-    return (f'names="{NAMES}" min-clients=2 num-rounds={rounds} epochs=1 imgsz=32 batch=4 device="cpu" '
-            f'save-dir="{save}"')
+def _run_config(save, rounds, told=True):
+    """The run config of a test run; `told` False: no names and min-clients, which the SuperNodes then give."""
+    return ((f'names="{NAMES}" min-clients=2 ' if told else "") +
+            f'num-rounds={rounds} epochs=1 imgsz=32 batch=4 device="cpu" save-dir="{save}"')
+
+
+def _start_run(d, config):
+    """Start `flwr run` with this run config in the background; its process is stopped with the deployment."""
+    run = subprocess.Popen([str(BIN / "flwr"), "run", ".", "fed", "--stream", "--run-config", config], cwd=ROOT,
+                           env=d.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    d.procs.append(run)
+    return run
+
+
+def _wait_for_clientapps(node, n):
+    """Wait until the SuperNode `node` has started its n-th ClientApp process (one per message it handles: the first
+    says who the node is, then one per training or evaluation)."""
+    deadline = time.time() + 300
+    while time.time() < deadline and node.log_path.read_text().count("Start `flwr-clientapp` process") < n:
+        time.sleep(0.1)
 
 
 @pytest.mark.slow
@@ -133,10 +151,15 @@ def test_tls_deployment_two_supernodes_two_rounds(deployment, tiny_fed, tmp_path
     save = tmp_path / "run"
 
     dp = " dp-clip=1000.0 dp-noise=0.0001 dp-delta=0.001"  # differential privacy runs in the ServerApp too
-    r = d.flwr("run", ".", "fed", "--stream", "--run-config", _run_config(save, 2) + dp)
+    r = d.flwr("run", ".", "fed", "--stream", "--run-config", _run_config(save, 2, told=False) + dp)
 
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
+    from utils.classes import union_names
+    from utils.datasets import check_dataset
+
+    names = union_names([check_dataset(f) for f in tiny_fed[0][:2]], tiny_fed[0][:2])[0]  # what a simulation uses
+    assert f"the federation's classes ({len(names)}): {', '.join(names)}" in log  # told by the SuperNodes
     assert "round 2/2" in log and "differential privacy: each client's change clipped to norm 1000" in log
     assert f"done: 2 rounds in {save}" in log and "best model" in log  # the run's outputs, named under flwr run too
     assert (save / "round1.npz").is_file() and (save / "round2.npz").is_file()
@@ -151,7 +174,7 @@ def test_tls_deployment_two_supernodes_two_rounds(deployment, tiny_fed, tmp_path
     assert status == 0, last
     from ultralytics import YOLO
 
-    assert YOLO(str(save / "round2.pt")).names[0] == "circle"
+    assert list(YOLO(str(save / "round2.pt")).names.values()) == names
 
 
 @pytest.mark.slow
@@ -217,13 +240,8 @@ def test_supernode_killed_mid_round_then_restarted_rejoins(deployment, tiny_fed,
     d.supernode("steady", tiny_fed[0][0])
     victim = d.supernode("victim", tiny_fed[0][1])
     save = tmp_path / "run"
-    run = subprocess.Popen([str(BIN / "flwr"), "run", ".", "fed", "--stream", "--run-config", _run_config(save, 2)],
-                           cwd=ROOT, env=d.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
-    d.procs.append(run)
-    deadline = time.time() + 300
-    while time.time() < deadline and "Start `flwr-clientapp` process" not in victim.log_path.read_text():
-        time.sleep(0.2)
+    run = _start_run(d, _run_config(save, 2))
+    _wait_for_clientapps(victim, 2)  # the second one trains round 1
     os.killpg(victim.pid, signal.SIGKILL)  # the data owner's machine dies while it trains round 1
     victim.wait()
     d.supernode("victim-restarted", tiny_fed[0][1])
@@ -246,13 +264,8 @@ def test_secagg_deployment_survives_a_supernode_killed_while_it_trains(deploymen
     save = tmp_path / "run"
     dp = " dp-clip=1000.0 dp-noise=0.00001 dp-delta=0.001"  # with SecAgg+, the clients clip their own changes
     config = _run_config(save, 2).replace("min-clients=2", "min-clients=3") + " secagg=true evaluate=false" + dp
-    run = subprocess.Popen([str(BIN / "flwr"), "run", ".", "fed", "--stream", "--run-config", config], cwd=ROOT,
-                           env=d.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
-    d.procs.append(run)
-    deadline = time.time() + 300  # SecAgg+ starts a ClientApp per stage: setup, share keys, then train + mask
-    while time.time() < deadline and victim.log_path.read_text().count("Start `flwr-clientapp` process") < 3:
-        time.sleep(0.1)
+    run = _start_run(d, config)
+    _wait_for_clientapps(victim, 4)  # then SecAgg+ starts one per stage: setup, share keys, then train + mask
     os.killpg(victim.pid, signal.SIGKILL)  # after it shared its secrets, before it sent its masked update
     victim.wait()
     d.supernode("victim-restarted", tiny_fed[0][2])
@@ -277,3 +290,27 @@ def test_secagg_deployment_survives_a_supernode_killed_while_it_trains(deploymen
     keys = list(model.state_dict())
     change = max(float(abs(b.astype(float) - a).max()) for a, b, k in zip(start, one, keys) if k in params)
     assert 0 < change < 1.0  # a mask left in the sum would throw weights by up to +-8 (the clipping range)
+
+
+@pytest.mark.slow
+def test_a_supernode_that_stalls_mid_round_is_late_and_its_work_never_lands_later(deployment, tiny_fed, tmp_path):
+    d = deployment()
+    d.superlink()
+    d.supernode("steady", tiny_fed[0][0])
+    victim = d.supernode("victim", tiny_fed[0][1])
+    save = tmp_path / "run"
+    config = _run_config(save, 2, told=False) + " round-timeout=40.0 evaluate=false"  # 2 ClientApp starts fit in 40 s
+    run = _start_run(d, config)
+    _wait_for_clientapps(victim, 2)  # the second one trains round 1
+    os.killpg(victim.pid, signal.SIGSTOP)  # the site's machine stalls (a busy GPU, a swapped-out process) mid-round
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((save / "metrics.csv").exists() and (save / "round1.npz").exists()):
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGCONT)  # it wakes during round 2 and sends its stale round-1 update
+
+    log, _ = run.communicate(timeout=600)
+
+    assert run.returncode == 0, log[-3000:]
+    assert "1 late: client light" in log, "\n".join(x for x in log.splitlines() if "round" in x or "fail" in x)
+    rows = list(csv.DictReader((save / "metrics.csv").open()))
+    assert [(row["round"], row["updates"], row["late"]) for row in rows] == [("1", "1", "1"), ("2", "2", "0")]

@@ -362,3 +362,24 @@ def test_a_converged_model_survives_one_short_round(tiny_fed, tmp_path):
     print(f"fitted mAP50-95 {fitted:.3f}, kept {kept}")
     assert kept["defaults"] >= 0.8, (fitted, kept)
     assert kept["random-init rule"] < 0.5, (fitted, kept)
+
+
+@pytest.mark.slow
+def test_a_round_deadline_drops_the_slow_client_names_it_and_never_aggregates_it_later(tiny_fed, tmp_path):
+    from utils.demo import make_demo
+
+    slow = make_demo(tmp_path / "big", seed=5, n_train=3000, n_val=2)[0][1]  # ~25 s an epoch: past every deadline
+    save = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", str(tiny_fed[0][0]), str(slow), "--num-rounds",
+           "2", "--epochs", "1", "--imgsz", "32", "--batch", "4", "--device", "cpu", "--save-dir", str(save),
+           "--round-timeout", "15", "--evaluate", "false"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    log = r.stdout + r.stderr
+
+    assert r.returncode == 0, log[-3000:]
+    assert "round 1/2" in log and "1 late: client light" in log and "round 2/2" in log
+    rows = _rows(save)
+    # round 2 counts only its own fresh update: the slow client's round-1 reply, which came during round 2, is gone
+    assert [(row["updates"], row["late"], row["sampled"]) for row in rows] == [("1", "1", "2")] * 2
+    assert float(rows[1]["time_round"]) < 15 * 1.1 + 3  # the deadline, its polling and the round's files
+    assert "a client failed" not in log

@@ -15,8 +15,13 @@ What the vector covers: every floating-point entry the server averages, BatchNor
 running_var is clamped at 0 (post-processing, which costs no privacy).
 
 Accounting: each round is one Gaussian mechanism with noise multiplier DP_NOISE on the sum of clipped changes of
-all clients (every client takes part in every round, so there is no sampling amplification); the rounds compose.
-The (epsilon, DP_DELTA) spent after r rounds comes from the RDP accountant of Google's `dp-accounting` library.
+the round's clients; the rounds compose. The (epsilon, DP_DELTA) spent after r rounds comes from the RDP accountant
+of Google's `dp-accounting` library. With every client in every round (FRACTION_FIT 1) there is no sampling
+amplification. With FRACTION_FIT q < 1 each client takes part in a round independently with probability q (Poisson
+sampling, utils/nodes.py), the sum is divided by the expected count q x clients rather than by the clients that
+came (the fixed-denominator estimator of McMahan et al. 2018, which keeps one client's influence at most
+DP_CLIP / (q x clients)), and each round is accounted as a Poisson-sampled Gaussian mechanism, so epsilon falls
+with q.
 
 Adaptive clipping (DP_ADAPTIVE; Andrew et al. 2021): after every round the clip moves geometrically toward the
 DP_QUANTILE quantile of the clients' change norms, from a noised count of the clients that were not clipped
@@ -54,6 +59,9 @@ def check_privacy(cfg, clients=0):
     if cfg["STRATEGY"] in ROBUST:
         return (f"strategy {cfg['STRATEGY']} cannot be used with dp-clip: differential privacy here noises the mean "
                 "of the clipped updates; use fedavg, fedprox, fedavgm, fedadam or fedyogi")
+    if cfg.get("FRACTION_FIT", 1.0) < 1 and cfg["SECAGG"]:
+        return ("fraction-fit below 1 cannot be used with dp-clip and secagg together: the secure sum is divided by "
+                "the clients that came, which the sampled accountant does not cover; use one of secagg or sampling")
     if cfg["FEDBN"]:
         return "fedbn cannot be used with dp-clip: the accountant assumes every averaged entry is clipped and noised"
     if cfg["DP_ADAPTIVE"]:
@@ -89,14 +97,18 @@ def next_clip(clip, unclipped, clients, count_std, quantile):
     return float(clip * np.exp(-CLIP_LR * (fraction - quantile)))
 
 
-def epsilon(noise, rounds, delta):
-    """Return the epsilon spent at `delta` by `rounds` Gaussian mechanisms of noise multiplier `noise` (RDP)."""
+def epsilon(noise, rounds, delta, rate=1.0):
+    """Return the epsilon spent at `delta` by `rounds` Gaussian mechanisms of noise multiplier `noise` (RDP), each on
+    a Poisson sample of the clients at `rate` (1: every client every round)."""
     if rounds <= 0:
         return 0.0
     if noise <= 0:
         return float("inf")
     accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(dp_accounting.GaussianDpEvent(noise), count=int(rounds))
+    event = dp_accounting.GaussianDpEvent(noise)
+    if rate < 1:
+        event = dp_accounting.PoissonSampledDpEvent(rate, event)
+    accountant.compose(event, count=int(rounds))
     return float(accountant.get_epsilon(delta))
 
 
@@ -121,7 +133,7 @@ def add_noise(arrays, std, var_entries=()):
     return out
 
 
-def private_mean(updates, current, clip, noise, var_entries=()):
+def private_mean(updates, current, clip, noise, var_entries=(), denominator=None):
     """Return the noised unweighted mean of the clipped client changes, and the round's clipping diagnostics.
 
     Args:
@@ -130,6 +142,7 @@ def private_mean(updates, current, clip, noise, var_entries=()):
         clip (float): L2 norm each client's change over the float entries is clipped to.
         noise (float): noise multiplier; the mean gets Gaussian noise of std noise x clip / len(updates).
         var_entries (iterable[int]): BatchNorm running_var entries, clamped at 0 after the noise.
+        denominator (float): what the sum is divided by (sampled rounds: the expected count); None: len(updates).
 
     Returns:
         (list[np.ndarray], dict): the new global arrays (integer entries: `current`'s) and
@@ -144,10 +157,11 @@ def private_mean(updates, current, clip, noise, var_entries=()):
         norms.append(norm)
         for t, i in zip(total, floats):
             t += clipped[i].astype(np.float64) - current[i]
-    std = noise * clip / len(updates)
+    n = denominator or len(updates)
+    std = noise * clip / n
     mean = list(current)
     for i, t in zip(floats, total):
-        mean[i] = current[i] + t / len(updates)  # float64 until the noise is in
+        mean[i] = current[i] + t / n  # float64 until the noise is in
     out = add_noise(mean, std, var_entries)
     out = [o.astype(c.dtype) for o, c in zip(out, current)]
     return out, {"dp_clipped": sum(n > clip for n in norms), "dp_update_norm": float(np.median(norms)),
@@ -171,10 +185,12 @@ class ServerDP:
         self.clip = clips[-1] if cfg["DP_ADAPTIVE"] and clips else cfg["DP_CLIP"]
         self.count_std, self.noise = adaptive_noise(cfg["DP_NOISE"], clients) if cfg["DP_ADAPTIVE"] else \
             (0.0, cfg["DP_NOISE"])
+        self.rate = min(cfg.get("FRACTION_FIT", 1.0), 1.0)  # each client's chance to be in a round
+        self.denominator = per_round(cfg, clients) if self.rate < 1 else None  # sampled: the expected count
 
     def mean(self, updates, current):
         """Return the noised unweighted mean of the clipped changes and its diagnostics (see `private_mean`)."""
-        return private_mean(updates, current, self.clip, self.noise, self.var_entries)
+        return private_mean(updates, current, self.clip, self.noise, self.var_entries, self.denominator)
 
     def noised(self, mean, clients, clipped):
         """Return the secure mean of `clients` changes the clients clipped themselves (SecAgg+), noised, and its
@@ -185,16 +201,22 @@ class ServerDP:
     def account(self, r, dp, counted):
         """Return round r's privacy columns (its diagnostics `dp`, the clip, the epsilon spent so far); under
         DP_ADAPTIVE move the clip for the next round from the noised count of the `counted` clients left unclipped."""
-        out = {**dp, "dp_clip": self.clip, "dp_epsilon": epsilon(self.cfg["DP_NOISE"], r, self.cfg["DP_DELTA"])}
+        out = {**dp, "dp_clip": self.clip, "dp_epsilon": epsilon(self.cfg["DP_NOISE"], r, self.cfg["DP_DELTA"],
+                                                                   self.rate)}
         if self.cfg["DP_ADAPTIVE"]:
             self.clip = next_clip(self.clip, counted - dp["dp_clipped"], counted, self.count_std,
                                   self.cfg["DP_QUANTILE"])
         return out
 
 
+def per_round(cfg, clients):
+    """Return how many of `clients` a round expects: all of them, or FRACTION_FIT of them (Poisson-sampled)."""
+    return clients * min(cfg.get("FRACTION_FIT", 1.0), 1.0)
+
+
 def noise_std(cfg, clients):
-    """Return the standard deviation of the DP noise on each entry of the mean change, with `clients` per round."""
-    return cfg["DP_NOISE"] * cfg["DP_CLIP"] / max(clients, 1)
+    """Return the standard deviation of the DP noise on each entry of the mean change, with `clients` clients."""
+    return cfg["DP_NOISE"] * cfg["DP_CLIP"] / max(per_round(cfg, clients), 1e-9)
 
 
 def noise_cause(cfg, clients):
@@ -214,14 +236,16 @@ def describe(cfg, weights, trainable, clients):
     std = noise_std(cfg, clients)
     typical = float(np.median(np.abs(np.concatenate([w.ravel() for w, t in zip(weights, trainable) if t]))))
     if std > typical:
-        log(WARNING, "dp-noise %g x dp-clip %g / %d clients gives noise of std %.3g on every weight each round, "
+        log(WARNING, "dp-noise %g x dp-clip %g / %g clients gives noise of std %.3g on every weight each round, "
             "%.0fx the median trainable weight %.3g: it will destroy the model; a dp-clip of %.3g or less (noise a "
             "tenth of that weight), a smaller dp-noise or more clients make it usable (docs/privacy.md)",
-            cfg["DP_NOISE"], cfg["DP_CLIP"], clients, std, std / typical, typical,
-            0.1 * typical * clients / cfg["DP_NOISE"])
-    log(INFO, "differential privacy: each client's change clipped to norm %g, noise std %g / clients; %d rounds "
-        "spend epsilon %.3g at delta %g", cfg["DP_CLIP"], cfg["DP_NOISE"] * cfg["DP_CLIP"], cfg["NUM_ROUNDS"],
-        epsilon(cfg["DP_NOISE"], cfg["NUM_ROUNDS"], cfg["DP_DELTA"]), cfg["DP_DELTA"])
+            cfg["DP_NOISE"], cfg["DP_CLIP"], per_round(cfg, clients), std, std / typical, typical,
+            0.1 * typical * per_round(cfg, clients) / cfg["DP_NOISE"])
+    rate = min(cfg.get("FRACTION_FIT", 1.0), 1.0)
+    log(INFO, "differential privacy: each client's change clipped to norm %g, noise std %g / clients%s; %d rounds "
+        "spend epsilon %.3g at delta %g", cfg["DP_CLIP"], cfg["DP_NOISE"] * cfg["DP_CLIP"],
+        f" (each round a Poisson sample of the clients at rate {rate:g})" if rate < 1 else "", cfg["NUM_ROUNDS"],
+        epsilon(cfg["DP_NOISE"], cfg["NUM_ROUNDS"], cfg["DP_DELTA"], rate), cfg["DP_DELTA"])
     if cfg["DP_ADAPTIVE"]:
         log(INFO, "adaptive clipping: the clip starts at %g and follows the %g quantile of the clients' change "
             "norms (metrics.csv dp_clip)", cfg["DP_CLIP"], cfg["DP_QUANTILE"])

@@ -56,6 +56,7 @@ class RoundRecord:
         scored = [(float(x[metric]), int(x["round"])) for x in self.rows if x.get(metric)]
         self.best, self.best_round = max(scored, key=lambda x: (x[0], -x[1]), default=(None, None))  # ties: the first
         self.trained, self.untrained, self.failed, self.first_error = 0, 0, [], None  # rounds with / without updates
+        self.late = []  # the clients that missed the current round's deadline
         self.top_loss = max((x for x in map(train_loss, self.rows) if x is not None), default=None)
         self.stopped = None  # why the run stopped itself (divergence)
         self.writer, self.writing = ThreadPoolExecutor(max_workers=1), None
@@ -67,11 +68,12 @@ class RoundRecord:
         """Add values to the current round's row."""
         self.pending.update(values)
 
-    def begin(self, r, updates, bytes_up, failed):
-        """Start round r's row once its updates are counted: how many were valid, why the others failed."""
-        self.pending = {"round": r, "updates": updates, "bytes_down": self.pending.get("bytes_down"),
-                        "bytes_up": bytes_up}
-        self.failed = failed
+    def begin(self, r, updates, bytes_up, failed, late=()):
+        """Start round r's row once its updates are counted: how many clients were sampled, how many updates were
+        valid, why the others failed, who missed the deadline (ROUND_TIMEOUT)."""
+        self.pending = {"round": r, "sampled": self.pending.get("sampled"), "updates": updates, "late": len(late),
+                        "bytes_down": self.pending.get("bytes_down"), "bytes_up": bytes_up}
+        self.failed, self.late = failed, list(late)
         self.first_error = self.first_error or (failed[0] if failed else None)
 
     def trained_round(self, trained):
@@ -176,6 +178,8 @@ class RoundRecord:
         line += f"  train loss {sum(losses):.3f}" if losses else f"  skipped ({row['updates']} valid updates)"
         if self.failed:
             line += f"  {len(self.failed)} failed: " + "; ".join(self.failed)
+        if self.late:
+            line += f"  {len(self.late)} late: " + ", ".join(self.late)
         if self.metric in row:
             first = f"mAP50 {row['map50']:.3f}  " if self.metric == "map50_95" else ""
             line += f"  val {first}{self.label} {row[self.metric]:.3f} (best {self.best:.3f})"

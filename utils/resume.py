@@ -23,7 +23,8 @@ from utils.report import read_rows
 # their value from the command line or their default).
 RESUME_LOCAL = {"RESUME", "EXIST_OK", "SAVE_DIR", "DEVICE", "WORKERS", "CLIENT_RESOURCES", "VERBOSE"}
 # Given on the command line, these may differ from the saved run (NUM_ROUNDS: the run is extended or shortened).
-RESUME_MAY_CHANGE = RESUME_LOCAL | {"NUM_ROUNDS", "KEEP_ROUNDS", "EVALUATE", "SERVER_DATA", "PATIENCE"}
+RESUME_MAY_CHANGE = RESUME_LOCAL | {"NUM_ROUNDS", "KEEP_ROUNDS", "EVALUATE", "SERVER_DATA", "PATIENCE", "ROUND_TIMEOUT",
+                                     "FRACTION_EVALUATE"}
 
 
 def complete_rounds(save_dir):

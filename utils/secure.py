@@ -183,5 +183,6 @@ def workflow(cfg, weight, aggregate_fit):
             return self.aggregated
 
     fit = Workflow(cfg["SECAGG_SHARES"], cfg["SECAGG_THRESHOLD"], max_weight=weight,
-                   clipping_range=cfg["SECAGG_CLIP"], quantization_range=cfg["SECAGG_QUANT"], modulus_range=MOD_RANGE)
+                   clipping_range=cfg["SECAGG_CLIP"], quantization_range=cfg["SECAGG_QUANT"], modulus_range=MOD_RANGE,
+                   timeout=cfg.get("ROUND_TIMEOUT") or None)  # each of the protocol's stages waits this long at most
     return DefaultWorkflow(fit_workflow=fit)

@@ -10,7 +10,7 @@ import resource
 from logging import ERROR, INFO
 from pathlib import Path
 
-from flwr.server import ServerApp, ServerConfig
+from flwr.server import ServerApp
 
 from utils.console import log
 from utils.devices import count_gpus, plan_simulation, restrict_visible
@@ -42,17 +42,16 @@ def simulate(cfg, run, devices, strategy, client_app, serve):
 
     Args:
         devices (dict): `plan`'s result. strategy: the run's strategy. client_app (flwr.client.ClientApp): the
-            clients. serve (callable): `serve(grid, context, cfg, strategy, rounds)`, the server's round loop.
+            clients. serve (callable): `serve(grid, context, cfg, strategy)`, the server's round loop.
     """
     from flwr.simulation import run_simulation  # imports Ray (seconds): only a simulation needs it
 
     strategy.record.defer_summary = True  # printed last, below every line Ray forwards from the clients
-    rounds = ServerConfig(num_rounds=cfg["NUM_ROUNDS"] - run["offset"])
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     start_ray(num_cpus=os.cpu_count(), num_gpus=len(devices["gpus"]), logging_level="WARNING", log_to_driver=True)
     on_interrupt(lambda: interrupted_line(cfg))  # Ctrl-C: Ray ended, the resume command printed, exit 130
     app = ServerApp()
-    app.main()(lambda grid, context: serve(grid, context, cfg, strategy, rounds))
+    app.main()(lambda grid, context: serve(grid, context, cfg, strategy))
     try:
         run_simulation(server_app=app, client_app=client_app, num_supernodes=len(run["spec"]["datasets"]),
                        backend_config={"client_resources": devices["resources"]})  # on the Ray started above

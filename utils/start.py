@@ -3,6 +3,7 @@ datasets, resume), the federation's classes, the model and its first global weig
 receives. Anything off stops here with one sentence (ValueError), before Ray or any client starts.
 """
 
+import math
 from logging import WARNING
 from pathlib import Path
 
@@ -29,6 +30,11 @@ def read_inputs(cfg, defaults, given=None):
     if cfg["PATIENCE"] and not (cfg["EVALUATE"] or cfg["SERVER_DATA"]) or cfg["PATIENCE"] < 0:
         problem = problem or (f"patience {cfg['PATIENCE']} needs a global score every round (keep evaluate on, or "
                               "give server-data) and must be 0 or more")
+    for key in ("FRACTION_FIT", "FRACTION_EVALUATE"):
+        if not 0 < cfg[key] <= 1:
+            problem = problem or f"{key.lower().replace('_', '-')} must be in (0, 1] (got {cfg[key]})"
+    if cfg["ROUND_TIMEOUT"] < 0:
+        problem = problem or f"round-timeout must be 0 (no deadline) or more seconds (got {cfg['ROUND_TIMEOUT']})"
     if problem:
         raise ValueError(problem)
     save_dir = Path(cfg["SAVE_DIR"])
@@ -52,7 +58,8 @@ def read_inputs(cfg, defaults, given=None):
     if task == "pose" and checks and "kpt_shape" in checks[0]["yaml"]:  # the datasets' keypoints shape the head
         arch["kpt_shape"] = checks[0]["yaml"]["kpt_shape"]
     clients = cfg["MIN_CLIENTS"] or len(cfg["DATASETS"])
-    problem = check_strategy(cfg, clients) or privacy.check_privacy(cfg, clients) or secure.check_secagg(cfg, clients)
+    sampled = min(clients, max(math.ceil(round(cfg["FRACTION_FIT"] * clients, 9)), cfg["MIN_UPDATES"]))
+    problem = check_strategy(cfg, sampled) or privacy.check_privacy(cfg, clients) or secure.check_secagg(cfg, sampled)
     if problem:
         raise ValueError(problem)
     return arch, base, task, own, checks, saved
