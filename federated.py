@@ -99,6 +99,7 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if k.isupper()}  # only the
 import json
 import sys
 import tempfile
+import threading
 import time
 from logging import ERROR, WARNING
 from pathlib import Path
@@ -111,7 +112,7 @@ from flwr.server.compat import start_grid
 from flwr.server.strategy import FedAvg
 
 from utils import privacy, secure, simulation, start
-from utils.aggregate import check_update, failure_reason, first_line, weighted_metrics
+from utils.aggregate import Arriving, arrived, check_update, failure_reason, first_line, weighted_metrics
 from utils.atomic import remove_stale_temps
 from utils.classes import annotated, class_map, client_view, view_folder
 from utils.client_state import KeptState
@@ -122,7 +123,7 @@ from utils.datasets import check_dataset_cached, client_label, client_name
 from utils.devices import client_device
 from utils.evaluate import evaluate, evaluate_on_server
 from utils.model import bn_entries, build_model, model_task, read_base_cached
-from utils.nodes import CONNECT_WAIT, Nodes, discover
+from utils.nodes import CONNECT_WAIT, Nodes, discover, on_time, stop_at
 from utils.params import decode_update, get_weights, save_npz, set_weights, to_half
 from utils.record import RoundRecord
 from utils.resume import write_config
@@ -231,6 +232,7 @@ class YoloClient(NumPyClient):
             hyp.update(client_batch(hyp["batch"], hyp.get("nbs", 64), self.train_images, spec["min_steps"]))
         keep = spec["keep_optimizer"] and self.state is not None
         out = train_round(model, data_yaml, config["start-epoch"], config["epochs"], config["total-epochs"], hyp,
+                          callbacks=stop_at(config["deadline"]) if "deadline" in config else None,
                           proximal_mu=float(config["proximal-mu"]), classes=classes,
                           optimizer_state=self.kept.optimizer() if keep else None, label=client_label(dataset),
                           return_state=keep)
@@ -310,6 +312,7 @@ class SaveFedAvg(FedAvg):
         self.nodes = Nodes(run["spec"]["datasets"], run.get("labels", {}), run.get("nodes"),  # who each node is
                            cfg["ROUND_TIMEOUT"] or None)
         self.sent = {}  # the cids this round's fit and evaluate messages went to
+        self.open, self.lock = None, threading.Lock()  # the round's running aggregate; replies arrive in threads
         super().__init__(initial_parameters=ndarrays_to_parameters(self.current), **kwargs)
 
     def round_config(self, server_round):
@@ -332,10 +335,16 @@ class SaveFedAvg(FedAvg):
         self.record.check_writing()  # a failed write (disk full) stops the run here
         if self.record.stopped_early:
             return []
+        t0 = time.time()
         sent = self._sent(everything=server_round == 1 and not self.mixed)  # mixed: heads start from their own
         params = ndarrays_to_parameters(to_half(sent) if self.cfg["FP16"] == "both" else sent)
         clients = self._choose(server_round, client_manager, "fit")
-        self.record.note(bytes_down=sum(len(t) for t in params.tensors), sampled=len(clients))
+        self.record.note(bytes_down=sum(len(t) for t in params.tensors), sampled=len(clients),
+                         time_configure=round(time.time() - t0, 3))
+        self._open(server_round + self.run["offset"])
+        self.open["t_sent"] = time.time()
+        if not self.cfg["SECAGG"]:  # each reply is aggregated as it arrives (SecAgg+'s workflow sums them itself)
+            clients = [Arriving(c, self._arrive) for c in clients]
         return [(c, FitIns(params, self.round_config(server_round))) for c in clients]
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -356,18 +365,28 @@ class SaveFedAvg(FedAvg):
         self.sent[stage] = [c.cid for c in clients]
         return clients
 
-    def _valid_updates(self, r, results, reasons):
-        """Return [(arrays as full float32 global entries, image count, metrics, bytes sent)] of the valid updates;
-        add why each other one was rejected to `reasons`."""
-        sent, valid = self._sent(), []  # what a client's update must fit (under SHARE: the shared entries)
-        for proxy, res in results:
+    def _open(self, r):
+        """Start round r's running aggregate (once): mean-based strategies and DP keep one running sum, never every
+        update; robust strategies keep the round's updates (they need them all)."""
+        if self.open is None or self.open["r"] != r:
+            self.aggregator.begin()
+            self.open = {"r": r, "valid": [], "reasons": [], "dp": None}
+            if self.dp and not self.cfg["SECAGG"]:  # the noised mean of the clipped changes is the round's update
+                self.open["dp"] = self.dp.start(self.current)
+
+    def _arrive(self, proxy, res):
+        """Check one client's reply as it arrives and add it to the round's aggregate (weighted by train images; with
+        DP_CLIP clipped into the private sum); return the reply without its weights, which the server then holds no
+        more. A rejected update is logged and its reason kept for the round line."""
+        with self.lock:
+            r, sent = self.open["r"], self._sent()  # what a client's update must fit (under SHARE: shared entries)
             arrays = parameters_to_ndarrays(res.parameters)
             problem = check_update(arrays, sent, res.num_examples, res.metrics)
             if problem:
                 name = self.run.get("labels", {}).get(res.metrics.get("dataset"), proxy.cid)
-                reasons.append(f"{client_name(name)}: update rejected: {problem}")
+                self.open["reasons"].append(f"{client_name(name)}: update rejected: {problem}")
                 log(WARNING, "round %d: update of client %s rejected: %s", r, name, problem)
-                continue
+                return arrived(res)
             if self.cfg["FP16"] in ("up", "both"):  # the change is added to the float32 global model, not to the
                 arrays = decode_update(arrays, sent)  # float16 copy sent: rounding never accumulates
             if self.shared is not None:  # the entries it keeps count as the global ones (restored below)
@@ -377,9 +396,10 @@ class SaveFedAvg(FedAvg):
                 log(WARNING, "round %d: client %s reported %d train images, its dataset has %d; counted as %d",
                     r, proxy.cid, n, known, known)
                 n = known
-            valid.append((arrays, n, {k: v for k, v in res.metrics.items() if k != "dataset"},
-                          sum(len(t) for t in res.parameters.tensors)))
-        return valid
+            self.open["dp"].add(arrays) if self.open["dp"] else self.aggregator.add(arrays, n)
+            self.open["valid"].append((None, n, {k: v for k, v in res.metrics.items() if k != "dataset"},
+                                       sum(len(t) for t in res.parameters.tensors)))
+            return arrived(res)
 
     def _secure_updates(self, r, results, reasons):
         """SecAgg+: add the round's one update, the secure mean, to the aggregator; return [(None, image count,
@@ -402,20 +422,22 @@ class SaveFedAvg(FedAvg):
         reasons = sorted({failure_reason(f) for f in failures})  # SecAgg+'s workflow lists a failed reply twice
         for reason in reasons:
             log(WARNING, "round %d: a client failed: %s", r, reason)
-        self.aggregator.begin()  # mean-based strategies keep one running sum, never every update
+        self._open(r)
         if self.cfg["SECAGG"]:
             valid, dp = self._secure_updates(r, results, reasons)
         else:
-            valid, dp = self._valid_updates(r, results, reasons), {}
-            for arrays, n, _, _ in valid if not self.dp else []:
-                self.aggregator.add(arrays, n)
+            for proxy, res in results:
+                if not getattr(res, "arrived", False):  # not streamed: given to aggregate_fit directly
+                    self._arrive(proxy, res)
+            valid, dp = self.open["valid"], {}
+            reasons += self.open["reasons"]
         sizes = [size for *_, size in valid]
         self.record.begin(r, len(valid), round(sum(sizes) / len(sizes)) if sizes else None, reasons, late)
         new, metrics, enough = self.current, {}, len(valid) >= max(self.cfg["MIN_UPDATES"], 1)
         self.record.trained_round(enough)
         if enough:
-            if self.dp and not self.cfg["SECAGG"]:  # the noised mean of the clipped changes is the one update
-                mean, dp = self.dp.mean([arrays for arrays, *_ in valid], self.current)
+            if self.open["dp"]:  # the noised mean of the clipped changes is the one update
+                mean, dp = self.dp.mean(self.open["dp"])
                 self.aggregator.add(mean, 1)
             if dp:
                 self.record.note(**self.dp.account(r, dp, len(valid)))
@@ -438,7 +460,9 @@ class SaveFedAvg(FedAvg):
             raise
         self.current = new
         self.record.note(**{f"train_{k}": v for k, v in metrics.items()})
-        self.record.note(time_aggregate=round(t1 - t0, 3), time_save=round(time.time() - t1, 3))
+        self.record.note(time_fit=round(t0 - self.open.get("t_sent", t0), 2), time_aggregate=round(t1 - t0, 3),
+                         time_save=round(time.time() - t1, 3))
+        self.open = None
         if not self.cfg["EVALUATE"]:
             self.record.finish(self.current)
         return ndarrays_to_parameters(self.current), metrics
@@ -527,7 +551,7 @@ def server_main(grid, context: Context):
     serve(grid, context, cfg, make_strategy(cfg, run))
 
 
-client_app = ClientApp(client_fn=client_fn, mods=[secure.when_asked])  # the mod acts only in SecAgg+ rounds
+client_app = ClientApp(client_fn=client_fn, mods=[on_time, secure.when_asked])  # utils/nodes.py, utils/secure.py
 server_app = ServerApp()
 server_app.main()(server_main)
 

@@ -67,3 +67,39 @@ def test_each_round_trains_and_validates_the_seeded_sample_only(tiny_fed, tmp_pa
     assert [(row["sampled"], row["updates"], row["late"]) for row in rows] == [("2", "2", "0")] * 2
     validated = [sum(1 for k in row if k.startswith("map50_95_") and row[k] != "") for row in rows]
     assert validated == [1, 1]  # ceil(0.3 x 3) client validated each round's model
+
+
+def _message(ttl, age):
+    """A train message with its round config, sent `age` seconds ago with time-to-live `ttl`."""
+    import time
+
+    from flwr.common import ConfigRecord, Message, Metadata, RecordDict
+
+    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                    created_at=time.time() - age, ttl=ttl, message_type="train")
+    return Message(RecordDict({"fitins.config": ConfigRecord({"epochs": 1})}), metadata=meta)
+
+
+def test_a_simulated_client_skips_work_past_its_deadline_and_learns_the_deadline_otherwise():
+    import time
+
+    from flwr.common import Context, RecordDict
+
+    from utils.nodes import on_time, stop_at
+
+    simulated = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    done = []
+    on_time(_message(10.0, 30.0), simulated, lambda m, c: done.append(m))
+    assert not done  # the simulation engine ran expired messages; now they are answered at once, no training
+    reply = on_time(_message(10.0, 30.0), simulated, lambda m, c: None)
+    assert reply.has_error() and "deadline passed" in reply.error.reason
+    fresh = _message(60.0, 0.0)
+    on_time(fresh, simulated, lambda m, c: done.append(m))
+    deadline = done[0].content.config_records["fitins.config"]["deadline"]
+    assert abs(deadline - (time.time() + 60)) < 5
+    supernode = Context(run_id=1, node_id=1, node_config={"dataset": "x"}, state=RecordDict(), run_config={})
+    on_time(_message(10.0, 30.0), supernode, lambda m, c: done.append(m))
+    assert len(done) == 2 and "deadline" not in done[1].content.config_records["fitins.config"]  # its clock may lag
+    stop_at(time.time() + 60)["on_train_batch_end"](None)  # in time: training goes on
+    with pytest.raises(TimeoutError, match="deadline passed"):
+        stop_at(time.time() - 1)["on_train_batch_end"](None)

@@ -1,8 +1,11 @@
-"""Server-side checks and the weighted average of client updates, and one line for each client failure."""
+"""Server-side checks and the weighted average of client updates, one line for each client failure, and the proxy
+that hands each reply to the strategy as it arrives."""
 
 import re
 
 import numpy as np
+from flwr.common import FitRes, Parameters
+from flwr.server.client_proxy import ClientProxy
 
 from utils.params import entry_mismatch
 
@@ -131,3 +134,37 @@ def server_step(current, average, trainable, lr=1.0):
     if lr == 1.0:
         return average
     return [(c + lr * (a - c)).astype(c.dtype) if t else a for c, a, t in zip(current, average, trainable)]
+
+
+class Arriving(ClientProxy):
+    """A client's proxy whose fit reply goes to the strategy the moment it arrives (`arrive(proxy, reply)`), so the
+    server adds it to the round's running sum and holds its weights no longer than that; Flower's round loop gets
+    the reply without them."""
+
+    def __init__(self, proxy, arrive):
+        """Wrap Flower's proxy of one client."""
+        super().__init__(proxy.cid)
+        self.proxy, self.arrive = proxy, arrive
+
+    def fit(self, ins, timeout, group_id):
+        """Send the instruction; hand the reply to the strategy; return it without its weights."""
+        return self.arrive(self.proxy, self.proxy.fit(ins, timeout, group_id))
+
+    def get_properties(self, ins, timeout, group_id):
+        return self.proxy.get_properties(ins, timeout, group_id)
+
+    def get_parameters(self, ins, timeout, group_id):
+        return self.proxy.get_parameters(ins, timeout, group_id)
+
+    def evaluate(self, ins, timeout, group_id):
+        return self.proxy.evaluate(ins, timeout, group_id)
+
+    def reconnect(self, ins, timeout, group_id):
+        return self.proxy.reconnect(ins, timeout, group_id)
+
+
+def arrived(res):
+    """Return a fit reply without its weights, marked as already aggregated."""
+    out = FitRes(res.status, Parameters(tensors=[], tensor_type=""), res.num_examples, res.metrics)
+    out.arrived = True
+    return out

@@ -18,7 +18,11 @@ SuperLink (and the simulation engine, which runs the same link state in-process)
 out with an error reply ("Message Unavailable ... expired due to its TTL"), which Flower's round loop counts as a
 failure, so the round closes at its deadline. A late reply is refused by the link state (the message it answers is
 gone), and each round waits only for the ids of its own messages: a late client's work is never aggregated into a
-later round. `late` tells these expired replies from real failures and names the clients that were late.
+later round. `late` tells these expired replies from real failures and names the clients that were late. One
+difference between the engines: a SuperLink drops a message whose deadline passed before a SuperNode pulls it,
+while the simulation engine queues each node's messages in-process and runs them even after their deadline, so a
+slow client's backlog would make every client late in the rounds that follow; the client mod `on_time` answers
+such a message at once, and stops a simulated client's training at its deadline.
 """
 
 import json
@@ -28,7 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.common import GetPropertiesIns
+from flwr.common import Error, GetPropertiesIns, Message
+from flwr.common.constant import ErrorCode
 
 from utils.aggregate import failure_reason
 from utils.console import log
@@ -168,4 +173,31 @@ class _Asking:
 
     def get_properties(self, ins, timeout=None, group_id=None):
         return self.proxy.get_properties(GetPropertiesIns(config={"task": self.task}), timeout, group_id)
+
+
+def on_time(msg, context, call_next):
+    """Client mod (simulation): a message whose round deadline has passed is answered with an error at once, its
+    work not done; one still in time carries its deadline into the client's config (`deadline`, seconds since the
+    epoch), and training stops there (`stop_at`). A SuperNode (no partition id) is left alone: its SuperLink never
+    delivers an expired message, and its clock need not agree with the server's."""
+    meta = msg.metadata
+    if "partition-id" not in context.node_config or not meta.ttl:
+        return call_next(msg, context)
+    deadline = meta.created_at + meta.ttl
+    if time.time() >= deadline:
+        return Message(Error(code=ErrorCode.UNKNOWN, reason="its round's deadline passed before it started; not done"),
+                       reply_to=msg)
+    for key in ("fitins.config", "evaluateins.config"):
+        if key in msg.content.config_records:
+            msg.content.config_records[key]["deadline"] = float(deadline)
+    return call_next(msg, context)
+
+
+def stop_at(deadline):
+    """Return Ultralytics callbacks that end training once `deadline` (seconds since the epoch) has passed: the
+    server has closed the round and will not take this update."""
+    def check(trainer):
+        if time.time() > deadline:
+            raise TimeoutError("its round's deadline passed while it trained; the update is dropped")
+    return {"on_train_batch_end": check}
 

@@ -38,10 +38,13 @@ from logging import INFO, WARNING
 
 import dp_accounting
 import numpy as np
+from absl import logging as absl_logging
 
 from utils.console import log
 from utils.params import change_since
 from utils.strategies import ROBUST
+
+absl_logging.set_verbosity(absl_logging.ERROR)  # the RDP accountant's note on an order it skips is not the user's
 
 CLIP_LR = 0.2  # adaptive clipping: the clip moves by exp(-CLIP_LR x (unclipped fraction - DP_QUANTILE)) a round
 COUNT_STD_PER_CLIENT = 1 / 20  # adaptive clipping: the unclipped count gets noise of std clients / 20
@@ -133,6 +136,42 @@ def add_noise(arrays, std, var_entries=()):
     return out
 
 
+class PrivateSum:
+    """A round's clipped client changes, added one at a time as they arrive (the server holds one float64 sum).
+
+    Args:
+        current (list[np.ndarray]): the global arrays the clients were sent.
+        clip (float): L2 norm each client's change over the float entries is clipped to.
+    """
+
+    def __init__(self, current, clip):
+        """Start with no change added."""
+        self.current, self.clip = current, clip
+        self.floats = [i for i, c in enumerate(current) if c.dtype.kind == "f"]
+        self.total = [np.zeros(current[i].shape, np.float64) for i in self.floats]
+        self.norms = []
+
+    def add(self, update):
+        """Clip one client's full arrays' change to the clip and add it."""
+        clipped, norm = clip_change([update[i] if i in self.floats else c for i, c in enumerate(self.current)],
+                                    self.current, self.clip)
+        self.norms.append(norm)
+        for t, i in zip(self.total, self.floats):
+            t += clipped[i].astype(np.float64) - self.current[i]
+
+    def result(self, noise, var_entries=(), denominator=None):
+        """Return the noised mean of the clipped changes and its diagnostics (see `private_mean`)."""
+        n = denominator or len(self.norms)
+        std = noise * self.clip / n
+        mean = list(self.current)
+        for i, t in zip(self.floats, self.total):
+            mean[i] = self.current[i] + t / n  # float64 until the noise is in
+        out = add_noise(mean, std, var_entries)
+        out = [o.astype(c.dtype) for o, c in zip(out, self.current)]
+        return out, {"dp_clipped": sum(x > self.clip for x in self.norms),
+                     "dp_update_norm": float(np.median(self.norms)), "dp_noise_std": std}
+
+
 def private_mean(updates, current, clip, noise, var_entries=(), denominator=None):
     """Return the noised unweighted mean of the clipped client changes, and the round's clipping diagnostics.
 
@@ -149,23 +188,10 @@ def private_mean(updates, current, clip, noise, var_entries=(), denominator=None
             {"dp_clipped": updates scaled down, "dp_update_norm": median change norm before clipping,
              "dp_noise_std": the noise's standard deviation}.
     """
-    floats = [i for i, c in enumerate(current) if c.dtype.kind == "f"]
-    total = [np.zeros(current[i].shape, np.float64) for i in floats]
-    norms = []
+    total = PrivateSum(current, clip)
     for u in updates:
-        clipped, norm = clip_change([u[i] if i in floats else c for i, c in enumerate(current)], current, clip)
-        norms.append(norm)
-        for t, i in zip(total, floats):
-            t += clipped[i].astype(np.float64) - current[i]
-    n = denominator or len(updates)
-    std = noise * clip / n
-    mean = list(current)
-    for i, t in zip(floats, total):
-        mean[i] = current[i] + t / n  # float64 until the noise is in
-    out = add_noise(mean, std, var_entries)
-    out = [o.astype(c.dtype) for o, c in zip(out, current)]
-    return out, {"dp_clipped": sum(n > clip for n in norms), "dp_update_norm": float(np.median(norms)),
-                 "dp_noise_std": std}
+        total.add(u)
+    return total.result(noise, var_entries, denominator)
 
 
 class ServerDP:
@@ -188,9 +214,13 @@ class ServerDP:
         self.rate = min(cfg.get("FRACTION_FIT", 1.0), 1.0)  # each client's chance to be in a round
         self.denominator = per_round(cfg, clients) if self.rate < 1 else None  # sampled: the expected count
 
-    def mean(self, updates, current):
-        """Return the noised unweighted mean of the clipped changes and its diagnostics (see `private_mean`)."""
-        return private_mean(updates, current, self.clip, self.noise, self.var_entries, self.denominator)
+    def start(self, current):
+        """Return an empty sum of the round's clipped changes to the global arrays `current`."""
+        return PrivateSum(current, self.clip)
+
+    def mean(self, total):
+        """Return the noised unweighted mean of the clipped changes in `total` (a PrivateSum) and its diagnostics."""
+        return total.result(self.noise, self.var_entries, self.denominator)
 
     def noised(self, mean, clients, clipped):
         """Return the secure mean of `clients` changes the clients clipped themselves (SecAgg+), noised, and its

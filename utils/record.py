@@ -72,7 +72,8 @@ class RoundRecord:
         """Start round r's row once its updates are counted: how many clients were sampled, how many updates were
         valid, why the others failed, who missed the deadline (ROUND_TIMEOUT)."""
         self.pending = {"round": r, "sampled": self.pending.get("sampled"), "updates": updates, "late": len(late),
-                        "bytes_down": self.pending.get("bytes_down"), "bytes_up": bytes_up}
+                        "bytes_down": self.pending.get("bytes_down"), "bytes_up": bytes_up,
+                        "time_configure": self.pending.get("time_configure")}
         self.failed, self.late = failed, list(late)
         self.first_error = self.first_error or (failed[0] if failed else None)
 
