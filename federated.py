@@ -36,6 +36,7 @@ ROUND_TIMEOUT = 0.0  # (float) seconds a round waits for its clients' replies; a
 #                      round line; 0: wait for every client
 CLIENT_RESOURCES = {"num_cpus": 1}  # (dict) Ray resources per simulated client; num_gpus derived from DEVICE unless set
 EVALUATE = True  # (bool) evaluate the new global model on every client's val split after each round
+EVAL_EVERY = 1  # (int) with EVALUATE (and SERVER_DATA): evaluate after every this many rounds and after the last
 # --- Training (Ultralytics train arguments, the same on every client) --------------------------------------------
 IMGSZ = 64  # (int) train and val image size
 BATCH = 8  # (int) batch size per client
@@ -226,7 +227,9 @@ class YoloClient(NumPyClient):
 
     def _fit(self, parameters, config):
         """Train the sent weights (see fit)."""
+        t0 = time.time()
         spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
+        t_prepared = time.time()
         hyp = {**spec["hyp"], "seed": spec["hyp"]["seed"] + int(config["server-round"])}
         if spec.get("min_steps"):  # the server always sends nbs with min_steps; 64 is Ultralytics' own default
             hyp.update(client_batch(hyp["batch"], hyp.get("nbs", 64), self.train_images, spec["min_steps"]))
@@ -239,7 +242,7 @@ class YoloClient(NumPyClient):
         keys, arrays = out.pop("optimizer_state")
         if keep and keys:
             self.kept.keep_optimizer(keys, arrays)
-        weights = get_weights(model)
+        t_trained, weights = time.time(), get_weights(model)
         if not all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
             raise RuntimeError("local training produced NaN/Inf weights; the update is withheld")
         if self.shared is not None:  # partial sharing: keep its own parts, send the shared ones
@@ -254,6 +257,7 @@ class YoloClient(NumPyClient):
         trainable = {k for k, _ in model.named_parameters()}
         weights = encode_upload(weights, parameters, config, [k in trainable for k in model.state_dict()], out)
         n, out["dataset"] = out.pop("train_images"), str(Path(dataset).resolve())
+        out.update(time_prepare=t_prepared - t0, time_upload=time.time() - t_trained)  # metrics.csv: train_time_*
         return weights, n, out
 
     def evaluate(self, parameters, config):
@@ -263,8 +267,11 @@ class YoloClient(NumPyClient):
         The mAP counts the classes present in its val labels only: classes the client does not annotate never count.
         """
         try:
+            t0 = time.time()
             spec, dataset, data_yaml, model, _ = self._prepare(parameters, config)
+            t_prepared = time.time()
             m = evaluate(model, data_yaml, spec["hyp"])
+            m.update(val_time_prepare=t_prepared - t0, val_time=time.time() - t_prepared)
         except Exception as e:
             raise RuntimeError(f"{self._name(config)}: {first_line(e)}") from e
         n, m["client"], m["dataset"] = m.pop("images"), client_label(dataset), str(Path(dataset).resolve())
@@ -349,11 +356,16 @@ class SaveFedAvg(FedAvg):
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         """Send the new global weights (under SHARE: the shared parts) for validation on each client's val split."""
-        if self.record.stopped_early or not self.cfg["EVALUATE"]:
+        if self.record.stopped_early or not self.cfg["EVALUATE"] or not self._evaluates(server_round):
             return []
-        params = ndarrays_to_parameters(self._sent())
+        params, self.t_evaluate = ndarrays_to_parameters(self._sent()), time.time()
         return [(c, EvaluateIns(params, self.round_config(server_round)))
                 for c in self._choose(server_round, client_manager, "evaluate")]
+
+    def _evaluates(self, server_round):
+        """Return whether Flower's round `server_round` ends with an evaluation (EVAL_EVERY; always the last)."""
+        r = server_round + self.run["offset"]
+        return r % max(self.cfg["EVAL_EVERY"], 1) == 0 or r >= self.cfg["NUM_ROUNDS"]
 
     def _choose(self, server_round, client_manager, stage):
         """Return the clients of this round's `stage` (fit, evaluate): FRACTION_FIT / FRACTION_EVALUATE of the
@@ -463,13 +475,14 @@ class SaveFedAvg(FedAvg):
         self.record.note(time_fit=round(t0 - self.open.get("t_sent", t0), 2), time_aggregate=round(t1 - t0, 3),
                          time_save=round(time.time() - t1, 3))
         self.open = None
-        if not self.cfg["EVALUATE"]:
+        if not self.cfg["EVALUATE"] or not self._evaluates(server_round):  # no evaluation to wait for
             self.record.finish(self.current)
         return ndarrays_to_parameters(self.current), metrics
 
     def evaluate(self, server_round, parameters):
         """Validate the new global model on SERVER_DATA's val split, when set (server-side evaluation)."""
-        if not self.cfg["SERVER_DATA"] or server_round == 0 or self.record.stopped_early:
+        if not self.cfg["SERVER_DATA"] or server_round == 0 or self.record.stopped_early or \
+                not self._evaluates(server_round):
             return None
         m = evaluate_on_server(self.run, parameters_to_ndarrays(parameters))
         self.record.note(**{f"server_{k}": v for k, v in m.items() if k != "images"})
@@ -486,7 +499,7 @@ class SaveFedAvg(FedAvg):
             log(WARNING, "round %d: a client failed to evaluate: %s", server_round + self.run["offset"],
                 failure_reason(f))
         metrics = weighted_metrics(results, list(self.task.metrics.values()), self.metric, self.run["labels"])
-        self.record.note(**metrics)
+        self.record.note(**metrics, time_evaluate=round(time.time() - getattr(self, "t_evaluate", time.time()), 2))
         self.record.finish(self.current)
         return (1.0 - metrics[self.metric] if metrics else None), metrics
 

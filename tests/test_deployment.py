@@ -210,8 +210,11 @@ def test_supernode_with_missing_dataset_fails_its_part_only(deployment, tiny_fed
 
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
-    assert "a client failed" in log and "round 1/1" in log
+    # it cannot say what it holds: named with its error before round 1, asked again each round, never sampled
+    assert "could not say what it holds" in log and "does not exist" in log and "round 1/1" in log
     assert (save / "round1.npz").is_file()
+    rows = list(csv.DictReader((save / "metrics.csv").open()))
+    assert (rows[0]["sampled"], rows[0]["updates"]) == ("1", "1")
 
 
 @pytest.mark.slow

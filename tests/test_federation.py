@@ -130,3 +130,16 @@ def test_patience_needs_a_score_every_round(tiny_fed, tmp_path):
     with pytest.raises(ValueError, match="patience 2 needs a global score every round"):
         run_in_process({"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(tmp_path / "r"), **FED,
                         "patience": 2, "evaluate": False})
+
+
+def test_eval_every_scores_every_nth_round_and_the_last_and_picks_best_among_them(tiny_fed, tmp_path):
+    save = tmp_path / "run"
+    done = run_in_process({"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(save), **FED,
+                           "num-rounds": 3, "eval-every": 2})
+
+    rows = _rows(save)
+    assert [row["round"] for row in rows] == ["1", "2", "3"]  # every round is recorded
+    assert [row["map50_95"] != "" for row in rows] == [False, True, True]  # round 2, then the last
+    assert [row.get("time_evaluate", "") != "" for row in rows] == [False, True, True]
+    assert done.strategy.record.best_round in (2, 3) and (save / "best.pt").is_file()
+    assert all(row["train_time_prepare"] != "" and row["train_time_upload"] != "" for row in rows)

@@ -143,7 +143,8 @@ class RoundRecord:
         self.rows = [x for x in self.rows if int(x["round"]) != r] + [row]
         write_rows(self.save_dir / "metrics.csv", self.rows)  # with round{r}.npz: the round is complete (resume)
         score = row.get(self.metric, row.get(f"server_{self.metric}"))
-        improved = score is None or self.best is None or score > self.best
+        scoring = self.cfg.get("EVALUATE", True) or self.cfg.get("SERVER_DATA")  # else every round is the best
+        improved = score is None and not scoring or score is not None and (self.best is None or score > self.best)
         if improved:
             self.best, self.best_round = score, r
         self.wait_for_files()  # one writer at a time: the previous round's files are done

@@ -33,6 +33,8 @@ def read_inputs(cfg, defaults, given=None):
     for key in ("FRACTION_FIT", "FRACTION_EVALUATE"):
         if not 0 < cfg[key] <= 1:
             problem = problem or f"{key.lower().replace('_', '-')} must be in (0, 1] (got {cfg[key]})"
+    if cfg["EVAL_EVERY"] < 1:
+        problem = problem or f"eval-every must be 1 or more rounds (got {cfg['EVAL_EVERY']})"
     if cfg["ROUND_TIMEOUT"] < 0:
         problem = problem or f"round-timeout must be 0 (no deadline) or more seconds (got {cfg['ROUND_TIMEOUT']})"
     if problem:
