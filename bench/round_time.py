@@ -10,7 +10,7 @@ what a round's wall time has beyond that and the server's parts is Flower's and 
 calls) plus the cores idling when the last clients of a round run alone.
 
 Usage:
-    .venv/bin/python bench/profile.py [--clients 3 8 16 64] [--rounds 5] [--epochs 2] [--out bench/profile.md]
+    .venv/bin/python bench/round_time.py [--clients 3 8 16 64] [--rounds 5] [--epochs 2] [--out bench/round_time.md]
 """
 
 import argparse
@@ -60,7 +60,7 @@ def main():
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--extra", default="", help="more federated.py flags, e.g. '--eval-every 5'")
     p.add_argument("--work", default="runs/profile")
-    p.add_argument("--out", default=str(ROOT / "bench" / "profile.md"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "round_time.md"))
     a = p.parse_args()
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -77,28 +77,35 @@ def main():
         f"# Where a round's time goes: 3 to {max(a.clients)} clients, {a.rounds} rounds x {a.epochs} epochs, "
         f"{cores}-core CPU",
         "",
-        f"Command: `.venv/bin/python bench/profile.py --clients {' '.join(map(str, a.clients))} --rounds {a.rounds} "
+        f"Command: `.venv/bin/python bench/round_time.py --clients {' '.join(map(str, a.clients))} --rounds {a.rounds} "
         f"--epochs {a.epochs}{' --extra ' + repr(a.extra) if a.extra else ''}`, {time.strftime('%Y-%m-%d')}. The "
         "demo's 216 train images split IID into N clients (utils/partition.py), imgsz 64, batch 8, from scratch,",
         "evaluation every round unless --extra says otherwise. Centralized: Ultralytics on the union, "
         f"{a.rounds * a.epochs} epochs, {central['seconds']:.0f} s (in-process: no Python start-up).",
         "",
-        "| clients | wall s | rounds s | rounds / centralized | round s | " + " | ".join(n for _, n in CLIENT) +
+        "| clients | wall s | rounds s | rounds / centralized | round s | later rounds / centralized | " +
+        " | ".join(n for _, n in CLIENT) +
         " | clients / cores | " + " | ".join(n for _, n in SERVER) + " | the rest |",
-        "|---" * (6 + len(CLIENT) + len(SERVER) + 1) + "|",
+        "|---" * (7 + len(CLIENT) + len(SERVER) + 1) + "|",
     ]
     for n, (wall, rows) in results.items():
         rounds_s = float(rows[-1]["time_s"])
         round_s = mean(rows, "time_round")
+        later = mean(rows[1:], "time_round") / (central["seconds"] / a.rounds)  # Ray and the first messages past
         parts = {k: mean(rows, k) for k, _ in CLIENT + SERVER}
-        work_s = sum(parts[k] for k, _ in CLIENT) * n / cores  # every client trains and validates every round
+        evaluated = sum(1 for x in rows if x.get("time_evaluate")) / len(rows)  # EVAL_EVERY: not every round
+        work_s = (sum(parts[k] for k, _ in CLIENT[:4]) + evaluated * sum(parts[k] for k, _ in CLIENT[4:])) * n / cores
         server_s = sum(parts[k] for k in ("time_configure", "time_aggregate", "time_save"))
         rest = round_s - work_s - server_s
         lines.append(f"| {n} | {wall:.0f} | {rounds_s:.0f} | {rounds_s / central['seconds']:.2f}x | {round_s:.2f} | "
+                     f"{later:.2f}x | "
                      + " | ".join(f"{parts[k]:.2f}" for k, _ in CLIENT) + f" | {work_s:.2f} | "
                      + " | ".join(f"{parts[k]:.2f}" for k, _ in SERVER) + f" | {rest:.2f} |")
     lines += [
         "",
+        "Rounds s: from the strategy's start to the last round's end, Ray's start and the workers' first imports",
+        "(round 1) included; later rounds / centralized: the mean round from round 2 on against centralized's time",
+        "for the same epochs (its whole run / rounds).",
         "Client columns: seconds per client per round (means). Server columns: seconds per round. The rest: the",
         "round's wall time less the clients' work spread over the cores and the server's own parts, i.e. Flower's",
         "and Ray's messaging and scheduling, and cores idle while a round's last clients finish.",
