@@ -34,8 +34,10 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.common import Error, GetPropertiesIns, Message
 from flwr.common.constant import ErrorCode
+from flwr.server.compat.grid_client_proxy import GridClientProxy  # the legacy proxy, over the Message API
 
 from utils.aggregate import failure_reason
+from utils.classes import federation_names
 from utils.console import log
 from utils.datasets import client_name
 
@@ -131,10 +133,6 @@ def discover(grid, cfg, task):
     of SuperNodes and {cid: label} of those that answered; ValueError with one sentence
     when none connects, fewer than MIN_CLIENTS connect in CONNECT_WAIT seconds, or NAMES lacks a node's classes.
     """
-    from flwr.server.compat.grid_client_proxy import GridClientProxy  # the legacy proxy, over the Message API
-
-    from utils.classes import federation_names
-
     want, start, seen, since = cfg["MIN_CLIENTS"], time.time(), set(), time.time()
     log(INFO, "waiting for %s SuperNode(s) to connect", want or "the")
     while True:
