@@ -302,7 +302,7 @@ def test_a_supernode_that_stalls_mid_round_is_late_and_its_work_never_lands_late
     d.supernode("steady", tiny_fed[0][0])
     victim = d.supernode("victim", tiny_fed[0][1])
     save = tmp_path / "run"
-    config = _run_config(save, 2, told=False) + " round-timeout=60.0 evaluate=false"  # 2 ClientApp starts fit in 60 s
+    config = _run_config(save, 2, told=False) + " round-timeout=40.0 evaluate=false"  # 2 ClientApp starts fit in 40 s
     run = _start_run(d, config)
     _wait_for_clientapps(victim, 2)  # the second one trains round 1
     os.killpg(victim.pid, signal.SIGSTOP)  # the site's machine stalls (a busy GPU, a swapped-out process) mid-round
