@@ -100,7 +100,6 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if k.isupper()}  # only the
 import json
 import sys
 import tempfile
-import threading
 import time
 from logging import ERROR, WARNING
 from pathlib import Path
@@ -113,7 +112,7 @@ from flwr.server.compat import start_grid
 from flwr.server.strategy import FedAvg
 
 from utils import privacy, secure, simulation, start
-from utils.aggregate import Arriving, arrived, check_update, failure_reason, first_line, weighted_metrics
+from utils.aggregate import Arriving, RoundUpdates, failure_reason, first_line, weighted_metrics
 from utils.atomic import remove_stale_temps
 from utils.classes import annotated, class_map, client_view, view_folder
 from utils.client_state import KeptState
@@ -124,8 +123,8 @@ from utils.datasets import check_dataset_cached, client_label, client_name
 from utils.devices import client_device
 from utils.evaluate import evaluate, evaluate_on_server
 from utils.model import bn_entries, build_model, model_task, read_base_cached
-from utils.nodes import CONNECT_WAIT, Nodes, discover, on_time, stop_at
-from utils.params import decode_update, get_weights, save_npz, set_weights, to_half
+from utils.nodes import CONNECT_WAIT, Nodes, discover, node_properties, on_time, stop_at
+from utils.params import get_weights, save_npz, set_weights, to_half
 from utils.record import RoundRecord
 from utils.resume import write_config
 from utils.schedule import describe as describe_schedule
@@ -205,15 +204,8 @@ class YoloClient(NumPyClient):
         return spec, dataset, data_yaml, model, classes if partial else None
 
     def get_properties(self, config):
-        """Say who this node is (utils/nodes.py): in a simulation its partition id; on a SuperNode its dataset's
-        label, classes and train images, checked as the run's task (config `task`) or its own base model's."""
-        if self.dataset is None:
-            return {} if self.partition_id is None else {"partition-id": int(self.partition_id)}
-        task = model_task(read_base_cached(self.base_model)[0]).name if self.base_model else \
-            config.get("task", "detect")
-        check = check_dataset_cached(self.dataset, task)
-        return {"label": client_label(self.dataset), "names": json.dumps(list(check["names"])),
-                "train_images": int(check["train_images"])}
+        """Say who this node is (utils/nodes.py `node_properties`)."""
+        return node_properties(self.dataset, self.partition_id, self.base_model, config)
 
     def fit(self, parameters, config):
         """Train the sent weights for this round's epochs of the run; return fp32 weights, train images, losses.
@@ -319,7 +311,7 @@ class SaveFedAvg(FedAvg):
         self.nodes = Nodes(run["spec"]["datasets"], run.get("labels", {}), run.get("nodes"),  # who each node is
                            cfg["ROUND_TIMEOUT"] or None)
         self.sent = {}  # the cids this round's fit and evaluate messages went to
-        self.open, self.lock = None, threading.Lock()  # the round's running aggregate; replies arrive in threads
+        self.open = None  # the round's updates as they arrive (RoundUpdates)
         super().__init__(initial_parameters=ndarrays_to_parameters(self.current), **kwargs)
 
     def round_config(self, server_round):
@@ -349,9 +341,8 @@ class SaveFedAvg(FedAvg):
         self.record.note(bytes_down=sum(len(t) for t in params.tensors), sampled=len(clients),
                          time_configure=round(time.time() - t0, 3))
         self._open(server_round + self.run["offset"])
-        self.open["t_sent"] = time.time()
         if not self.cfg["SECAGG"]:  # each reply is aggregated as it arrives (SecAgg+'s workflow sums them itself)
-            clients = [Arriving(c, self._arrive) for c in clients]
+            clients = [Arriving(c, self.open.arrive) for c in clients]
         return [(c, FitIns(params, self.round_config(server_round))) for c in clients]
 
     def configure_evaluate(self, server_round, parameters, client_manager):
@@ -378,40 +369,13 @@ class SaveFedAvg(FedAvg):
         return clients
 
     def _open(self, r):
-        """Start round r's running aggregate (once): mean-based strategies and DP keep one running sum, never every
-        update; robust strategies keep the round's updates (they need them all)."""
-        if self.open is None or self.open["r"] != r:
+        """Start round r's updates (once): each reply is checked and added to the running aggregate as it arrives
+        (utils/aggregate.py RoundUpdates); robust strategies keep the round's updates (they need them all)."""
+        if self.open is None or self.open.r != r:
             self.aggregator.begin()
-            self.open = {"r": r, "valid": [], "reasons": [], "dp": None}
-            if self.dp and not self.cfg["SECAGG"]:  # the noised mean of the clipped changes is the round's update
-                self.open["dp"] = self.dp.start(self.current)
-
-    def _arrive(self, proxy, res):
-        """Check one client's reply as it arrives and add it to the round's aggregate (weighted by train images; with
-        DP_CLIP clipped into the private sum); return the reply without its weights, which the server then holds no
-        more. A rejected update is logged and its reason kept for the round line."""
-        with self.lock:
-            r, sent = self.open["r"], self._sent()  # what a client's update must fit (under SHARE: shared entries)
-            arrays = parameters_to_ndarrays(res.parameters)
-            problem = check_update(arrays, sent, res.num_examples, res.metrics)
-            if problem:
-                name = self.run.get("labels", {}).get(res.metrics.get("dataset"), proxy.cid)
-                self.open["reasons"].append(f"{client_name(name)}: update rejected: {problem}")
-                log(WARNING, "round %d: update of client %s rejected: %s", r, name, problem)
-                return arrived(res)
-            if self.cfg["FP16"] in ("up", "both"):  # the change is added to the float32 global model, not to the
-                arrays = decode_update(arrays, sent)  # float16 copy sent: rounding never accumulates
-            if self.shared is not None:  # the entries it keeps count as the global ones (restored below)
-                arrays = expand(arrays, self.shared, self.current)
-            n, known = res.num_examples, self.run["train_images"].get(res.metrics.get("dataset"))
-            if known is not None and n > known:  # simulation: the server knows every dataset's size
-                log(WARNING, "round %d: client %s reported %d train images, its dataset has %d; counted as %d",
-                    r, proxy.cid, n, known, known)
-                n = known
-            self.open["dp"].add(arrays) if self.open["dp"] else self.aggregator.add(arrays, n)
-            self.open["valid"].append((None, n, {k: v for k, v in res.metrics.items() if k != "dataset"},
-                                       sum(len(t) for t in res.parameters.tensors)))
-            return arrived(res)
+            private = self.dp.start(self.current) if self.dp and not self.cfg["SECAGG"] else None  # DP: one sum
+            self.open = RoundUpdates(r, self.current, self._sent(), self.shared, self.cfg["FP16"], self.run,
+                                     self.aggregator, private)
 
     def _secure_updates(self, r, results, reasons):
         """SecAgg+: add the round's one update, the secure mean, to the aggregator; return [(None, image count,
@@ -440,16 +404,16 @@ class SaveFedAvg(FedAvg):
         else:
             for proxy, res in results:
                 if not getattr(res, "arrived", False):  # not streamed: given to aggregate_fit directly
-                    self._arrive(proxy, res)
-            valid, dp = self.open["valid"], {}
-            reasons += self.open["reasons"]
+                    self.open.arrive(proxy, res)
+            valid, dp = self.open.valid, {}
+            reasons += self.open.reasons
         sizes = [size for *_, size in valid]
         self.record.begin(r, len(valid), round(sum(sizes) / len(sizes)) if sizes else None, reasons, late)
         new, metrics, enough = self.current, {}, len(valid) >= max(self.cfg["MIN_UPDATES"], 1)
         self.record.trained_round(enough)
         if enough:
-            if self.open["dp"]:  # the noised mean of the clipped changes is the one update
-                mean, dp = self.dp.mean(self.open["dp"])
+            if self.open.private:  # the noised mean of the clipped changes is the one update
+                mean, dp = self.dp.mean(self.open.private)
                 self.aggregator.add(mean, 1)
             if dp:
                 self.record.note(**self.dp.account(r, dp, len(valid)))
@@ -472,7 +436,7 @@ class SaveFedAvg(FedAvg):
             raise
         self.current = new
         self.record.note(**{f"train_{k}": v for k, v in metrics.items()})
-        self.record.note(time_fit=round(t0 - self.open.get("t_sent", t0), 2), time_aggregate=round(t1 - t0, 3),
+        self.record.note(time_fit=round(t0 - self.open.t_open, 2), time_aggregate=round(t1 - t0, 3),
                          time_save=round(time.time() - t1, 3))
         self.open = None
         if not self.cfg["EVALUATE"] or not self._evaluates(server_round):  # no evaluation to wait for

@@ -2,12 +2,18 @@
 that hands each reply to the strategy as it arrives."""
 
 import re
+import threading
+import time
+from logging import WARNING
 
 import numpy as np
-from flwr.common import FitRes, Parameters
+from flwr.common import FitRes, Parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
-from utils.params import entry_mismatch
+from utils.console import log
+from utils.datasets import client_name
+from utils.params import decode_update, entry_mismatch
+from utils.share import expand
 
 
 def check_update(arrays, reference, num_examples, metrics=None):
@@ -168,3 +174,49 @@ def arrived(res):
     out = FitRes(res.status, Parameters(tensors=[], tensor_type=""), res.num_examples, res.metrics)
     out.arrived = True
     return out
+
+
+class RoundUpdates:
+    """One round's client updates, taken one at a time as they arrive (threads: Flower's round loop asks the
+    clients at once): each is checked, decoded (FP16), expanded to every global entry (SHARE), its image count capped
+    at its dataset's known size, and added to the round's aggregate (`aggregator`, or with DP `private`, the sum of
+    clipped changes); `valid` keeps each valid one's (None, images, metrics, bytes), `reasons` why others were not.
+
+    Args:
+        r (int): the run's round. current (list): the global arrays. sent (list): the arrays the clients were sent
+            (under SHARE the shared entries), which an update must fit. shared (list | None): SHARE's entries.
+        fp16 (str): FP16. run (dict): the run's state (`train_images`, `labels`). aggregator: utils.strategies.
+            Aggregator, begun. private (utils.privacy.PrivateSum | None): with DP, the round's clipped sum.
+    """
+
+    def __init__(self, r, current, sent, shared, fp16, run, aggregator, private=None):
+        """Start the round with no update."""
+        self.r, self.current, self.sent, self.shared, self.fp16, self.run = r, current, sent, shared, fp16, run
+        self.aggregator, self.private, self.valid, self.reasons = aggregator, private, [], []
+        self.lock, self.t_open = threading.Lock(), time.time()
+
+    def arrive(self, proxy, res):
+        """Check one client's reply and add it to the aggregate; return it without its weights (`arrived`), which the
+        server then holds no more. A rejected update is logged and its reason kept for the round line."""
+        with self.lock:
+            arrays = parameters_to_ndarrays(res.parameters)
+            problem = check_update(arrays, self.sent, res.num_examples, res.metrics)
+            if problem:
+                name = self.run.get("labels", {}).get(res.metrics.get("dataset"), proxy.cid)
+                self.reasons.append(f"{client_name(name)}: update rejected: {problem}")
+                log(WARNING, "round %d: update of client %s rejected: %s", self.r, name, problem)
+                return arrived(res)
+            if self.fp16 in ("up", "both"):  # the change is added to the float32 global model, not to the float16
+                arrays = decode_update(arrays, self.sent)  # copy sent: rounding never accumulates
+            if self.shared is not None:  # the entries it keeps count as the global ones (restored by the strategy)
+                arrays = expand(arrays, self.shared, self.current)
+            n, known = res.num_examples, self.run["train_images"].get(res.metrics.get("dataset"))
+            if known is not None and n > known:  # simulation: the server knows every dataset's size
+                log(WARNING, "round %d: client %s reported %d train images, its dataset has %d; counted as %d",
+                    self.r, proxy.cid, n, known, known)
+                n = known
+            self.private.add(arrays) if self.private else self.aggregator.add(arrays, n)
+            self.valid.append((None, n, {k: v for k, v in res.metrics.items() if k != "dataset"},
+                               sum(len(t) for t in res.parameters.tensors)))
+            return arrived(res)
+

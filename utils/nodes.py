@@ -39,7 +39,8 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy  # the legacy p
 from utils.aggregate import failure_reason
 from utils.classes import federation_names
 from utils.console import log
-from utils.datasets import client_name
+from utils.datasets import check_dataset_cached, client_label, client_name
+from utils.model import model_task, read_base_cached
 
 CONNECT_WAIT = 600.0  # seconds a deployment waits for its SuperNodes to connect before it gives up
 SETTLE = 5.0  # seconds without a new SuperNode after which a deployment without min-clients starts
@@ -125,6 +126,17 @@ class Nodes:
         missing = [c for c in sent if c not in answered and self.name.get(c) not in named]
         names = sorted(self.name.get(c, f"node {c}") for c in missing)
         return (names if len(names) == len(expired) else names or [f"{len(expired)} client(s)"]), others
+
+
+def node_properties(dataset, partition_id, base_model, config):
+    """Return what a node tells the server about itself: in a simulation its partition id; on a SuperNode its
+    dataset's label, classes and train images, checked as the run's task (config `task`) or its own base model's."""
+    if dataset is None:
+        return {} if partition_id is None else {"partition-id": int(partition_id)}
+    task = model_task(read_base_cached(base_model)[0]).name if base_model else config.get("task", "detect")
+    check = check_dataset_cached(dataset, task)
+    return {"label": client_label(dataset), "names": json.dumps(list(check["names"])),
+            "train_images": int(check["train_images"])}
 
 
 def discover(grid, cfg, task):
