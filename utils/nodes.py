@@ -21,8 +21,9 @@ gone), and each round waits only for the ids of its own messages: a late client'
 later round. `late` tells these expired replies from real failures and names the clients that were late. One
 difference between the engines: a SuperLink drops a message whose deadline passed before a SuperNode pulls it,
 while the simulation engine queues each node's messages in-process and runs them even after their deadline, so a
-slow client's backlog would make every client late in the rounds that follow; the client mod `on_time` answers
-such a message at once, and stops a simulated client's training at its deadline.
+slow client's backlog would make every client late in the rounds that follow, and a SuperNode that stalled
+mid-round restarts that round's ClientApp when it wakes; the client mod `on_time` answers such a message at once,
+and stops a client's training at its deadline.
 """
 
 import json
@@ -186,17 +187,20 @@ class _Asking:
 
 
 def on_time(msg, context, call_next):
-    """Client mod (simulation): a message whose round deadline has passed is answered with an error at once, its
-    work not done; one still in time carries its deadline into the client's config (`deadline`, seconds since the
-    epoch), and training stops there (`stop_at`). A SuperNode (no partition id) is left alone: its SuperLink never
-    delivers an expired message, and its clock need not agree with the server's."""
+    """Client mod: a message whose round deadline (its `created_at` + TTL) has passed is answered with an error at
+    once, its work not done; one still in time carries its deadline into the client's config (`deadline`, seconds
+    since the epoch), and training stops there (`stop_at`). The simulation engine runs expired messages; a SuperNode
+    that stalled restarts the ClientApp of the message it held when it wakes, long after the round closed. Like
+    Flower itself, which stamps a reply with the SuperNode's clock and has the SuperLink refuse one stamped past its
+    message's deadline, this takes the SuperNode's clock to agree with the server's (NTP)."""
     meta = msg.metadata
-    if "partition-id" not in context.node_config or not meta.ttl:
+    if not meta.ttl:
         return call_next(msg, context)
     deadline = meta.created_at + meta.ttl
     if time.time() >= deadline:
-        return Message(Error(code=ErrorCode.UNKNOWN, reason="its round's deadline passed before it started; not done"),
-                       reply_to=msg)
+        clock = "" if "partition-id" in context.node_config else " (or this machine's clock is ahead of the server's)"
+        return Message(Error(code=ErrorCode.UNKNOWN, reason=f"its round's deadline passed before it started{clock};"
+                             " not done"), reply_to=msg)
     for key in ("fitins.config", "evaluateins.config"):
         if key in msg.content.config_records:
             msg.content.config_records[key]["deadline"] = float(deadline)
