@@ -122,7 +122,7 @@ from utils.console import setup as setup_console
 from utils.datasets import check_dataset_cached, client_label, client_name
 from utils.devices import client_device
 from utils.evaluate import evaluate, evaluate_on_server
-from utils.model import bn_entries, build_model, model_task, read_base_cached
+from utils.model import bn_entries, build_model, model_task, read_base_cached, training_model
 from utils.nodes import CONNECT_WAIT, Nodes, discover, node_properties, on_time, stop_at
 from utils.params import get_weights, save_npz, set_weights, to_half
 from utils.record import RoundRecord
@@ -169,7 +169,7 @@ class YoloClient(NumPyClient):
         arch, weights = read_base_cached(own)
         return arch, weights, model_task(arch).name
 
-    def _prepare(self, parameters, config):
+    def _prepare(self, parameters, config, train=False):
         """Return (spec, dataset, its view's data.yaml, a model holding `parameters`, the classes it annotates)."""
         spec = json.loads(config["spec"])
         spec["hyp"]["device"] = client_device(self.device or spec["hyp"]["device"])  # resolved where it trains
@@ -190,7 +190,10 @@ class YoloClient(NumPyClient):
             raise ValueError(f"dataset {dataset} has kpt_shape {kpt}, the federation's model {arch.get('kpt_shape')}")
         root = self.work_dir or (spec["work"] if self.dataset is None else Path(tempfile.gettempdir()) / "fedyolo")
         data_yaml = client_view(check, names, view_folder(root, dataset, names))
-        model = build_model(arch, names, weights=weights, seed=spec["hyp"]["seed"])
+        if train and weights is None and spec.get("share", "all") == "all":  # every entry is set below: reused
+            model = training_model(arch, names, seed=spec["hyp"]["seed"])
+        else:
+            model = build_model(arch, names, weights=weights, seed=spec["hyp"]["seed"])
         folder = self.save_dir or (spec.get("clients_dir") if self.dataset is None else None)  # SuperNode: save-dir
         self.kept = KeptState(self.state, folder, client_label(dataset), int(config.get("start-epoch", 0)) > 0)
         self.shared = shared_entries(list(model.state_dict()), arch, spec.get("share", "all"))
@@ -220,7 +223,7 @@ class YoloClient(NumPyClient):
     def _fit(self, parameters, config):
         """Train the sent weights (see fit)."""
         t0 = time.time()
-        spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
+        spec, dataset, data_yaml, model, classes = self._prepare(parameters, config, train=True)
         t_prepared = time.time()
         hyp = {**spec["hyp"], "seed": spec["hyp"]["seed"] + int(config["server-round"])}
         if spec.get("min_steps"):  # the server always sends nbs with min_steps; 64 is Ultralytics' own default

@@ -7,7 +7,7 @@ import torch
 from tests.conftest import TINY
 from utils.classes import client_view
 from utils.datasets import check_dataset
-from utils.model import build_model, read_base
+from utils.model import build_model, read_base, training_model
 from utils.params import get_weights, set_weights
 from utils.train import client_batch, train_round
 
@@ -69,6 +69,30 @@ def test_trainer_starts_from_exactly_the_sent_weights(base, data_yaml, tiny_mode
     assert all(a.dtype == b.dtype and a.shape == b.shape for a, b in zip(back, sent))
     assert any(not np.array_equal(a, b) for a, b in zip(back, sent) if a.dtype.kind == "f")  # it trained
     assert out["train_images"] == 8 and np.isfinite(out["box_loss"])
+
+
+def test_a_kept_model_and_an_ema_that_copies_nothing_train_bit_for_bit_as_a_fresh_model(data_yaml, tiny_model):
+    """A simulated client's process keeps the model it trained for the next client or round (utils/model.py
+    training_model), and the trainer's unused EMA copies nothing: neither changes a single learned bit."""
+    import copy
+
+    cfg, names = tiny_model
+    fresh = build_model(cfg, names)
+    sent = _random_weights(fresh, seed=3)
+    kept = training_model(cfg, names)
+    set_weights(kept, _random_weights(kept, seed=4))
+    train_round(kept, data_yaml, 0, 1, 2, TINY, proximal_mu=0.01, classes=[0])  # another client's round before
+    again = training_model(cfg, names)
+    assert again is kept and not hasattr(again, "criterion") and not hasattr(again, "class_weights")
+    ema = []
+    for model in (fresh, again):
+        set_weights(model, sent)
+        train_round(model, data_yaml, 1, 1, 2, TINY,
+                    callbacks={"on_train_end": lambda tr: ema.append(len(list(tr.ema.ema.parameters())))})
+    assert all(np.array_equal(a, b) for a, b in zip(get_weights(fresh), get_weights(again)))
+    assert ema == [0, 0]  # the EMA held no copy of the weights
+    twin = copy.deepcopy(fresh)  # after training the model copies as usual again
+    assert twin is not fresh and all(np.array_equal(a, b) for a, b in zip(get_weights(twin), get_weights(fresh)))
 
 
 def test_round_continues_the_runs_schedule_without_local_validation(data_yaml, tiny_model):
