@@ -7,7 +7,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from utils.aggregate import check_update, weighted_average
 from utils.model import build_model
-from utils.params import get_weights, load_npz, save_npz, set_weights
+from utils.params import get_weights, load_npz, parameters_to_arrays, save_npz, set_weights
 
 
 def test_round_trip_keeps_dtypes_and_0d_buffers(tiny_model):
@@ -181,3 +181,23 @@ def test_strategy_counts_no_client_above_its_datasets_size(tmp_path):
 
     np.testing.assert_allclose(load_npz(tmp_path / "round1.npz")[0], [5.0, 5.0])  # 10 and 10 images, not 1e9 and 10
     assert metrics == {"box_loss": 2.0}
+
+
+def test_an_update_decodes_exactly_as_flower_decodes_it(tiny_model):
+    """The server's decoder (each .npy header parsed once) returns what flwr's parameters_to_ndarrays returns: every
+    value, dtype, shape and layout, for float32, float16, integer, 0-d, empty and Fortran-ordered arrays."""
+    from flwr.common import parameters_to_ndarrays
+
+    cfg, names = tiny_model
+    arrays = get_weights(build_model(cfg, names))
+    arrays += [a.astype(np.float16) for a in arrays[:3]] + [np.array(7, np.int64), np.zeros((0, 3), np.float32),
+                                                             np.asfortranarray(np.arange(12.0).reshape(3, 4))]
+    params = ndarrays_to_parameters(arrays)
+    for _ in range(2):  # the second time from the parsed headers
+        ours, flower = parameters_to_arrays(params), parameters_to_ndarrays(params)
+        assert len(ours) == len(flower) == len(arrays)
+        for a, b in zip(ours, flower):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+            assert a.flags.writeable and a.flags.c_contiguous == b.flags.c_contiguous
+    with pytest.raises(ValueError, match="not in .npy format"):
+        parameters_to_arrays(type(params)(tensors=[b"junk" * 4], tensor_type="numpy.ndarray"))

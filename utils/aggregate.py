@@ -7,12 +7,12 @@ import time
 from logging import WARNING
 
 import numpy as np
-from flwr.common import FitRes, Parameters, parameters_to_ndarrays
+from flwr.common import FitRes, Parameters
 from flwr.server.client_proxy import ClientProxy
 
 from utils.console import log
 from utils.datasets import client_name
-from utils.params import decode_update, entry_mismatch
+from utils.params import decode_update, entry_mismatch, parameters_to_arrays
 from utils.share import expand
 
 
@@ -199,7 +199,7 @@ class RoundUpdates:
         """Check one client's reply and add it to the aggregate; return it without its weights (`arrived`), which the
         server then holds no more. A rejected update is logged and its reason kept for the round line."""
         with self.lock:
-            arrays = parameters_to_ndarrays(res.parameters)
+            arrays = parameters_to_arrays(res.parameters)  # as parameters_to_ndarrays, each header parsed once
             problem = check_update(arrays, self.sent, res.num_examples, res.metrics)
             if problem:
                 name = self.run.get("labels", {}).get(res.metrics.get("dataset"), proxy.cid)

@@ -1,5 +1,7 @@
 """The one parameter-order contract: a model's state_dict, in order, as numpy arrays (client, server, exporter)."""
 
+import io
+import math
 import zipfile
 from collections import OrderedDict
 
@@ -15,6 +17,34 @@ def get_weights(model):
     for v in model.state_dict().values():
         v = v.detach().cpu()
         out.append((v.float() if v.is_floating_point() else v).numpy().copy())
+    return out
+
+
+_HEADERS = {}  # the bytes of an .npy header -> (dtype, shape), parsed once
+
+
+def parameters_to_arrays(parameters):
+    """Return the arrays of Flower `parameters` (an .npy file each), as flwr's `parameters_to_ndarrays` does, with
+    each distinct header parsed once: `np.load` parses every header with `ast.literal_eval`, 36 ms of each yolov8n
+    update (355 arrays) on the server, the same header strings in every update."""
+    out = []
+    for b in parameters.tensors:
+        if b[:6] != b"\x93NUMPY":
+            raise ValueError("an update's array is not in .npy format")
+        size = 2 if b[6] == 1 else 4  # format 1.0: a 2-byte header length; 2.0 and 3.0: 4 bytes
+        start = 8 + size + int.from_bytes(b[8:8 + size], "little")
+        key = bytes(b[:start])
+        if key not in _HEADERS:
+            f = io.BytesIO(key)
+            read = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(f),
+                                                                     np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read(f)
+            _HEADERS[key] = None if fortran or dtype.hasobject else (dtype, shape)
+        if _HEADERS[key] is None:  # what np.load reads its own way
+            out.append(np.load(io.BytesIO(b), allow_pickle=False))
+            continue
+        dtype, shape = _HEADERS[key]
+        out.append(np.frombuffer(b, dtype, count=math.prod(shape), offset=start).reshape(shape).copy())
     return out
 
 
