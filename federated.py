@@ -381,14 +381,14 @@ class SaveFedAvg(FedAvg):
                                      self.aggregator, private)
 
     def _secure_updates(self, r, results, reasons):
-        """SecAgg+: add the round's one update, the secure mean, to the aggregator; return [(None, image count,
-        metrics, bytes)] per client that took part (each one's count and metrics still count; [] if the sum was
+        """SecAgg+: add the round's one update, the secure mean, to the aggregator; return [(image count, metrics,
+        bytes)] per client that took part (each one's count and metrics still count; [] if the sum was
         refused) and the mean's DP diagnostics (utils/secure.py)."""
         new, dp = secure.secure_mean(r, results, self.current, self.run, self.cfg, self.dp, reasons)
         if new is None:
             return [], {}
         self.aggregator.add(new, 1)
-        return [(None, res.num_examples, {k: v for k, v in res.metrics.items() if k != "dataset"},
+        return [(res.num_examples, {k: v for k, v in res.metrics.items() if k != "dataset"},
                  self.masked_bytes) for _, res in results], dp
 
     def aggregate_fit(self, server_round, results, failures):
@@ -410,7 +410,7 @@ class SaveFedAvg(FedAvg):
                     self.open.arrive(proxy, res)
             valid, dp = self.open.valid, {}
             reasons += self.open.reasons
-        sizes = [size for *_, size in valid]
+        sizes = [size for _, _, size in valid]
         self.record.begin(r, len(valid), round(sum(sizes) / len(sizes)) if sizes else None, reasons, late)
         new, metrics, enough = self.current, {}, len(valid) >= max(self.cfg["MIN_UPDATES"], 1)
         self.record.trained_round(enough)
@@ -423,9 +423,9 @@ class SaveFedAvg(FedAvg):
             new = self.aggregator.result(self.current)
             if self.shared is not None:  # the unshared entries stay exactly as the run started
                 new = expand([new[i] for i in self.shared], self.shared, self.current)
-            keys = sorted(set.intersection(*(set(m) for _, _, m, _ in valid)))
-            total = sum(n for _, n, _, _ in valid)
-            metrics = {k: sum(float(m[k]) * n for _, n, m, _ in valid) / total for k in keys}
+            keys = sorted(set.intersection(*(set(m) for _, m, _ in valid)))
+            total = sum(n for n, _, _ in valid)
+            metrics = {k: sum(float(m[k]) * n for n, m, _ in valid) / total for k in keys}
             self.record.stop_if_diverged(r, new, metrics)  # RunStopped: this round's file is not written
         else:  # the round's file then repeats the kept global model
             log(WARNING, "round %d skipped: %d valid client update(s), min-updates is %d; the global model is kept",

@@ -180,7 +180,7 @@ class RoundUpdates:
     """One round's client updates, taken one at a time as they arrive (threads: Flower's round loop asks the
     clients at once): each is checked, decoded (FP16), expanded to every global entry (SHARE), its image count capped
     at its dataset's known size, and added to the round's aggregate (`aggregator`, or with DP `private`, the sum of
-    clipped changes); `valid` keeps each valid one's (None, images, metrics, bytes), `reasons` why others were not.
+    clipped changes); `valid` keeps each valid one's (images, metrics, bytes), `reasons` why others were not.
 
     Args:
         r (int): the run's round. current (list): the global arrays. sent (list): the arrays the clients were sent
@@ -216,7 +216,7 @@ class RoundUpdates:
                     self.r, proxy.cid, n, known, known)
                 n = known
             self.private.add(arrays) if self.private else self.aggregator.add(arrays, n)
-            self.valid.append((None, n, {k: v for k, v in res.metrics.items() if k != "dataset"},
+            self.valid.append((n, {k: v for k, v in res.metrics.items() if k != "dataset"},
                                sum(len(t) for t in res.parameters.tensors)))
             return arrived(res)
 

@@ -118,15 +118,17 @@ class Nodes:
             sent (list[str]): the cids the round's messages went to. results: Flower's [(proxy, result)].
             failures (list): Flower's failures (exceptions or (proxy, result) pairs).
         """
-        expired = [f for f in failures if any(m in failure_reason(f) for m in EXPIRED)]
-        others = [f for f in failures if not any(m in failure_reason(f) for m in EXPIRED)]
-        if not expired:
+        reasons = [failure_reason(f) for f in failures]
+        is_late = [any(m in why for m in EXPIRED) for why in reasons]
+        if not any(is_late):
             return [], failures
+        others = [f for f, late in zip(failures, is_late) if not late]
         answered = {proxy.cid for proxy, _ in results} | {f[0].cid for f in others if isinstance(f, tuple)}
-        named = {failure_reason(f).split(":")[0] for f in others}  # a client's own error starts with its name
+        named = {why.split(":")[0] for why, late in zip(reasons, is_late) if not late}  # its own error names it
         missing = [c for c in sent if c not in answered and self.name.get(c) not in named]
         names = sorted(self.name.get(c, f"node {c}") for c in missing)
-        return (names if len(names) == len(expired) else names or [f"{len(expired)} client(s)"]), others
+        expired = sum(is_late)
+        return (names if len(names) == expired else names or [f"{expired} client(s)"]), others
 
 
 def node_properties(dataset, partition_id, base_model, config):
