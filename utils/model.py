@@ -1,6 +1,7 @@
 """Build the federation's model (any Ultralytics task) from a base .pt or .yaml, adapted to the federation's classes."""
 
 import json
+import threading
 from copy import deepcopy
 from functools import lru_cache
 from pathlib import Path
@@ -94,7 +95,7 @@ def build_model(cfg, names, weights=None, seed=0):
     return model
 
 
-_TRAINING = {}  # (architecture, names) -> the model this process last trained for them (see training_model)
+_TRAINING = {}  # thread -> (architecture and names, the model it last trained for them, ...) (see training_model)
 
 
 def training_model(cfg, names, seed=0):
@@ -103,13 +104,12 @@ def training_model(cfg, names, seed=0):
     how `build_model` returns one, else a new one. Building yolov8n takes about 0.09 s of a tiny client's 0.8 s
     round; the weights it then trains are bit-identical (bench/history.md). Not for evaluation: the validator fuses
     Conv+BN in place."""
-    key = (json.dumps(cfg, sort_keys=True, default=str), tuple(names))
-    if key not in _TRAINING:
-        _TRAINING.clear()  # one kept model per process
+    thread, key = threading.get_ident(), (json.dumps(cfg, sort_keys=True, default=str), tuple(names))
+    if _TRAINING.get(thread, (None,))[0] != key:  # one kept model per thread (each trains one model at a time)
         model = build_model(cfg, names, seed=seed)
-        _TRAINING[key] = model, set(model.__dict__), [p.requires_grad for p in model.parameters()]  # as built
+        _TRAINING[thread] = key, model, set(model.__dict__), [p.requires_grad for p in model.parameters()]  # as built
         return model
-    model, attributes, grads = _TRAINING[key]
+    _, model, attributes, grads = _TRAINING[thread]
     torch.manual_seed(seed)  # the global generator as build_model leaves it
     for name in set(model.__dict__) - attributes:  # what training added: its loss, the partial-label mask, args
         del model.__dict__[name]
