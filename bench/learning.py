@@ -1,0 +1,213 @@
+"""What federating buys, from a trusted trained start: federated vs centralized vs each site alone, over seeds.
+
+The start: yolov8n trained START_EPOCHS epochs by plain Ultralytics (seed 0, deterministic, CPU, no dataloader
+workers) on a second demo generated with another seed: the same classes, backgrounds and generator, none of the
+same images. Every run below starts from it (WORK/start.pt); `--check-start` trains it a second time and compares
+the two bit for bit, so the reference repeats.
+
+For each seed: centralized Ultralytics on the union of the demo clients (ROUNDS x EPOCHS epochs), and fedavg with the
+defaults on each setting of bench/bench.py (non-iid-3: the demo's 3 clients; non-iid-8 and non-iid-16: each demo
+client split at random into 3/3/2 and 6/5/5), at equal image-epochs. Every round's global model is scored on the
+demo's held-out test split, giving the first round that reaches 0.95x of centralized's final score. With `--local`
+(seed 0): each client trained alone from the start for the same epochs, scored on the test split and on its own val
+split against the federated model there.
+
+Usage:
+    .venv/bin/python bench/learning.py [--seeds 0 1 2] [--settings non-iid-3 non-iid-8 non-iid-16] [--local]
+        [--variant NAME=FLAGS] [--check-start] [--table-only] [--work runs/learning] [--out bench/learning.md]
+
+Cells are cached in WORK/learning.json (delete it to measure again).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_VERBOSE", "false")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ultralytics import YOLO  # noqa: E402
+
+from bench import ARGS, centralized, federated, setting_clients, test_map, union_yaml  # noqa: E402
+from utils.demo import make_demo  # noqa: E402
+from utils.export_federated import export  # noqa: E402
+
+START_EPOCHS = 30
+
+
+def weights_hash(pt):
+    """Return the sha256 of a checkpoint's weights (the file itself also holds a date)."""
+    import torch
+
+    ckpt = torch.load(pt, map_location="cpu", weights_only=False)
+    h = hashlib.sha256()
+    for k, v in (ckpt.get("ema") or ckpt["model"]).float().state_dict().items():
+        h.update(k.encode() + v.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def train_start(work, name):
+    """Train the start once under WORK/name; return its last.pt."""
+    data = make_demo(work / "start-data", seed=101)[0]
+    union = union_yaml(data, work / "start-data")
+    model = YOLO("yolov8n.yaml")
+    model.train(data=str(union), epochs=START_EPOCHS, val=False, plots=False, project=str(work), name=name,
+                exist_ok=True, seed=0, deterministic=True, **ARGS)
+    return Path(model.trainer.last)
+
+
+def val_map(pt, data_yaml):
+    """Return mAP50-95 of a .pt on the val split of `data_yaml`."""
+    args = {k: v for k, v in ARGS.items() if k != "nbs"}
+    m = YOLO(str(pt)).val(data=str(data_yaml), split="val", plots=False, verbose=False,
+                          project=str(Path(pt).parent / "val"), **args)
+    return float(m.box.map)
+
+
+def local(client, test_yaml, epochs, base, work, name, seed):
+    """Train Ultralytics on one client alone; return (its last.pt, test mAP50-95)."""
+    model = YOLO(base)
+    model.train(data=str(client), epochs=epochs, val=False, plots=False, project=str(work / "local"), name=name,
+                exist_ok=True, seed=seed, **ARGS)
+    return Path(model.trainer.last), test_map(Path(model.trainer.last), test_yaml)[0]
+
+
+def main():
+    """Run the missing cells and write the tables."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--settings", nargs="+", default=["non-iid-3", "non-iid-8", "non-iid-16"])
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--local", action="store_true", help="also each client alone (seed 0)")
+    p.add_argument("--variant", action="append", default=[], help="NAME=FLAGS: federated.py flags of another row")
+    p.add_argument("--check-start", action="store_true", help="train the start twice and compare")
+    p.add_argument("--table-only", action="store_true", help="write the tables from the cached cells, measure nothing")
+    p.add_argument("--work", default="runs/learning")
+    p.add_argument("--out", default=str(ROOT / "bench" / "learning.md"))
+    a = p.parse_args()
+    work = Path(a.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    cache = work / "learning.json"
+    res = json.loads(cache.read_text()) if cache.is_file() else {}
+
+    def cell(key, fn):
+        if key not in res:
+            print(f"measuring {key} ...", flush=True)
+            t = time.time()
+            res[key] = fn()
+            print(f"  {res[key]}  ({time.time() - t:.0f} s)", flush=True)
+            cache.write_text(json.dumps(res, indent=1))
+        return res[key]
+
+    if a.table_only:
+        return write(res, a)
+    demo, test_yaml = make_demo(work / "demo")
+    start = work / "start.pt"
+    if not start.is_file():
+        shutil.copy(train_start(work, "start"), start)
+    cell("start", lambda: {"hash": weights_hash(start), "map": test_map(start, test_yaml)[0]})
+    if a.check_start:
+        cell("start again", lambda: {"hash": weights_hash(train_start(work, "start-again"))})
+    total = a.rounds * a.epochs
+    for seed in a.seeds:
+        cell(f"centralized|{seed}", lambda: centralized(demo, test_yaml, total, str(start), work, seed)["map"])
+        for setting in a.settings:
+            clients = setting_clients(setting, demo, work)
+            name = f"{setting}-s{seed}"
+
+            def fed(name, flags):
+                out = federated(clients, test_yaml, a.rounds, a.epochs, str(start), work, name,
+                                ["--seed", str(seed), *flags])
+                per_round = [test_map(export(str(start), work / "runs" / name / f"round{r}.npz"), test_yaml)[0]
+                             for r in range(1, a.rounds + 1)]
+                return {"map": out["map"], "rounds": per_round, "seconds": out["seconds"]}
+            cell(f"fedavg|{setting}|{seed}", lambda: fed(name, []))
+            for v in a.variant:
+                run, flags = v.split("=", 1)
+                cell(f"{run}|{setting}|{seed}", lambda: fed(f"{name}-{run}", flags.split()))
+            if a.local and seed == a.seeds[0]:
+                fed_pt = export(str(start), work / "runs" / name / f"round{a.rounds}.npz")
+
+                def alone():
+                    rows = []
+                    for i, c in enumerate(clients):
+                        pt, m = local(c, test_yaml, total, str(start), work, f"{name}-c{i}", seed)
+                        rows.append({"test": m, "own_local": val_map(pt, c), "own_fed": val_map(fed_pt, c)})
+                    return rows
+                cell(f"local|{setting}|{seed}", alone)
+    write(res, a)
+
+
+def write(res, a):
+    """Write the tables from the cache."""
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    st = res["start"]
+    again = res.get("start again")
+    cen = {s: res[f"centralized|{s}"] for s in a.seeds if f"centralized|{s}" in res}
+    lines = [
+        f"# What federating buys, from a trusted trained start ({a.rounds} rounds x {a.epochs} epochs, 2-core CPU)",
+        "",
+        f"Command: `.venv/bin/python bench/learning.py --seeds {' '.join(map(str, a.seeds))} --settings "
+        f"{' '.join(a.settings)}{' --local' if a.local else ''}{' --check-start' if a.check_start else ''}`, "
+        f"{time.strftime('%Y-%m-%d')}. mAP50-95 on the demo's held-out test split; imgsz 64, batch 8, nbs 8.",
+        "",
+        f"The start: yolov8n trained {START_EPOCHS} epochs by plain Ultralytics (seed 0, deterministic) on a second "
+        "demo (seed 101: the same classes and backgrounds, other images). Test mAP50-95 "
+        f"{st['map']:.4f}; weights sha256 {st['hash']}"
+        + (f"; trained again: {again['hash']} ({'identical' if again['hash'] == st['hash'] else 'DIFFERENT'})."
+           if again else "."),
+        "",
+        "## Equal image-epochs: federated (fedavg, the defaults) against centralized on the same images",
+        "",
+        f"Centralized, seeds {', '.join(map(str, cen))}: {', '.join(f'{v:.4f}' for v in cen.values())} "
+        f"(mean {mean(list(cen.values())):.4f}).",
+        "",
+        "| setting | run | per seed | mean | / centralized (same seed, mean) | rounds to 0.95x of centralized |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = ["fedavg", *(v.split("=", 1)[0] for v in a.variant)]
+    for setting, run in [(s, r) for s in a.settings for r in rows]:
+        runs = {s: res[f"{run}|{setting}|{s}"] for s in a.seeds if f"{run}|{setting}|{s}" in res}
+        if not runs:
+            continue
+        ratios = [runs[s]["map"] / cen[s] for s in runs if s in cen]
+        reach = []
+        for s, r in runs.items():
+            hit = [i + 1 for i, m in enumerate(r["rounds"]) if s in cen and m >= 0.95 * cen[s]]
+            reach.append(str(hit[0]) if hit else f"not in {a.rounds}")
+        lines.append(f"| {setting} | {run} | {', '.join(format(r['map'], '.4f') for r in runs.values())} | "
+                     f"{mean([r['map'] for r in runs.values()]):.4f} | {mean(ratios):.2f}x | {', '.join(reach)} |")
+    loc = {s: res[f"local|{s}|{a.seeds[0]}"] for s in a.settings if f"local|{s}|{a.seeds[0]}" in res}
+    if loc:
+        lines += [
+            "",
+            f"## Each site alone (seed {a.seeds[0]}): the same start and epochs on its own images",
+            "",
+            "Test: the held-out test split (every style and class). Own val: each client's own val split, where a "
+            "site that joins compares the federated model with the one it could have trained alone.",
+            "",
+            "| setting | federated, test | alone, test (mean / best) | own val: sites where alone >= federated | "
+            "own val: federated - alone (min / mean) |",
+            "|---|---|---|---|---|",
+        ]
+        for setting, rows in loc.items():
+            fed = res[f"fedavg|{setting}|{a.seeds[0]}"]["map"]
+            diff = [r["own_fed"] - r["own_local"] for r in rows]
+            lines.append(f"| {setting} | {fed:.4f} | {mean([r['test'] for r in rows]):.4f} / "
+                         f"{max(r['test'] for r in rows):.4f} | {sum(d <= 0 for d in diff)} of {len(rows)} | "
+                         f"{min(diff):+.4f} / {mean(diff):+.4f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
