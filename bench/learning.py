@@ -170,6 +170,9 @@ def write(res, a):
         f"Centralized, seeds {', '.join(map(str, cen))}: {', '.join(f'{v:.4f}' for v in cen.values())} "
         f"(mean {mean(list(cen.values())):.4f}).",
         "",
+        "Rows: `fedavg` the defaults; " + "; ".join(f"`{v.split('=', 1)[0]}` the defaults plus `{v.split('=', 1)[1]}`"
+                                              for v in a.variant) + ("." if a.variant else "fedavg only."),
+        "",
         "| setting | run | per seed | mean | / centralized (same seed, mean) | rounds to 0.95x of centralized |",
         "|---|---|---|---|---|---|",
     ]
