@@ -101,7 +101,7 @@ import json
 import sys
 import tempfile
 import time
-from logging import ERROR, WARNING
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +112,7 @@ from flwr.server.compat import start_grid
 from flwr.server.strategy import FedAvg
 
 from utils import privacy, secure, simulation, start
-from utils.aggregate import Arriving, RoundUpdates, failure_reason, first_line, weighted_metrics
+from utils.aggregate import Arriving, RoundUpdates, failure_reason, first_line, train_metrics, weighted_metrics
 from utils.atomic import remove_stale_temps
 from utils.classes import annotated, class_map, client_view, view_folder
 from utils.client_state import KeptState
@@ -124,7 +124,7 @@ from utils.devices import client_device
 from utils.evaluate import evaluate, evaluate_on_server
 from utils.model import bn_entries, build_model, model_task, read_base_cached, training_model
 from utils.nodes import CONNECT_WAIT, Nodes, discover, node_properties, on_time, stop_at
-from utils.params import get_weights, save_npz, set_weights, to_half
+from utils.params import get_weights, set_weights, to_half
 from utils.record import RoundRecord
 from utils.resume import write_config
 from utils.schedule import describe as describe_schedule
@@ -240,14 +240,9 @@ class YoloClient(NumPyClient):
         t_trained, weights = time.time(), get_weights(model)
         if not all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
             raise RuntimeError("local training produced NaN/Inf weights; the update is withheld")
-        if self.shared is not None:  # partial sharing: keep its own parts, send the shared ones
-            self.kept.keep_parts(model, weights, self.shared, {"imgsz": hyp["imgsz"]},
-                                 {"round": int(config["server-round"]), "share": spec["share"]})
-            if len(parameters) == len(weights):  # round 1 sent everything: its change is taken on the shared part
-                parameters = [parameters[i] for i in self.shared]
-            weights = [weights[i] for i in self.shared]
+        weights, parameters = self.kept.outgoing(model, weights, parameters, self.shared, spec, hyp["imgsz"],
+                                                 int(config["server-round"]))  # SHARE's and FEDBN's own parts kept
         if spec["fedbn"] and self.state is not None:
-            self.kept.keep_bn(weights, bn_entries(model))
             out["local_bn"] = int(self.local_bn)  # 1 from round 2 on: its BatchNorm came from its own state
         trainable = {k for k, _ in model.named_parameters()}
         weights = encode_upload(weights, parameters, config, [k in trainable for k in model.state_dict()], out)
@@ -307,13 +302,13 @@ class SaveFedAvg(FedAvg):
         clients = cfg["MIN_CLIENTS"] or len(run["spec"]["datasets"])
         cause = privacy.noise_cause(cfg, clients) or "a learning rate too large for this model; lower --lr-scale"
         self.record = RoundRecord(cfg, run, self.metric, label, self.task, cause)
-        self.masked_bytes = secure.masked_bytes(self.current) if cfg["SECAGG"] else None  # SecAgg+'s upload per client
         self.secagg_weight = secure.max_weight(run["train_images"], unweighted=cfg["DP_CLIP"] > 0)
         bn_var = [j for _, j in run["bn_pairs"]]
         self.dp = privacy.ServerDP(cfg, clients, run["rows"], bn_var) if cfg["DP_CLIP"] else None
         self.nodes = Nodes(run["spec"]["datasets"], run.get("labels", {}), run.get("nodes"),  # who each node is
                            cfg["ROUND_TIMEOUT"] or None)
         self.sent = {}  # the cids this round's fit and evaluate messages went to
+        self.masked_bytes = secure.masked_bytes(self.current) if cfg["SECAGG"] else None  # SecAgg+'s upload per client
         self.open = None  # the round's updates as they arrive (RoundUpdates)
         super().__init__(initial_parameters=ndarrays_to_parameters(self.current), **kwargs)
 
@@ -380,17 +375,6 @@ class SaveFedAvg(FedAvg):
             self.open = RoundUpdates(r, self.current, self._sent(), self.shared, self.cfg["FP16"], self.run,
                                      self.aggregator, private)
 
-    def _secure_updates(self, r, results, reasons):
-        """SecAgg+: add the round's one update, the secure mean, to the aggregator; return [(image count, metrics,
-        bytes)] per client that took part (each one's count and metrics still count; [] if the sum was
-        refused) and the mean's DP diagnostics (utils/secure.py)."""
-        new, dp = secure.secure_mean(r, results, self.current, self.run, self.cfg, self.dp, reasons)
-        if new is None:
-            return [], {}
-        self.aggregator.add(new, 1)
-        return [(res.num_examples, {k: v for k, v in res.metrics.items() if k != "dataset"},
-                 self.masked_bytes) for _, res in results], dp
-
     def aggregate_fit(self, server_round, results, failures):
         """Average the valid updates weighted by train images (with DP_CLIP: clipped, unweighted, noised; with
         SECAGG: take the secure mean), save round{N}.npz, return the new global weights."""
@@ -403,7 +387,8 @@ class SaveFedAvg(FedAvg):
             log(WARNING, "round %d: a client failed: %s", r, reason)
         self._open(r)
         if self.cfg["SECAGG"]:
-            valid, dp = self._secure_updates(r, results, reasons)
+            valid, dp = secure.secure_updates(r, results, self.current, self.run, self.cfg, self.dp, reasons,
+                                              self.aggregator, self.masked_bytes)
         else:
             for proxy, res in results:
                 if not getattr(res, "arrived", False):  # not streamed: given to aggregate_fit directly
@@ -423,20 +408,13 @@ class SaveFedAvg(FedAvg):
             new = self.aggregator.result(self.current)
             if self.shared is not None:  # the unshared entries stay exactly as the run started
                 new = expand([new[i] for i in self.shared], self.shared, self.current)
-            keys = sorted(set.intersection(*(set(m) for _, m, _ in valid)))
-            total = sum(n for n, _, _ in valid)
-            metrics = {k: sum(float(m[k]) * n for n, m, _ in valid) / total for k in keys}
+            metrics = train_metrics(valid)
             self.record.stop_if_diverged(r, new, metrics)  # RunStopped: this round's file is not written
         else:  # the round's file then repeats the kept global model
             log(WARNING, "round %d skipped: %d valid client update(s), min-updates is %d; the global model is kept",
                 r, len(valid), self.cfg["MIN_UPDATES"])
         t1 = time.time()
-        try:
-            save_npz(self.record.save_dir / f"round{r}.npz", new)
-        except OSError as e:
-            log(ERROR, "round %d: could not save %s (%s); the earlier round files are intact; stopping",
-                r, self.record.save_dir / f"round{r}.npz", e)
-            raise
+        self.record.save_round(r, new)  # round{r}.npz
         self.current = new
         self.record.note(**{f"train_{k}": v for k, v in metrics.items()})
         self.record.note(time_fit=round(t0 - self.open.t_open, 2), time_aggregate=round(t1 - t0, 3),

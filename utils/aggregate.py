@@ -106,6 +106,14 @@ def weighted_average(updates, reference):
     return mean.result(reference)
 
 
+def train_metrics(valid):
+    """Return the train metrics every valid update of a round reports (`valid`: (images, metrics, bytes) each),
+    averaged weighted by its train images."""
+    keys = sorted(set.intersection(*(set(m) for _, m, _ in valid)))
+    total = sum(n for n, _, _ in valid)
+    return {k: sum(float(m[k]) * n for n, m, _ in valid) / total for k in keys}
+
+
 def weighted_metrics(results, order, metric, labels):
     """Return the clients' validation metrics averaged weighted by their val images, and the score per client.
 

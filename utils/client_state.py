@@ -14,6 +14,7 @@ import torch
 from flwr.common import ArrayRecord, ConfigRecord
 
 from utils.checkpoint import write_checkpoint
+from utils.model import bn_entries
 from utils.params import get_weights, load_npz, save_npz
 from utils.share import expand, own_entries
 
@@ -90,6 +91,18 @@ class KeptState:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_checkpoint(model, path, args, info)
+
+    def outgoing(self, model, weights, parameters, shared, spec, imgsz, server_round):
+        """Keep what stays with this client after training (SHARE: its own parts and personalized model; FEDBN: its
+        BatchNorm) and return (the weights it sends, the sent parameters they are a change of)."""
+        if shared is not None:  # partial sharing: keep its own parts, send the shared ones
+            self.keep_parts(model, weights, shared, {"imgsz": imgsz}, {"round": server_round, "share": spec["share"]})
+            if len(parameters) == len(weights):  # round 1 sent everything: its change is taken on the shared part
+                parameters = [parameters[i] for i in shared]
+            weights = [weights[i] for i in shared]
+        if spec["fedbn"] and self.state is not None:
+            self.keep_bn(weights, bn_entries(model))
+        return weights, parameters
 
     # KEEP_OPTIMIZER: the optimizer state (Adam moments) continues
     def optimizer(self):

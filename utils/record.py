@@ -16,7 +16,7 @@ import numpy as np
 
 from utils.checkpoint import write_checkpoint
 from utils.console import log
-from utils.params import set_weights
+from utils.params import save_npz, set_weights
 from utils.report import plot, write_rows
 from utils.resume import command
 
@@ -76,6 +76,16 @@ class RoundRecord:
                         "time_configure": self.pending.get("time_configure")}
         self.failed, self.late = failed, list(late)
         self.first_error = self.first_error or (failed[0] if failed else None)
+
+    def save_round(self, r, weights):
+        """Write round r's global weights to round{r}.npz; an OSError is logged (the earlier round files are intact)
+        and raised again, which stops the run."""
+        path = self.save_dir / f"round{r}.npz"
+        try:
+            save_npz(path, weights)
+        except OSError as e:
+            log(ERROR, "round %d: could not save %s (%s); the earlier round files are intact; stopping", r, path, e)
+            raise
 
     def trained_round(self, trained):
         """Count the round as one with enough valid updates (True) or as one that kept the global model."""

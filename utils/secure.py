@@ -102,6 +102,18 @@ def decode(mean, current, trainable):
     return out
 
 
+def secure_updates(r, results, current, run, cfg, dp, reasons, aggregator, size):
+    """Add round r's one update, the secure mean (`secure_mean`), to `aggregator`; return [(image count, metrics,
+    `size`: each one's upload in bytes)] per client that took part (each one's count and metrics still count; [] if
+    the sum was refused) and the mean's DP diagnostics."""
+    new, diagnostics = secure_mean(r, results, current, run, cfg, dp, reasons)
+    if new is None:
+        return [], {}
+    aggregator.add(new, 1)
+    return [(res.num_examples, {k: v for k, v in res.metrics.items() if k != "dataset"}, size)
+            for _, res in results], diagnostics
+
+
 def secure_mean(r, results, current, run, cfg, dp, reasons):
     """Return (round r's securely averaged arrays, noised under DP, or None; the DP diagnostics of the mean).
 
