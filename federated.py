@@ -124,7 +124,7 @@ from utils.devices import client_device
 from utils.evaluate import evaluate, evaluate_on_server
 from utils.model import bn_entries, build_model, model_task, read_base_cached, training_model
 from utils.nodes import CONNECT_WAIT, Nodes, discover, node_properties, on_time, stop_at
-from utils.params import get_weights, set_weights, to_half
+from utils.params import ArraysClient, get_weights, set_weights, to_half
 from utils.record import RoundRecord
 from utils.resume import write_config
 from utils.schedule import describe as describe_schedule
@@ -169,7 +169,7 @@ class YoloClient(NumPyClient):
         arch, weights = read_base_cached(own)
         return arch, weights, model_task(arch).name
 
-    def _prepare(self, parameters, config, train=False):
+    def _prepare(self, parameters, config):
         """Return (spec, dataset, its view's data.yaml, a model holding `parameters`, the classes it annotates)."""
         spec = json.loads(config["spec"])
         spec["hyp"]["device"] = client_device(self.device or spec["hyp"]["device"])  # resolved where it trains
@@ -190,7 +190,7 @@ class YoloClient(NumPyClient):
             raise ValueError(f"dataset {dataset} has kpt_shape {kpt}, the federation's model {arch.get('kpt_shape')}")
         root = self.work_dir or (spec["work"] if self.dataset is None else Path(tempfile.gettempdir()) / "fedyolo")
         data_yaml = client_view(check, names, view_folder(root, dataset, names))
-        if train and weights is None and spec.get("share", "all") == "all":  # every entry is set below: reused
+        if weights is None and spec.get("share", "all") == "all":  # every entry is set below: reused
             model = training_model(arch, names, seed=spec["hyp"]["seed"])
         else:
             model = build_model(arch, names, weights=weights, seed=spec["hyp"]["seed"])
@@ -223,7 +223,7 @@ class YoloClient(NumPyClient):
     def _fit(self, parameters, config):
         """Train the sent weights (see fit)."""
         t0 = time.time()
-        spec, dataset, data_yaml, model, classes = self._prepare(parameters, config, train=True)
+        spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
         t_prepared = time.time()
         hyp = {**spec["hyp"], "seed": spec["hyp"]["seed"] + int(config["server-round"])}
         if spec.get("min_steps"):  # the server always sends nbs with min_steps; 64 is Ultralytics' own default
@@ -279,9 +279,10 @@ def client_fn(context: Context):
     `base-model` the node's own model in a federation of mixed tasks (simulation: CLIENT_MODELS[partition-id]).
     """
     nc = context.node_config
-    return YoloClient(dataset=nc.get("dataset"), partition_id=nc.get("partition-id"), work_dir=nc.get("work-dir"),
-                      state=context.state, device=nc.get("device"), save_dir=nc.get("save-dir"),
-                      base_model=nc.get("base-model")).to_client()
+    client = YoloClient(dataset=nc.get("dataset"), partition_id=nc.get("partition-id"), work_dir=nc.get("work-dir"),
+                        state=context.state, device=nc.get("device"), save_dir=nc.get("save-dir"),
+                        base_model=nc.get("base-model"))
+    return ArraysClient(client)  # utils/params.py: what NumPyClient.to_client() returns, its weights (de)coded faster
 
 
 class SaveFedAvg(FedAvg):

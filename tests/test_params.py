@@ -7,7 +7,15 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from utils.aggregate import check_update, weighted_average
 from utils.model import build_model
-from utils.params import get_weights, load_npz, parameters_to_arrays, save_npz, set_weights
+from utils.params import (
+    ArraysClient,
+    arrays_to_parameters,
+    get_weights,
+    load_npz,
+    parameters_to_arrays,
+    save_npz,
+    set_weights,
+)
 
 
 def test_round_trip_keeps_dtypes_and_0d_buffers(tiny_model):
@@ -183,9 +191,10 @@ def test_strategy_counts_no_client_above_its_datasets_size(tmp_path):
     assert metrics == {"box_loss": 2.0}
 
 
-def test_an_update_decodes_exactly_as_flower_decodes_it(tiny_model):
-    """The server's decoder (each .npy header parsed once) returns what flwr's parameters_to_ndarrays returns: every
-    value, dtype, shape and layout, for float32, float16, integer, 0-d, empty and Fortran-ordered arrays."""
+def test_an_update_decodes_and_encodes_exactly_as_flower_does_it(tiny_model):
+    """The decoder (each .npy header parsed once) returns what flwr's parameters_to_ndarrays returns: every value,
+    dtype, shape and layout, for float32, float16, integer, 0-d, empty and Fortran-ordered arrays; the encoder (each
+    header written once) writes the bytes flwr's ndarrays_to_parameters writes, strided and big-endian arrays too."""
     from flwr.common import parameters_to_ndarrays
 
     cfg, names = tiny_model
@@ -193,6 +202,10 @@ def test_an_update_decodes_exactly_as_flower_decodes_it(tiny_model):
     arrays += [a.astype(np.float16) for a in arrays[:3]] + [np.array(7, np.int64), np.zeros((0, 3), np.float32),
                                                              np.asfortranarray(np.arange(12.0).reshape(3, 4))]
     params = ndarrays_to_parameters(arrays)
+    for more in ([], [arrays[0][:, ::2], np.arange(6, dtype=">f4").reshape(2, 3)]):  # the second time: kept headers
+        written = arrays_to_parameters(arrays + more)
+        assert written.tensors == ndarrays_to_parameters(arrays + more).tensors
+        assert written.tensor_type == params.tensor_type
     for _ in range(2):  # the second time from the parsed headers
         ours, flower = parameters_to_arrays(params), parameters_to_ndarrays(params)
         assert len(ours) == len(flower) == len(arrays)
@@ -201,3 +214,26 @@ def test_an_update_decodes_exactly_as_flower_decodes_it(tiny_model):
             assert a.flags.writeable and a.flags.c_contiguous == b.flags.c_contiguous
     with pytest.raises(ValueError, match="not in .npy format"):
         parameters_to_arrays(type(params)(tensors=[b"junk" * 4], tensor_type="numpy.ndarray"))
+
+
+def test_a_client_answers_exactly_as_flowers_own_numpy_client_wrapper():
+    """ArraysClient (federated.py's client_fn) sends the same FitRes and EvaluateRes as NumPyClient.to_client()."""
+    from flwr.client import NumPyClient
+    from flwr.common import EvaluateIns, FitIns, GetPropertiesIns
+
+    class Doubling(NumPyClient):
+        def get_properties(self, config):
+            return {"name": f"site {config['n']}"}
+
+        def fit(self, parameters, config):
+            return [2 * a for a in parameters], 5, {"seen": float(sum(a.sum() for a in parameters))}
+
+        def evaluate(self, parameters, config):
+            return 0.25, 3, {"score": float(parameters[1][0])}
+
+    params = ndarrays_to_parameters([np.arange(4.0, dtype=np.float32), np.array([3, 4], np.int64)])
+    ours, flowers = ArraysClient(Doubling()), Doubling().to_client()
+    assert ours.get_properties(GetPropertiesIns({"n": 1})) == flowers.get_properties(GetPropertiesIns({"n": 1}))
+    assert ours.fit(FitIns(params, {})) == flowers.fit(FitIns(params, {}))
+    assert ours.evaluate(EvaluateIns(params, {})) == flowers.evaluate(EvaluateIns(params, {}))
+    assert ours.fit(FitIns(params, {})).parameters.tensors[1][-16:] == np.array([6, 8], np.int64).tobytes()

@@ -95,6 +95,25 @@ def test_a_kept_model_and_an_ema_that_copies_nothing_train_bit_for_bit_as_a_fres
     assert twin is not fresh and all(np.array_equal(a, b) for a, b in zip(get_weights(twin), get_weights(fresh)))
 
 
+def test_evaluation_leaves_the_model_it_is_given_as_it_was_so_the_kept_model_serves_it_too(data_yaml, tiny_model):
+    """The validator fuses Conv+BN into its own copy (Ultralytics 8.4), so a client evaluates on its kept model."""
+    from utils.evaluate import evaluate
+
+    cfg, names = tiny_model
+    kept = training_model(cfg, names)
+    sent = _random_weights(kept, seed=5)
+    set_weights(kept, sent)
+    fresh = build_model(cfg, names)
+    set_weights(fresh, sent)
+
+    first = evaluate(kept, data_yaml, TINY)
+
+    assert not kept.is_fused() and kept.training  # nothing folded, still in training mode
+    assert all(np.array_equal(a, b) for a, b in zip(get_weights(kept), sent))
+    assert training_model(cfg, names) is kept and evaluate(kept, data_yaml, TINY) == first == evaluate(fresh, data_yaml,
+                                                                                                       TINY)
+
+
 def test_round_continues_the_runs_schedule_without_local_validation(data_yaml, tiny_model):
     cfg, names = tiny_model
     model = build_model(cfg, names)

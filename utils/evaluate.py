@@ -18,9 +18,8 @@ def evaluate(model, data_yaml, hyp, split="val"):
     the boxes and mask_/pose_ ones; classify top1, top5) and the image count of `model` on `split` of `data_yaml`.
 
     The scores are the ones `yolo val model=<the round's .pt> data=<data_yaml> split=<split> imgsz=<imgsz>` prints
-    (the same validator and settings, rectangular batches included). The validator fuses Conv+BN in place (BatchNorm
-    folded into the convolutions): pass a model built for evaluation only, never one whose parameters are read
-    afterwards.
+    (the same validator and settings, rectangular batches included). The validator fuses Conv+BN (BatchNorm folded
+    into the convolutions) in a copy of its own: `model` is left as it was (tests/test_train.py).
     """
     no_downloads()
     task = get_task(guess_model_task(model))

@@ -102,8 +102,8 @@ def training_model(cfg, names, seed=0):
     """Return a model of architecture `cfg` for `names` whose every state_dict entry the caller is about to set: the
     one this process built for them before (a simulated client's process serves many clients and rounds), reset to
     how `build_model` returns one, else a new one. Building yolov8n takes about 0.09 s of a tiny client's 0.8 s
-    round; the weights it then trains are bit-identical (bench/history.md). Not for evaluation: the validator fuses
-    Conv+BN in place."""
+    round; the weights it then trains are bit-identical (bench/history.md). Evaluation uses it too: the validator fuses
+    Conv+BN into a copy of its own."""
     thread, key = threading.get_ident(), (json.dumps(cfg, sort_keys=True, default=str), tuple(names))
     if _TRAINING.get(thread, (None,))[0] != key:  # one kept model per thread (each trains one model at a time)
         model = build_model(cfg, names, seed=seed)
