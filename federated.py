@@ -55,6 +55,8 @@ KRUM_F = 0  # (int) krum: number of malicious clients to tolerate (needs more th
 MIN_UPDATES = 1  # (int) valid client updates a round needs; with fewer the round is skipped, the global model kept
 FEDBN = False  # (bool) FedBN: BatchNorm weights and statistics stay local to each client
 POOLED_BN_VAR = False  # (bool) BatchNorm running_var of the global model: variance of the pooled client data
+BN_RECALIBRATE = False  # (bool) each client sets its BatchNorm statistics from one more pass over its train images
+#                         under the weights it trained (utils/train.py), so the average holds current statistics
 SHARE = "all"  # (str) model parts the clients average: all, or backbone, neck, head joined by + (backbone+neck);
 #                the others stay with each client, never sent
 CLIENT_MODELS = []  # (list[str]) mixed tasks: one base model per client (e.g. yolov8n.yaml yolov8n-seg.yaml); the
@@ -232,6 +234,7 @@ class YoloClient(NumPyClient):
         out = train_round(model, data_yaml, config["start-epoch"], config["epochs"], config["total-epochs"], hyp,
                           callbacks=stop_at(config["deadline"]) if "deadline" in config else None,
                           proximal_mu=float(config["proximal-mu"]), classes=classes,
+                          recalibrate=spec.get("bn_recalibrate", False),
                           optimizer_state=self.kept.optimizer() if keep else None, label=client_label(dataset),
                           return_state=keep)
         keys, arrays = out.pop("optimizer_state")

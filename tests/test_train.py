@@ -114,6 +114,27 @@ def test_evaluation_leaves_the_model_it_is_given_as_it_was_so_the_kept_model_ser
                                                                                                        TINY)
 
 
+def test_recalibration_sets_the_batchnorm_statistics_and_nothing_else(data_yaml, tiny_model):
+    """BN_RECALIBRATE: the same learned weights and step counts, running statistics of the trained weights."""
+    cfg, names = tiny_model
+    model = build_model(cfg, names)
+    sent = [np.full_like(a, 100.0) if k.endswith("running_var") else a
+            for k, a in zip(model.state_dict(), _random_weights(model, seed=6))]
+    out = {}
+    for recalibrate in (False, True):
+        model = build_model(cfg, names)
+        set_weights(model, sent)
+        out[recalibrate] = train_round(model, data_yaml, 1, 1, 2, TINY, recalibrate=recalibrate), model.state_dict()
+    (plain, before), (recal, after) = out[False], out[True]
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in stats)  # weights and counts alike
+    assert all(not torch.equal(before[k], after[k]) for k in stats)  # every statistic set again
+    # sent running variances of 100, far from any data's: training moves them 3% a step, recalibration replaces them
+    first = "model.0.bn.running_var"
+    assert before[first].min() > 50 > 10 > after[first].max()
+    assert "time_recalibrate" in recal and "time_recalibrate" not in plain
+
+
 def test_round_continues_the_runs_schedule_without_local_validation(data_yaml, tiny_model):
     cfg, names = tiny_model
     model = build_model(cfg, names)

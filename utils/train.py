@@ -123,8 +123,26 @@ def client_batch(batch, nbs, images, min_steps):
     return {"batch": batch, "nbs": nbs}
 
 
+def recalibrate_bn(model, trainer):
+    """Set every BatchNorm's running mean and variance of `model` to its statistics on one more pass over the trainer's
+    train batches (torch's own `update_bn`: training mode, no gradients, the batches' statistics averaged with equal
+    weight), under the weights it now holds; BatchNorm's step counts stay as training left them.
+
+    During a round the running statistics move only 3% a step (Ultralytics' BatchNorm momentum) towards the batch
+    statistics of weights that change faster than that at the peak learning rate, and a client takes a handful of
+    steps: the statistics it sends lag its weights, and so do those of the average (bench/learning.md).
+    """
+    counts = [(m, m.num_batches_tracked.clone()) for m in model.modules()
+              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None]
+    if not counts:
+        return
+    torch.optim.swa_utils.update_bn((trainer.preprocess_batch(b)["img"] for b in trainer.train_loader), model)
+    for m, n in counts:
+        m.num_batches_tracked.copy_(n)
+
+
 def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callbacks=None, proximal_mu=0.0,
-                classes=None, optimizer_state=None, label=None, return_state=True):
+                classes=None, optimizer_state=None, label=None, return_state=True, recalibrate=False):
     """Train `model` in place for one round of the federation's schedule.
 
     Args:
@@ -143,13 +161,15 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         label (str | None): the client's name; with it, one progress line per local epoch is logged.
         return_state (bool): copy the optimizer's state out for the next round (about twice the model's size);
             False when the client does not keep it.
+        recalibrate (bool): after the epochs, set the BatchNorm statistics from one pass over the train batches
+            (`recalibrate_bn`; BN_RECALIBRATE).
 
     Returns:
         (dict): `train_images` (the FedAvg weight), the mean train losses of the round's last epoch, `lr` (the
             learning rate of the weights at the end of the round), seconds spent: `time_setup` (trainer,
-            dataset scan, dataloaders) and `time_train` (the epochs), `optimizer_state` (keys, arrays) to pass to
-            the next round (empty lists without `return_state`), `optimizer_kept` (1 if `optimizer_state` was
-            loaded) and on CUDA `gpu_mem` (peak MB).
+            dataset scan, dataloaders), `time_train` (the epochs) and with `recalibrate` `time_recalibrate`,
+            `optimizer_state` (keys, arrays) to pass to the next round (empty lists without `return_state`),
+            `optimizer_kept` (1 if `optimizer_state` was loaded) and on CUDA `gpu_mem` (peak MB).
     """
     no_downloads()
     t0, marks = time.time(), {}
@@ -212,12 +232,15 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
             model.__dict__.pop("__deepcopy__", None)
         if unwrap_model(trainer.model) is not model:
             raise RuntimeError("the Ultralytics trainer replaced the model object; its weights cannot be returned")
+        t1 = time.time()
+        if recalibrate:
+            recalibrate_bn(model, trainer)
         losses = {k: float(v) for k, v in (trainer.tloss or {}).items()}
         lr = float(trainer.optimizer.param_groups[0]["lr"])  # the weights' learning rate at the end of the round
-        t1 = time.time()
         if trainer.device.type == "cuda":  # peak GPU memory of this client process, MB (bench/gpu_check.sh)
             losses["gpu_mem"] = torch.cuda.max_memory_reserved(trainer.device) / 2**20
         return {"train_images": len(trainer.train_loader.dataset), **losses, "lr": lr, "batch": trainer.batch_size,
                 "time_setup": marks["setup"] - t0, "time_train": t1 - marks["setup"],
+                **({"time_recalibrate": time.time() - t1} if recalibrate else {}),
                 "optimizer_state": get_optimizer_state(trainer.optimizer) if return_state else ([], []),
                 "optimizer_kept": int(marks["kept"])}
