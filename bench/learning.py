@@ -12,18 +12,24 @@ demo's held-out test split, giving the first round that reaches 0.95x of central
 (seed 0): each client trained alone from the start for the same epochs, scored on the test split and on its own val
 split against the federated model there.
 
+With `--converge P` instead: each at convergence, federated with PATIENCE P rounds and at most 4x the rounds (its
+best.pt), centralized with Ultralytics' `patience` of 2P epochs and the same epoch cap (its best.pt).
+
 Usage:
     .venv/bin/python bench/learning.py [--seeds 0 1 2] [--settings non-iid-3 non-iid-8 non-iid-16] [--local]
-        [--variant NAME=FLAGS] [--check-start] [--table-only] [--work runs/learning] [--out bench/learning.md]
+        [--variant NAME=FLAGS] [--check-start] [--converge P] [--table-only] [--work runs/learning]
+        [--out bench/learning.md]
 
 Cells are cached in WORK/learning.json (delete it to measure again).
 """
 
 import argparse
+import csv
 import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,6 +85,30 @@ def local(client, test_yaml, epochs, base, work, name, seed):
     return Path(model.trainer.last), test_map(Path(model.trainer.last), test_yaml)[0]
 
 
+def converge_federated(clients, test_yaml, cap, epochs, base, work, name, patience, flags):
+    """Run federated.py with PATIENCE and a NUM_ROUNDS cap; return its best.pt's test mAP50-95 and the rounds run."""
+    save = work / "runs" / name
+    cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", *map(str, clients), "--num-rounds", str(cap),
+           "--epochs", str(epochs), "--base-model", base, "--save-dir", str(save), "--exist-ok", "--patience",
+           str(patience), *[x for k, v in ARGS.items() for x in (f"--{k}", str(v))], *flags]
+    r = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{name} failed:\n{(r.stdout + r.stderr)[-3000:]}")
+    with (save / "metrics.csv").open() as f:
+        rows = [row for row in csv.DictReader(f) if row.get("map50_95")]
+    best = max(rows, key=lambda row: float(row["map50_95"]))
+    return {"map": test_map(save / "best.pt", test_yaml)[0], "rounds": len(rows), "best_round": int(best["round"])}
+
+
+def converge_centralized(clients, test_yaml, cap, base, work, seed, patience):
+    """Train plain Ultralytics on the union with `patience` (validating every epoch) and an epoch cap; return its
+    best.pt's test mAP50-95 and the epochs it ran."""
+    model = YOLO(base)
+    model.train(data=str(union_yaml(clients, work)), epochs=cap, patience=patience, plots=False, project=str(work),
+                name=f"converge-central-{seed}", exist_ok=True, seed=seed, **ARGS)
+    return {"map": test_map(Path(model.trainer.best), test_yaml)[0], "epochs": model.trainer.epoch + 1}
+
+
 def main():
     """Run the missing cells and write the tables."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -89,6 +119,8 @@ def main():
     p.add_argument("--local", action="store_true", help="also each client alone (seed 0)")
     p.add_argument("--variant", action="append", default=[], help="NAME=FLAGS: federated.py flags of another row")
     p.add_argument("--check-start", action="store_true", help="train the start twice and compare")
+    p.add_argument("--converge", type=int, default=0, metavar="P",
+                   help="at convergence instead: PATIENCE P rounds (centralized 2P epochs), capped at 4x the rounds")
     p.add_argument("--table-only", action="store_true", help="write the tables from the cached cells, measure nothing")
     p.add_argument("--work", default="runs/learning")
     p.add_argument("--out", default=str(ROOT / "bench" / "learning.md"))
@@ -117,6 +149,18 @@ def main():
     if a.check_start:
         cell("start again", lambda: {"hash": weights_hash(train_start(work, "start-again"))})
     total = a.rounds * a.epochs
+    if a.converge:
+        cap = 4 * a.rounds
+        for seed in a.seeds:
+            cell(f"converge|centralized|{seed}", lambda: converge_centralized(
+                demo, test_yaml, cap * a.epochs, str(start), work, seed, a.converge * a.epochs))
+            for setting in a.settings:
+                clients = setting_clients(setting, demo, work)
+                for run, flags in [("fedavg", ""), *(v.split("=", 1) for v in a.variant)]:
+                    cell(f"converge|{run}|{setting}|{seed}", lambda: converge_federated(
+                        clients, test_yaml, cap, a.epochs, str(start), work, f"converge-{setting}-s{seed}-{run}",
+                        a.converge, ["--seed", str(seed), *flags.split()]))
+        return write(res, a)
     for seed in a.seeds:
         cell(f"centralized|{seed}", lambda: centralized(demo, test_yaml, total, str(start), work, seed)["map"])
         for setting in a.settings:
@@ -143,6 +187,10 @@ def main():
                         rows.append({"test": m, "own_local": val_map(pt, c), "own_fed": val_map(fed_pt, c)})
                     return rows
                 cell(f"local|{setting}|{seed}", alone)
+                for v in a.variant:  # each variant's federated model on every site's own val split
+                    run = v.split("=", 1)[0]
+                    pt = export(str(start), work / "runs" / f"{name}-{run}" / f"round{a.rounds}.npz")
+                    cell(f"own|{run}|{setting}|{seed}", lambda: [val_map(pt, c) for c in clients])
     write(res, a)
 
 
@@ -188,6 +236,27 @@ def write(res, a):
             reach.append(str(hit[0]) if hit else f"not in {a.rounds}")
         lines.append(f"| {setting} | {run} | {', '.join(format(r['map'], '.4f') for r in runs.values())} | "
                      f"{mean([r['map'] for r in runs.values()]):.4f} | {mean(ratios):.2f}x | {', '.join(reach)} |")
+    conv_cen = {s: res[f"converge|centralized|{s}"] for s in a.seeds if f"converge|centralized|{s}" in res}
+    if conv_cen:
+        lines += [
+            "",
+            f"## At convergence: PATIENCE {a.converge or 5} rounds, at most {4 * a.rounds} rounds x {a.epochs} epochs",
+            "",
+            f"Centralized with Ultralytics' `patience` {2 * (a.converge or 5)} epochs, at most "
+            f"{4 * a.rounds * a.epochs} epochs, validating every epoch; its best.pt: "
+            + ", ".join(f"seed {s} {c['map']:.4f} ({c['epochs']} epochs)" for s, c in conv_cen.items())
+            + ". Federated: best.pt (the best round by the clients' val splits). Both scored on the test split.",
+            "",
+            "| setting | run | per seed (rounds run, best round) | mean | / centralized at convergence |",
+            "|---|---|---|---|---|",
+        ]
+        for setting, run in [(s, r) for s in a.settings for r in rows]:
+            runs = {s: res[f"converge|{run}|{setting}|{s}"] for s in a.seeds if f"converge|{run}|{setting}|{s}" in res}
+            if runs:
+                ratio = mean([r["map"] / conv_cen[s]["map"] for s, r in runs.items() if s in conv_cen])
+                lines.append(f"| {setting} | {run} | " + ", ".join(
+                    f"{r['map']:.4f} ({r['rounds']}, {r['best_round']})" for r in runs.values())
+                    + f" | {mean([r['map'] for r in runs.values()]):.4f} | {ratio:.2f}x |")
     loc = {s: res[f"local|{s}|{a.seeds[0]}"] for s in a.settings if f"local|{s}|{a.seeds[0]}" in res}
     if loc:
         lines += [
@@ -201,12 +270,16 @@ def write(res, a):
             "own val: federated - alone (min / mean) |",
             "|---|---|---|---|---|",
         ]
-        for setting, rows in loc.items():
-            fed = res[f"fedavg|{setting}|{a.seeds[0]}"]["map"]
-            diff = [r["own_fed"] - r["own_local"] for r in rows]
-            lines.append(f"| {setting} | {fed:.4f} | {mean([r['test'] for r in rows]):.4f} / "
-                         f"{max(r['test'] for r in rows):.4f} | {sum(d <= 0 for d in diff)} of {len(rows)} | "
-                         f"{min(diff):+.4f} / {mean(diff):+.4f} |")
+        for (setting, rows), run in [(item, r) for item in loc.items() for r in ["fedavg", *(
+                v.split("=", 1)[0] for v in a.variant)]]:
+            own = [r["own_fed"] for r in rows] if run == "fedavg" else res.get(f"own|{run}|{setting}|{a.seeds[0]}")
+            if own is None:
+                continue
+            fed = res[f"{run}|{setting}|{a.seeds[0]}"]["map"]
+            diff = [o - r["own_local"] for o, r in zip(own, rows)]
+            lines.append(f"| {setting}{'' if run == 'fedavg' else f' ({run})'} | {fed:.4f} | "
+                         f"{mean([r['test'] for r in rows]):.4f} / {max(r['test'] for r in rows):.4f} | "
+                         f"{sum(d <= 0 for d in diff)} of {len(rows)} | {min(diff):+.4f} / {mean(diff):+.4f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     Path(a.out).write_text(text)
