@@ -105,7 +105,7 @@ def converge_centralized(clients, test_yaml, cap, base, work, seed, patience):
     best.pt's test mAP50-95 and the epochs it ran."""
     model = YOLO(base)
     model.train(data=str(union_yaml(clients, work)), epochs=cap, patience=patience, plots=False, project=str(work),
-                name=f"converge-central-{seed}", exist_ok=True, seed=seed, **ARGS)
+                name=f"converge{patience}-central-{seed}", exist_ok=True, seed=seed, **ARGS)
     return {"map": test_map(Path(model.trainer.best), test_yaml)[0], "epochs": model.trainer.epoch + 1}
 
 
@@ -152,14 +152,15 @@ def main():
     if a.converge:
         cap = 4 * a.rounds
         for seed in a.seeds:
-            cell(f"converge|centralized|{seed}", lambda: converge_centralized(
+            cell(f"converge{a.converge}|centralized|{seed}", lambda: converge_centralized(
                 demo, test_yaml, cap * a.epochs, str(start), work, seed, a.converge * a.epochs))
             for setting in a.settings:
                 clients = setting_clients(setting, demo, work)
                 for run, flags in [("fedavg", ""), *(v.split("=", 1) for v in a.variant)]:
-                    cell(f"converge|{run}|{setting}|{seed}", lambda: converge_federated(
-                        clients, test_yaml, cap, a.epochs, str(start), work, f"converge-{setting}-s{seed}-{run}",
-                        a.converge, ["--seed", str(seed), *flags.split()]))
+                    cell(f"converge{a.converge}|{run}|{setting}|{seed}", lambda: converge_federated(
+                        clients, test_yaml, cap, a.epochs, str(start), work,
+                        f"converge{a.converge}-{setting}-s{seed}-{run}", a.converge,
+                        ["--seed", str(seed), *flags.split()]))
         return write(res, a)
     for seed in a.seeds:
         cell(f"centralized|{seed}", lambda: centralized(demo, test_yaml, total, str(start), work, seed)["map"])
@@ -236,14 +237,16 @@ def write(res, a):
             reach.append(str(hit[0]) if hit else f"not in {a.rounds}")
         lines.append(f"| {setting} | {run} | {', '.join(format(r['map'], '.4f') for r in runs.values())} | "
                      f"{mean([r['map'] for r in runs.values()]):.4f} | {mean(ratios):.2f}x | {', '.join(reach)} |")
-    conv_cen = {s: res[f"converge|centralized|{s}"] for s in a.seeds if f"converge|centralized|{s}" in res}
-    if conv_cen:
+    patiences = sorted({int(k.split("|")[0][8:]) for k in res if k.startswith("converge") and "|centralized|" in k})
+    for pat in patiences:
+        conv_cen = {s: res[f"converge{pat}|centralized|{s}"] for s in a.seeds
+                    if f"converge{pat}|centralized|{s}" in res}
         lines += [
             "",
-            f"## At convergence: PATIENCE {a.converge or 5} rounds, at most {4 * a.rounds} rounds x {a.epochs} epochs",
+            f"## At convergence: PATIENCE {pat} rounds, at most {4 * a.rounds} rounds x {a.epochs} epochs",
             "",
-            f"Centralized with Ultralytics' `patience` {2 * (a.converge or 5)} epochs, at most "
-            f"{4 * a.rounds * a.epochs} epochs, validating every epoch; its best.pt: "
+            f"Centralized with Ultralytics' `patience` {2 * pat} epochs, at most {4 * a.rounds * a.epochs} epochs, "
+            "validating every epoch; its best.pt: "
             + ", ".join(f"seed {s} {c['map']:.4f} ({c['epochs']} epochs)" for s, c in conv_cen.items())
             + ". Federated: best.pt (the best round by the clients' val splits). Both scored on the test split.",
             "",
@@ -251,7 +254,8 @@ def write(res, a):
             "|---|---|---|---|---|",
         ]
         for setting, run in [(s, r) for s in a.settings for r in rows]:
-            runs = {s: res[f"converge|{run}|{setting}|{s}"] for s in a.seeds if f"converge|{run}|{setting}|{s}" in res}
+            key = f"converge{pat}|{run}|{setting}|"
+            runs = {s: res[key + str(s)] for s in a.seeds if key + str(s) in res}
             if runs:
                 ratio = mean([r["map"] / conv_cen[s]["map"] for s, r in runs.items() if s in conv_cen])
                 lines.append(f"| {setting} | {run} | " + ", ".join(
