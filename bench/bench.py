@@ -199,17 +199,22 @@ def centralized(clients, test_yaml, epochs, base, work, seed=0):
     return {"map": m, "map50": m50, "seconds": seconds, "bytes": 0, "gpu_mem_mb": gpu}
 
 
+def run_federated(clients, rounds, epochs, base, save, flags=()):
+    """Run federated.py on the clients into `save` with the bench's ARGS and `flags`; return its wall seconds."""
+    cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", *map(str, clients), "--num-rounds", str(rounds),
+           "--epochs", str(epochs), "--base-model", base, "--save-dir", str(save), "--exist-ok",
+           *[x for k, v in ARGS.items() for x in (f"--{k}", str(v))], *flags]
+    t = time.time()
+    r = subprocess.run(cmd, cwd=save.parent.parent, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{save.name} failed:\n{(r.stdout + r.stderr)[-3000:]}")
+    return time.time() - t
+
+
 def federated(clients, test_yaml, rounds, epochs, base, work, name, extra=()):
     """Run federated.py on the clients (with `extra` flags); return a result dict with its round profile."""
     save = work / "runs" / name
-    cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", *map(str, clients), "--num-rounds", str(rounds),
-           "--epochs", str(epochs), "--base-model", base, "--save-dir", str(save), "--exist-ok", "--evaluate", "false",
-           *[x for k, v in ARGS.items() for x in (f"--{k}", str(v))], *extra]
-    t = time.time()
-    r = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
-    seconds = time.time() - t
-    if r.returncode:
-        raise RuntimeError(f"{name} failed:\n{(r.stdout + r.stderr)[-3000:]}")
+    seconds = run_federated(clients, rounds, epochs, base, save, ["--evaluate", "false", *extra])
     with (save / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     if any(int(row["updates"]) < len(clients) for row in rows):

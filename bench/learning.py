@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from ultralytics import YOLO  # noqa: E402
 
-from bench import ARGS, centralized, federated, setting_clients, test_map, union_yaml  # noqa: E402
+from bench import ARGS, centralized, federated, run_federated, setting_clients, test_map, union_yaml  # noqa: E402
 from utils.demo import make_demo  # noqa: E402
 from utils.export_federated import export  # noqa: E402
 
@@ -88,12 +87,7 @@ def local(client, test_yaml, epochs, base, work, name, seed):
 def converge_federated(clients, test_yaml, cap, epochs, base, work, name, patience, flags):
     """Run federated.py with PATIENCE and a NUM_ROUNDS cap; return its best.pt's test mAP50-95 and the rounds run."""
     save = work / "runs" / name
-    cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", *map(str, clients), "--num-rounds", str(cap),
-           "--epochs", str(epochs), "--base-model", base, "--save-dir", str(save), "--exist-ok", "--patience",
-           str(patience), *[x for k, v in ARGS.items() for x in (f"--{k}", str(v))], *flags]
-    r = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
-    if r.returncode:
-        raise RuntimeError(f"{name} failed:\n{(r.stdout + r.stderr)[-3000:]}")
+    run_federated(clients, cap, epochs, base, save, ["--patience", str(patience), *flags])
     with (save / "metrics.csv").open() as f:
         rows = [row for row in csv.DictReader(f) if row.get("map50_95")]
     best = max(rows, key=lambda row: float(row["map50_95"]))
