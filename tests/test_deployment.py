@@ -243,7 +243,7 @@ def test_supernode_killed_mid_round_then_restarted_rejoins(deployment, tiny_fed,
     d.supernode("steady", tiny_fed[0][0])
     victim = d.supernode("victim", tiny_fed[0][1])
     save = tmp_path / "run"
-    run = _start_run(d, _run_config(save, 2))
+    run = _start_run(d, _run_config(save, 2) + " evaluate=false")  # no evaluation: fewer ClientApp processes
     _wait_for_clientapps(victim, 2)  # the second one trains round 1
     os.killpg(victim.pid, signal.SIGKILL)  # the data owner's machine dies while it trains round 1
     victim.wait()
