@@ -54,8 +54,9 @@ TRIM_BETA = 0.2  # (float) fedtrimmedavg: fraction of updates cut at each end of
 KRUM_F = 0  # (int) krum: number of malicious clients to tolerate (needs more than 2 x KRUM_F + 2 clients)
 MIN_UPDATES = 1  # (int) valid client updates a round needs; with fewer the round is skipped, the global model kept
 FEDBN = False  # (bool) FedBN: BatchNorm weights and statistics stay local to each client
-POOLED_BN_VAR = False  # (bool) BatchNorm running_var of the global model: variance of the pooled client data
-BN_RECALIBRATE = False  # (bool) each client sets its BatchNorm statistics from one more pass over its train images
+POOLED_BN_VAR = True  # (bool) BatchNorm running_var of the global model: variance of the pooled client data (not
+#                       with SECAGG, which hides each client's BatchNorm means: there the mean variance)
+BN_RECALIBRATE = True  # (bool) each client sets its BatchNorm statistics from one more pass over its train images
 #                         under the weights it trained (utils/train.py), so the average holds current statistics
 SHARE = "all"  # (str) model parts the clients average: all, or backbone, neck, head joined by + (backbone+neck);
 #                the others stay with each client, never sent
@@ -89,7 +90,8 @@ COS_LR = False  # (bool) cosine instead of linear learning-rate decay over the w
 WARMUP_EPOCHS = 3.0  # (float) warmup epochs at the start of the whole run (not of every round)
 CLOSE_MOSAIC = 10  # (int) turn mosaic off for the last CLOSE_MOSAIC epochs of the whole run
 AMP = True  # (bool) mixed precision on CUDA
-KEEP_OPTIMIZER = False  # (bool) each client keeps its optimizer state (Adam moments) from round to round
+KEEP_OPTIMIZER = True  # (bool) each client keeps its optimizer state (Adam moments) from round to round (a
+#                         file of about twice the model's size per client; docs/training-schedule.md)
 # --- Advanced run ------------------------------------------------------------------------------------------------
 EXIST_OK = False  # (bool) allow a fresh run into a SAVE_DIR that already holds round files (they are overwritten)
 KEEP_ROUNDS = 0  # (int) round{N}.npz files kept: 0 all; N the last N plus the best round's

@@ -64,6 +64,19 @@ def test_command_line_refuses_secagg_with_a_robust_strategy(tiny_fed, tmp_path, 
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+def test_pooled_bn_var_steps_aside_under_secagg_unless_asked_for(tiny_fed, tmp_path, refused):
+    import federated
+    from utils.config import resolve
+
+    cfg = resolve(federated.DEFAULTS, {"datasets": [str(d) for d in tiny_fed[0]], "secagg": True,
+                                       "save-dir": str(tmp_path / "a")})
+    assert cfg["POOLED_BN_VAR"]  # on by default
+    federated.prepare(cfg)  # SecAgg+ hides each client's BatchNorm means: the default turns it off
+    assert not cfg["POOLED_BN_VAR"]
+    status, last = refused("--datasets", *tiny_fed[0], "--secagg", "--pooled-bn-var", "--save-dir", tmp_path / "b")
+    assert status != 0 and "secagg cannot be used with pooled-bn-var" in last
+
+
 SPY = """
 import hashlib, json, shutil, sys
 sys.path.insert(0, {root!r})
@@ -102,8 +115,9 @@ def test_secure_rounds_match_fedavg_hide_each_update_and_survive_dropouts(tiny_f
         clients.append(mine / "data.yaml")
     args = ["--datasets", *map(str, clients), "--num-rounds", "3", "--epochs", "1", "--imgsz", "32", "--batch", "4",
             "--device", "cpu", "--evaluate", "false"]  # the same schedule in both runs (it spans all rounds)
-    plain = subprocess.run([sys.executable, str(ROOT / "federated.py"), *args, "--save-dir",
-                            str(tmp_path / "plain")], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    plain = subprocess.run([sys.executable, str(ROOT / "federated.py"), *args, "--save-dir", str(tmp_path / "plain"),
+                            "--pooled-bn-var", "false"],  # as under SecAgg+: the clients' variances averaged
+                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert plain.returncode == 0, (plain.stdout + plain.stderr)[-3000:]
 
     save, seen = tmp_path / "secure", tmp_path / "seen.json"

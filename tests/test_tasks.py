@@ -231,7 +231,10 @@ def test_mixed_task_federation_shares_the_backbone_and_neck(task_fed, tiny_fed, 
     arch = read_base("yolov8n.yaml")[0]
     shared = [i for i, k in enumerate(keys) if part(k, arch) != "head"]
     assert 0 < len(shared) < len(glob) and int(row["bytes_up"]) < 0.9 * sum(a.nbytes for a in glob)
-    for i in shared:  # the global backbone and neck: the mean of the three clients' (8 train images each), seg included
-        if glob[i].dtype.kind == "f":
-            np.testing.assert_allclose(glob[i], sum(m[i] for m in models) / 3, rtol=1e-4, atol=1e-6)
+    for i in (i for i in shared if glob[i].dtype.kind == "f"):  # the global backbone and neck: the mean of the three
+        mean = sum(m[i].astype(np.float64) for m in models) / 3  # clients' (8 train images each), seg included
+        if keys[i].endswith("running_var"):  # POOLED_BN_VAR: the variance of their data taken together
+            j = keys.index(keys[i][:-3] + "mean")
+            mean += sum(m[j].astype(np.float64) ** 2 for m in models) / 3 - (sum(m[j] for m in models) / 3) ** 2
+        np.testing.assert_allclose(glob[i], mean, rtol=1e-4, atol=1e-6)
     assert np.array_equal(load_npz(save / "round1.npz")[-1], glob[-1])  # the global head never moves

@@ -19,7 +19,8 @@ defaults, 2.4e-4 for BatchNorm statistics). The server (`decode`) adds the mean 
 model. A client counts the entries its own clipping cut and reports the count (`secagg_clipped`).
 
 What needs each client's own update is refused with SECAGG (`check_secagg`): median, trimmed mean and Krum,
-POOLED_BN_VAR (each client's BatchNorm means), FP16 (SecAgg+ sends its own integers). DP_CLIP moves the clipping to
+POOLED_BN_VAR when asked for by name (it needs each client's BatchNorm means; its default turns it off under SecAgg+,
+utils/start.py), FP16 (SecAgg+ sends its own integers). DP_CLIP moves the clipping to
 the clients (Flower's client-side fixed clipping): each clips its own change and reports weight 1, so the secure sum
 is the unweighted mean of clipped changes, and the server adds the noise to it as it does without SecAgg+. Checks
 move to the client: it withholds NaN/Inf weights itself; the server checks the sum (shapes, finite values). The

@@ -60,6 +60,9 @@ def read_inputs(cfg, defaults, given=None):
     if task == "pose" and checks and "kpt_shape" in checks[0]["yaml"]:  # the datasets' keypoints shape the head
         arch["kpt_shape"] = checks[0]["yaml"]["kpt_shape"]
     clients = cfg["MIN_CLIENTS"] or len(cfg["DATASETS"])
+    given = {k for k in cfg if cfg[k] != defaults.get(k)} if given is None else set(given)
+    if cfg["SECAGG"] and "POOLED_BN_VAR" not in given:  # on by default where the server sees each client's BatchNorm
+        cfg["POOLED_BN_VAR"] = False  # means; SecAgg+ hides them (asked for by name, it is refused below)
     sampled = min(clients, max(math.ceil(round(cfg["FRACTION_FIT"] * clients, 9)), cfg["MIN_UPDATES"]))
     problem = check_strategy(cfg, sampled) or privacy.check_privacy(cfg, clients) or secure.check_secagg(cfg, sampled)
     if problem:

@@ -12,8 +12,9 @@ through callbacks only:
 - stops after the round's last epoch without any local validation or checkpoint (`train()` would validate twice
   and hand back the best epoch's fp16 EMA copy instead of the weights it ended with): the global
   model is evaluated once per round instead, and the caller reads the live fp32 weights it trained.
-What restarts every round: the optimizer's moment buffers. The trainer's EMA is never used (the client returns the
-raw trained weights; see docs/training-schedule.md), so it copies nothing: an empty module stands in for its copy.
+What restarts every round: the optimizer, unless the client loads its own last state into it (KEEP_OPTIMIZER, the
+default; `optimizer_state`). The trainer's EMA is never used (the client returns the raw trained weights; see
+docs/training-schedule.md), so it copies nothing: an empty module stands in for its copy.
 
 Two optional changes to the loss, both made on the model's own criterion before the first batch:
 - `proximal_mu` (FedProx): the loss gains mu/2 * ||w - w_global||^2 over the trainable weights, w_global being the
