@@ -65,6 +65,10 @@ VARIANTS = {  # name: federated.py flags (run on non-iid-3 unless --settings say
     "fedavg secagg": ["--secagg"],  # bench/privacy.md: SecAgg+'s cost in mAP, seconds and bytes
     "fedavg secagg dp clip 100 no noise": ["--secagg", "--dp-clip", "100", "--dp-noise", "0"],
 }
+# The settings the tables' cells were measured with: pooled BatchNorm variance, BatchNorm recalibration and the kept
+# optimizer state became federated.py's defaults on 2026-12-02, and a cached cell keeps its meaning only with them
+# off; a row turns them on by name (rcko in results.md, rc-ko in learning.md)
+PLAIN = ["--pooled-bn-var", "false", "--bn-recalibrate", "false", "--keep-optimizer", "false"]
 ARGS = {"imgsz": 64, "batch": 8, "nbs": 8, "workers": 0, "device": "cpu"}  # federated.py's defaults, for all
 
 
@@ -214,7 +218,7 @@ def run_federated(clients, rounds, epochs, base, save, flags=()):
 def federated(clients, test_yaml, rounds, epochs, base, work, name, extra=()):
     """Run federated.py on the clients (with `extra` flags); return a result dict with its round profile."""
     save = work / "runs" / name
-    seconds = run_federated(clients, rounds, epochs, base, save, ["--evaluate", "false", *extra])
+    seconds = run_federated(clients, rounds, epochs, base, save, ["--evaluate", "false", *PLAIN, *extra])
     with (save / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     if any(int(row["updates"]) < len(clients) for row in rows):

@@ -5,12 +5,12 @@ workers) on a second demo generated with another seed: the same classes, backgro
 same images. Every run below starts from it (WORK/start.pt); `--check-start` trains it a second time and compares
 the two bit for bit, so the reference repeats.
 
-For each seed: centralized Ultralytics on the union of the demo clients (ROUNDS x EPOCHS epochs), and fedavg with the
-defaults on each setting of bench/bench.py (non-iid-3: the demo's 3 clients; non-iid-8 and non-iid-16: each demo
-client split at random into 3/3/2 and 6/5/5), at equal image-epochs. Every round's global model is scored on the
-demo's held-out test split, giving the first round that reaches 0.95x of centralized's final score. With `--local`
-(seed 0): each client trained alone from the start for the same epochs, scored on the test split and on its own val
-split against the federated model there.
+For each seed: centralized Ultralytics on the union of the demo clients (ROUNDS x EPOCHS epochs), and plain fedavg
+(bench.PLAIN: the defaults before 2026-12-02) on each setting of bench/bench.py (non-iid-3: the demo's 3 clients;
+non-iid-8 and non-iid-16: each demo client split at random into 3/3/2 and 6/5/5), at equal image-epochs. Every
+round's global model is scored on the demo's held-out test split, giving the first round that reaches 0.95x of
+centralized's final score. With `--local` (seed 0): each client trained alone from the start for the same epochs,
+scored on the test split and on its own val split against the federated model there.
 
 With `--converge P` instead: each at convergence, federated with PATIENCE P rounds and at most 4x the rounds (its
 best.pt), centralized with Ultralytics' `patience` of 2P epochs and the same epoch cap (its best.pt).
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from ultralytics import YOLO  # noqa: E402
 
-from bench import ARGS, centralized, federated, run_federated, setting_clients, test_map, union_yaml  # noqa: E402
+from bench import ARGS, PLAIN, centralized, federated, run_federated, setting_clients, test_map, union_yaml  # noqa: E402
 from utils.demo import make_demo  # noqa: E402
 from utils.export_federated import export  # noqa: E402
 
@@ -87,7 +87,7 @@ def local(client, test_yaml, epochs, base, work, name, seed):
 def converge_federated(clients, test_yaml, cap, epochs, base, work, name, patience, flags):
     """Run federated.py with PATIENCE and a NUM_ROUNDS cap; return its best.pt's test mAP50-95 and the rounds run."""
     save = work / "runs" / name
-    run_federated(clients, cap, epochs, base, save, ["--patience", str(patience), *flags])
+    run_federated(clients, cap, epochs, base, save, ["--patience", str(patience), *PLAIN, *flags])
     with (save / "metrics.csv").open() as f:
         rows = [row for row in csv.DictReader(f) if row.get("map50_95")]
     best = max(rows, key=lambda row: float(row["map50_95"]))
@@ -208,13 +208,15 @@ def write(res, a):
         + (f"; trained again: {again['hash']} ({'identical' if again['hash'] == st['hash'] else 'DIFFERENT'})."
            if again else "."),
         "",
-        "## Equal image-epochs: federated (fedavg, the defaults) against centralized on the same images",
+        "## Equal image-epochs: federated against centralized on the same images",
         "",
         f"Centralized, seeds {', '.join(map(str, cen))}: {', '.join(f'{v:.4f}' for v in cen.values())} "
         f"(mean {mean(list(cen.values())):.4f}).",
         "",
-        "Rows: `fedavg` the defaults; " + "; ".join(f"`{v.split('=', 1)[0]}` the defaults plus `{v.split('=', 1)[1]}`"
-                                              for v in a.variant) + ("." if a.variant else "fedavg only."),
+        "Rows: `fedavg` plain FedAvg (federated.py's defaults with `" + " ".join(PLAIN) + "`, the defaults before "
+        "2026-12-02; `rc-ko` has the defaults since); "
+        + "; ".join(f"`{v.split('=', 1)[0]}` fedavg plus `{v.split('=', 1)[1]}`" for v in a.variant)
+        + ("." if a.variant else "fedavg only."),
         "",
         "| setting | run | per seed | mean | / centralized (same seed, mean) | rounds to 0.95x of centralized |",
         "|---|---|---|---|---|---|",
