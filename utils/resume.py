@@ -42,10 +42,10 @@ def complete_rounds(save_dir):
     return done, [x for x in rows if int(x["round"]) <= done]
 
 
-def read_saved(cfg, given, defaults):
+def read_saved(cfg, given):
     """Return the saved config.json of the run in SAVE_DIR and fill cfg with its settings (RESUME).
 
-    Settings the user gave (`given`: their names; None: those that differ from `defaults`) keep their value; one that
+    Settings the user gave (`given`: their names) keep their value; one that
     differs from the saved run is refused unless it is in RESUME_MAY_CHANGE. ValueError with one sentence.
     """
     save_dir = Path(cfg["SAVE_DIR"])
@@ -53,7 +53,6 @@ def read_saved(cfg, given, defaults):
         saved = json.loads((save_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot resume: {save_dir / 'config.json'} is missing or unreadable ({e})") from None
-    given = {k for k in cfg if cfg[k] != defaults.get(k)} if given is None else set(given)
     was = saved["settings"]
     changed = [k for k in given if k not in RESUME_MAY_CHANGE and k in was and cfg[k] != was[k]]
     if changed:

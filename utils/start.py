@@ -39,10 +39,11 @@ def read_inputs(cfg, defaults, given=None):
         problem = problem or f"round-timeout must be 0 (no deadline) or more seconds (got {cfg['ROUND_TIMEOUT']})"
     if problem:
         raise ValueError(problem)
+    given = {k for k in cfg if cfg[k] != defaults.get(k)} if given is None else set(given)  # before resume fills cfg
     save_dir = Path(cfg["SAVE_DIR"])
     if save_dir.exists() and not save_dir.is_dir():
         raise ValueError(f"save-dir {save_dir} exists and is not a folder")
-    saved = read_saved(cfg, given, defaults) if cfg["RESUME"] else None
+    saved = read_saved(cfg, given) if cfg["RESUME"] else None
     arch, base = read_base(cfg["BASE_MODEL"])
     task = model_task(arch).name  # the base model's task is the run's (utils/tasks.py)
     own = [read_base(m) for m in cfg["CLIENT_MODELS"]]  # mixed tasks: each client's own model
@@ -60,7 +61,6 @@ def read_inputs(cfg, defaults, given=None):
     if task == "pose" and checks and "kpt_shape" in checks[0]["yaml"]:  # the datasets' keypoints shape the head
         arch["kpt_shape"] = checks[0]["yaml"]["kpt_shape"]
     clients = cfg["MIN_CLIENTS"] or len(cfg["DATASETS"])
-    given = {k for k in cfg if cfg[k] != defaults.get(k)} if given is None else set(given)
     if cfg["SECAGG"] and "POOLED_BN_VAR" not in given:  # on by default where the server sees each client's BatchNorm
         cfg["POOLED_BN_VAR"] = False  # means; SecAgg+ hides them (asked for by name, it is refused below)
     sampled = min(clients, max(math.ceil(round(cfg["FRACTION_FIT"] * clients, 9)), cfg["MIN_UPDATES"]))
