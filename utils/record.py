@@ -7,6 +7,7 @@ line, and last.pt, best.pt and results.png written in a background thread while 
 """
 
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from logging import ERROR, INFO, WARNING
@@ -19,6 +20,10 @@ from utils.console import log
 from utils.params import save_npz, set_weights
 from utils.report import plot, write_rows
 from utils.resume import command
+
+# Held while a round is closed (its metrics.csv row, which completes it). A Ctrl-C takes it for good before it says
+# which rounds are complete, so that no round completes between that line and the exit.
+CLOSING = threading.Lock()
 
 STALL_ROUNDS = 2  # a run whose last rounds (this many, or all) got no valid update ends with an error
 DIVERGED = 10.0  # a round whose train loss is above this many times the highest of the earlier rounds' has diverged
@@ -151,7 +156,8 @@ class RoundRecord:
         now = time.time()
         row["time_s"], row["time_round"], self.t_last = round(now - self.t0, 1), round(now - self.t_last, 2), now
         self.rows = [x for x in self.rows if int(x["round"]) != r] + [row]
-        write_rows(self.save_dir / "metrics.csv", self.rows)  # with round{r}.npz: the round is complete (resume)
+        with CLOSING:
+            write_rows(self.save_dir / "metrics.csv", self.rows)  # with round{r}.npz: the round is complete (resume)
         score = row.get(self.metric, row.get(f"server_{self.metric}"))
         scoring = self.cfg.get("EVALUATE", True) or self.cfg.get("SERVER_DATA")  # else every round is the best
         improved = score is None and not scoring or score is not None and (self.best is None or score > self.best)
