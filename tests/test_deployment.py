@@ -143,6 +143,46 @@ def _wait_for_clientapps(node, n):
 
 
 @pytest.mark.slow
+def test_unregistered_supernode_is_refused_when_auth_is_on(deployment, tmp_path):
+    d = deployment(auth=True)
+    d.superlink()
+    keys = {}
+    for n in ("registered", "stranger"):
+        keys[n] = tmp_path / f"{n}_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f", str(keys[n])],
+                       check=True)
+    r = d.flwr("supernode", "register", str(keys["registered"]) + ".pub", "fed", timeout=60)
+    assert r.returncode == 0 and "registered successfully" in r.stdout, r.stdout + r.stderr
+
+    good = d.supernode("registered", key=keys["registered"])
+    bad = d.supernode("stranger", key=keys["stranger"], retries=1)
+
+    assert bad.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in bad.log_path.read_text()
+    time.sleep(2)
+    assert good.poll() is None, good.log_path.read_text()[-2000:]  # the registered node stays connected
+
+
+@pytest.mark.slow
+def test_tls_is_required_and_a_wrong_ca_fails_fast(deployment, tmp_path):
+    d = deployment()
+    r = subprocess.run([str(BIN / "flower-superlink"), "--port", str(_free_port()), "--database", ":memory:"],
+                       capture_output=True, text=True, timeout=120, env=d.env, cwd=tmp_path)
+    assert r.returncode != 0 and "Certificates are required unless running in insecure mode" in r.stdout + r.stderr
+
+    d.superlink()
+    other = tmp_path / "other-ca"
+    subprocess.run(["bash", str(ROOT / "deploy" / "make_certs.sh"), "127.0.0.1", str(other)], check=True,
+                   capture_output=True)
+    d.certs, real = other, d.certs  # a SuperNode that trusts another CA
+    node = d.supernode("wrong-ca", retries=1)
+    d.certs = real
+    start = time.time()
+    assert node.wait(timeout=120) != 0
+    assert time.time() - start < 120 and "CERTIFICATE_VERIFY_FAILED" in node.log_path.read_text()
+
+
+@pytest.mark.slow
 def test_tls_deployment_two_supernodes_two_rounds(deployment, tiny_fed, tmp_path):
     d = deployment()
     d.superlink()
@@ -179,27 +219,6 @@ def test_tls_deployment_two_supernodes_two_rounds(deployment, tiny_fed, tmp_path
 
 
 @pytest.mark.slow
-def test_unregistered_supernode_is_refused_when_auth_is_on(deployment, tmp_path):
-    d = deployment(auth=True)
-    d.superlink()
-    keys = {}
-    for n in ("registered", "stranger"):
-        keys[n] = tmp_path / f"{n}_key"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", "", "-f", str(keys[n])],
-                       check=True)
-    r = d.flwr("supernode", "register", str(keys["registered"]) + ".pub", "fed", timeout=60)
-    assert r.returncode == 0 and "registered successfully" in r.stdout, r.stdout + r.stderr
-
-    good = d.supernode("registered", key=keys["registered"])
-    bad = d.supernode("stranger", key=keys["stranger"], retries=1)
-
-    assert bad.wait(timeout=120) != 0
-    assert "Failed to activate SuperNode" in bad.log_path.read_text()
-    time.sleep(2)
-    assert good.poll() is None, good.log_path.read_text()[-2000:]  # the registered node stays connected
-
-
-@pytest.mark.slow
 def test_supernode_with_missing_dataset_fails_its_part_only(deployment, tiny_fed, tmp_path):
     d = deployment()
     d.superlink()
@@ -218,30 +237,10 @@ def test_supernode_with_missing_dataset_fails_its_part_only(deployment, tiny_fed
     assert (rows[0]["sampled"], rows[0]["updates"]) == ("1", "1")
 
 
-@pytest.mark.slow
-def test_tls_is_required_and_a_wrong_ca_fails_fast(deployment, tmp_path):
-    d = deployment()
-    r = subprocess.run([str(BIN / "flower-superlink"), "--port", str(_free_port()), "--database", ":memory:"],
-                       capture_output=True, text=True, timeout=120, env=d.env, cwd=tmp_path)
-    assert r.returncode != 0 and "Certificates are required unless running in insecure mode" in r.stdout + r.stderr
-
-    d.superlink()
-    other = tmp_path / "other-ca"
-    subprocess.run(["bash", str(ROOT / "deploy" / "make_certs.sh"), "127.0.0.1", str(other)], check=True,
-                   capture_output=True)
-    d.certs, real = other, d.certs  # a SuperNode that trusts another CA
-    node = d.supernode("wrong-ca", retries=1)
-    d.certs = real
-    start = time.time()
-    assert node.wait(timeout=120) != 0
-    assert time.time() - start < 120 and "CERTIFICATE_VERIFY_FAILED" in node.log_path.read_text()
-
-
 # -- A site that dies or stalls mid-round ----------------------------------------------------------------------------
-# Three federations, each with a SuperNode that fails mid-round: killed (then restarted), killed under SecAgg+, and
-# stalled (SIGSTOP, then woken). Most of each run is waiting: for Flower's heartbeat to declare the dead node gone
-# (about a minute) or for the round deadline. So the three run at once, each in its own thread, started when the
-# first of their tests asks; each test then checks its own run.
+# Two federations with a SuperNode killed mid-round (then restarted): one plain, one under SecAgg+. Most of each run
+# is waiting for Flower's heartbeat to declare the dead node gone (about a minute), so the two run at once, each in
+# its own thread, started when the first of their tests asks; each test then checks its own run.
 
 
 def _killed_and_restarted(d, tiny_fed, save):
@@ -271,23 +270,12 @@ def _killed_under_secagg(d, tiny_fed, save):
     return run
 
 
-def _stalled(d, tiny_fed, save):
-    d.superlink()
-    d.supernode("steady", tiny_fed[0][0])
-    victim = d.supernode("victim", tiny_fed[0][1])
-    run = _start_run(d, _run_config(save, 2, told=False) + " round-timeout=40.0 evaluate=false")
-    _wait_for_clientapps(victim, 2)  # the second one trains round 1
-    os.killpg(victim.pid, signal.SIGSTOP)  # the site's machine stalls (a busy GPU, a swapped-out process) mid-round
-    deadline = time.time() + 300
-    while time.time() < deadline and not ((save / "metrics.csv").exists() and (save / "round1.npz").exists()):
-        time.sleep(0.2)
-    os.killpg(victim.pid, signal.SIGCONT)  # it wakes during round 2 and sends its stale round-1 update
-    return run
+SCENARIOS = (_killed_and_restarted, _killed_under_secagg)
 
 
 @pytest.fixture(scope="module")
-def faults(tiny_fed, tmp_path_factory):
-    """{scenario: a future of (the `flwr run` log, its exit status, the run's save-dir)} for the three runs above,
+def runs(tiny_fed, tmp_path_factory):
+    """{scenario name: a future of (the `flwr run` log, its exit status, the run's save-dir)} for the two runs above,
     all started at once; every process is stopped at the end of this module."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -301,9 +289,9 @@ def faults(tiny_fed, tmp_path_factory):
         log, _ = run.communicate(timeout=900)
         return log, run.returncode, save
 
-    pool = ThreadPoolExecutor(max_workers=3)
-    futures = {how: pool.submit(scenario, how) for how in (_killed_and_restarted, _killed_under_secagg, _stalled)}
-    yield {how.__name__.strip("_"): future for how, future in futures.items()}
+    pool = ThreadPoolExecutor(max_workers=len(SCENARIOS))
+    futures = {how.__name__.strip("_"): pool.submit(scenario, how) for how in SCENARIOS}
+    yield futures
     for d in made:  # a run still going (a test failed early) ends here, and its thread with it
         d.close()
     pool.shutdown(wait=True)
@@ -312,8 +300,8 @@ def faults(tiny_fed, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_supernode_killed_mid_round_then_restarted_rejoins(faults):
-    log, code, save = faults["killed_and_restarted"].result()
+def test_supernode_killed_mid_round_then_restarted_rejoins(runs):
+    log, code, save = runs["killed_and_restarted"].result()
 
     assert code == 0, log[-3000:]
     rows = list(csv.DictReader((save / "metrics.csv").open()))
@@ -322,8 +310,8 @@ def test_supernode_killed_mid_round_then_restarted_rejoins(faults):
 
 
 @pytest.mark.slow
-def test_secagg_deployment_survives_a_supernode_killed_while_it_trains(faults):
-    log, code, save = faults["killed_under_secagg"].result()
+def test_secagg_deployment_survives_a_supernode_killed_while_it_trains(runs):
+    log, code, save = runs["killed_under_secagg"].result()
 
     assert code == 0, log[-3000:]
     assert "secure aggregation (SecAgg+)" in log
@@ -346,10 +334,26 @@ def test_secagg_deployment_survives_a_supernode_killed_while_it_trains(faults):
 
 
 @pytest.mark.slow
-def test_a_supernode_that_stalls_mid_round_is_late_and_its_work_never_lands_later(faults):
-    log, code, save = faults["stalled"].result()
+def test_a_supernode_that_stalls_mid_round_is_late_and_its_work_never_lands_later(deployment, tiny_fed, tmp_path):
+    d, save = deployment(), tmp_path / "run"
+    d.superlink()
+    d.supernode("steady", tiny_fed[0][0])
+    victim = d.supernode("victim", tiny_fed[0][1])
+    # Flower declares a silent SuperNode gone 60 s after its last heartbeat, which it sends every 21-27 s: at least
+    # 33 s after the stall. A deadline of 25 s ends round 1 before that, so the site is late, not failed; the steady
+    # site needs about 8 s of it (on a machine of its own: this test does not run beside the two above). Stopping
+    # only the site's ClientApp is no stall: its SuperNode starts another one for the same message after 30 s.
+    run = _start_run(d, _run_config(save, 2, told=False) + " round-timeout=25.0 evaluate=false")
+    _wait_for_clientapps(victim, 2)  # the second one trains round 1
+    os.killpg(victim.pid, signal.SIGSTOP)  # the site's machine stalls (a busy GPU, a swapped-out process) mid-round
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((save / "metrics.csv").exists() and (save / "round1.npz").exists()):
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGCONT)  # it wakes during round 2 and sends its stale round-1 update
 
-    assert code == 0, log[-3000:]
+    log, _ = run.communicate(timeout=600)
+
+    assert run.returncode == 0, log[-3000:]
     assert "1 late: client light" in log, "\n".join(x for x in log.splitlines() if "round" in x or "fail" in x)
     rows = list(csv.DictReader((save / "metrics.csv").open()))
     assert [(row["round"], row["updates"], row["late"]) for row in rows[:1]] == [("1", "1", "1")]
