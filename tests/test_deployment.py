@@ -218,29 +218,19 @@ def test_tls_deployment_two_supernodes_two_rounds(deployment, tiny_fed, tmp_path
     assert list(YOLO(str(save / "round2.pt")).names.values()) == names
 
 
-@pytest.mark.slow
-def test_supernode_with_missing_dataset_fails_its_part_only(deployment, tiny_fed, tmp_path):
-    d = deployment()
+# -- A site that fails ------------------------------------------------------------------------------------------------
+# Three federations with a SuperNode that fails: its dataset is missing; it is killed mid-round (then restarted); it
+# is killed mid-round under SecAgg+. Most of each run is waiting (for Flower's heartbeat to declare a dead node gone,
+# about a minute), so the three run at once, each in its own thread, started when the first of their tests asks; each
+# test then checks its own run. (Not more at once: with five such runs on 2 cores, a ClientApp's reply was lost in
+# Flower's transport and its run, without a round deadline, waited for it until the test's timeout.)
+
+
+def _missing_dataset(d, tiny_fed, save):
     d.superlink()
     d.supernode("good", tiny_fed[0][0])
-    d.supernode("broken", tmp_path / "gone" / "data.yaml")
-    save = tmp_path / "run"
-
-    r = d.flwr("run", ".", "fed", "--stream", "--run-config", _run_config(save, 1) + " evaluate=false")
-
-    log = r.stdout + r.stderr
-    assert r.returncode == 0, log[-3000:]
-    # it cannot say what it holds: named with its error before round 1, asked again each round, never sampled
-    assert "could not say what it holds" in log and "does not exist" in log and "round 1/1" in log
-    assert (save / "round1.npz").is_file()
-    rows = list(csv.DictReader((save / "metrics.csv").open()))
-    assert (rows[0]["sampled"], rows[0]["updates"]) == ("1", "1")
-
-
-# -- A site that dies or stalls mid-round ----------------------------------------------------------------------------
-# Two federations with a SuperNode killed mid-round (then restarted): one plain, one under SecAgg+. Most of each run
-# is waiting for Flower's heartbeat to declare the dead node gone (about a minute), so the two run at once, each in
-# its own thread, started when the first of their tests asks; each test then checks its own run.
+    d.supernode("broken", save.parent / "gone" / "data.yaml")
+    return _start_run(d, _run_config(save, 1) + " evaluate=false")
 
 
 def _killed_and_restarted(d, tiny_fed, save):
@@ -270,12 +260,12 @@ def _killed_under_secagg(d, tiny_fed, save):
     return run
 
 
-SCENARIOS = (_killed_and_restarted, _killed_under_secagg)
+SCENARIOS = (_missing_dataset, _killed_and_restarted, _killed_under_secagg)
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_fed, tmp_path_factory):
-    """{scenario name: a future of (the `flwr run` log, its exit status, the run's save-dir)} for the two runs above,
+    """{scenario name: a future of (the `flwr run` log, its exit status, the run's save-dir)} for the three runs above,
     all started at once; every process is stopped at the end of this module."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -297,6 +287,18 @@ def runs(tiny_fed, tmp_path_factory):
     pool.shutdown(wait=True)
     for d in made:
         d.close()
+
+
+@pytest.mark.slow
+def test_supernode_with_missing_dataset_fails_its_part_only(runs):
+    log, code, save = runs["missing_dataset"].result()
+
+    assert code == 0, log[-3000:]
+    # it cannot say what it holds: named with its error before round 1, asked again each round, never sampled
+    assert "could not say what it holds" in log and "does not exist" in log and "round 1/1" in log
+    assert (save / "round1.npz").is_file()
+    rows = list(csv.DictReader((save / "metrics.csv").open()))
+    assert (rows[0]["sampled"], rows[0]["updates"]) == ("1", "1")
 
 
 @pytest.mark.slow
@@ -341,7 +343,7 @@ def test_a_supernode_that_stalls_mid_round_is_late_and_its_work_never_lands_late
     victim = d.supernode("victim", tiny_fed[0][1])
     # Flower declares a silent SuperNode gone 60 s after its last heartbeat, which it sends every 21-27 s: at least
     # 33 s after the stall. A deadline of 25 s ends round 1 before that, so the site is late, not failed; the steady
-    # site needs about 8 s of it (on a machine of its own: this test does not run beside the two above). Stopping
+    # site needs about 8 s of it (on a machine of its own: this test does not run beside the three above). Stopping
     # only the site's ClientApp is no stall: its SuperNode starts another one for the same message after 30 s.
     run = _start_run(d, _run_config(save, 2, told=False) + " round-timeout=25.0 evaluate=false")
     _wait_for_clientapps(victim, 2)  # the second one trains round 1
