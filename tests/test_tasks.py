@@ -1,4 +1,4 @@
-"""Every Ultralytics task: demo data, dataset checks, the task's model, trainer and validator, and (slow) a real
+"""Every Ultralytics task: demo data, dataset checks, the task's model, trainer and validator, and a real
 federation per task whose exported round file `yolo val` takes."""
 
 import csv

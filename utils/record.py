@@ -21,10 +21,6 @@ from utils.params import save_npz, set_weights
 from utils.report import plot, write_rows
 from utils.resume import command
 
-# Held while a round is closed (its metrics.csv row, which completes it). A Ctrl-C takes it for good before it says
-# which rounds are complete, so that no round completes between that line and the exit.
-CLOSING = threading.Lock()
-
 STALL_ROUNDS = 2  # a run whose last rounds (this many, or all) got no valid update ends with an error
 DIVERGED = 10.0  # a round whose train loss is above this many times the highest of the earlier rounds' has diverged
 LOSS_FLOOR = 10.0  # ... counted as at least this: from scratch YOLO's loss rises from ~0.1 (no box assigned yet) to ~5
@@ -65,6 +61,9 @@ class RoundRecord:
         self.top_loss = max((x for x in map(train_loss, self.rows) if x is not None), default=None)
         self.stopped = None  # why the run stopped itself (divergence)
         self.writer, self.writing = ThreadPoolExecutor(max_workers=1), None
+        # held while a round is closed (its metrics.csv row, which completes it); a Ctrl-C takes it for good before it
+        # says which rounds are complete, so that no round completes between that line and the exit
+        self.closing = threading.Lock()
         self.finished, self.defer_summary = False, False  # the last round is done; the summary waits for the caller
         self.stopped_early, self.last_round = False, cfg["NUM_ROUNDS"]  # PATIENCE
         self.t0 = self.t_last = time.time()
@@ -156,7 +155,7 @@ class RoundRecord:
         now = time.time()
         row["time_s"], row["time_round"], self.t_last = round(now - self.t0, 1), round(now - self.t_last, 2), now
         self.rows = [x for x in self.rows if int(x["round"]) != r] + [row]
-        with CLOSING:
+        with self.closing:
             write_rows(self.save_dir / "metrics.csv", self.rows)  # with round{r}.npz: the round is complete (resume)
         score = row.get(self.metric, row.get(f"server_{self.metric}"))
         scoring = self.cfg.get("EVALUATE", True) or self.cfg.get("SERVER_DATA")  # else every round is the best

@@ -45,8 +45,8 @@ def complete_rounds(save_dir):
 def read_saved(cfg, given):
     """Return the saved config.json of the run in SAVE_DIR and fill cfg with its settings (RESUME).
 
-    Settings the user gave (`given`: their names) keep their value; one that
-    differs from the saved run is refused unless it is in RESUME_MAY_CHANGE. ValueError with one sentence.
+    Settings the user gave (`given`: their names) keep their value; one that differs from the saved run is refused
+    unless it is in RESUME_MAY_CHANGE. ValueError with one sentence.
     """
     save_dir = Path(cfg["SAVE_DIR"])
     try:

@@ -15,7 +15,7 @@ from flwr.server import ServerApp
 from utils.console import log
 from utils.devices import count_gpus, plan_simulation, restrict_visible
 from utils.interrupt import on_interrupt, start_ray, stop_ray
-from utils.record import CLOSING, RunStopped
+from utils.record import RunStopped
 from utils.resume import interrupted_line
 
 ROOT = Path(__file__).resolve().parent.parent  # the project folder: Ray's workers import federated.py from it
@@ -37,10 +37,10 @@ def plan(cfg, run):
     return out
 
 
-def interrupted(cfg):
-    """The line a Ctrl-C prints: the complete rounds and how to continue. CLOSING is kept, so no round completes
-    between this line and the exit (a round closing at this moment finishes first)."""
-    CLOSING.acquire(timeout=10)
+def interrupted(cfg, record):
+    """The line a Ctrl-C prints: the complete rounds and how to continue. The record's closing lock is kept, so no
+    round completes between this line and the exit (a round closing at this moment finishes first)."""
+    record.closing.acquire(timeout=10)
     return interrupted_line(cfg)
 
 
@@ -56,7 +56,7 @@ def simulate(cfg, run, devices, strategy, client_app, serve):
     strategy.record.defer_summary = True  # printed last, below every line Ray forwards from the clients
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     start_ray(num_cpus=os.cpu_count(), num_gpus=len(devices["gpus"]), logging_level="WARNING", log_to_driver=True)
-    on_interrupt(lambda: interrupted(cfg))  # Ctrl-C: Ray ended, the resume command printed, exit 130
+    on_interrupt(lambda: interrupted(cfg, strategy.record))  # Ctrl-C: Ray ended, the resume command printed, exit 130
     app = ServerApp()
     app.main()(lambda grid, context: serve(grid, context, cfg, strategy))
     try:
