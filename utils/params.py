@@ -3,7 +3,6 @@
 import io
 import math
 import zipfile
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -124,9 +123,9 @@ def check_weights(model, arrays, source="parameters"):
 def set_weights(model, arrays, source="parameters"):
     """Load arrays (state_dict order) into the model exactly, casting each to its tensor's dtype."""
     check_weights(model, arrays, source)
-    sd = model.state_dict()
-    new = OrderedDict((k, torch.as_tensor(np.asarray(a)).to(t.dtype)) for (k, t), a in zip(sd.items(), arrays))
-    model.load_state_dict(new, strict=True)
+    with torch.no_grad():  # what load_state_dict does, less its per-module bookkeeping (a third of its 9 ms)
+        for t, a in zip(model.state_dict().values(), arrays):
+            t.copy_(torch.as_tensor(np.asarray(a)))  # cast to the tensor's dtype
 
 
 def save_npz(path, arrays):
