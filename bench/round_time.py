@@ -3,9 +3,10 @@ equal image-epochs against centralized Ultralytics on the same images, with each
 timestamps the run writes to metrics.csv.
 
 Per client (means over clients and rounds): preparation (dataset check, its view, model build, weights in), the
-trainer's set-up (dataset scan, dataloaders), the epochs, weights out; validation's preparation and the validation
-itself. On the server: sampling and sending, the wait for the updates, closing the aggregate, the round file, the
-wait for the evaluations. "Clients / 2 cores": the clients' own work of a round divided by the cores it ran on;
+trainer's set-up (dataset scan, dataloaders), the epochs, the BatchNorm pass (BN_RECALIBRATE), the optimizer state
+read and written (KEEP_OPTIMIZER), weights out; validation's preparation and the validation itself. On the server:
+sampling and sending, the wait for the updates, closing the aggregate, the round file, the wait for the
+evaluations. "Clients / 2 cores": the clients' own work of a round divided by the cores it ran on;
 what a round's wall time has beyond that and the server's parts is Flower's and Ray's (messages, scheduling, actor
 calls) plus the cores idling when the last clients of a round run alone.
 
@@ -29,7 +30,9 @@ from utils.demo import make_demo  # noqa: E402
 from utils.partition import partition  # noqa: E402
 
 CLIENT = [("train_time_prepare", "prepare"), ("train_time_setup", "trainer set-up"), ("train_time_train", "epochs"),
-          ("train_time_upload", "weights out"), ("val_time_prepare", "val prepare"), ("val_time", "validation")]
+          ("train_time_recalibrate", "BatchNorm pass"), ("train_time_state", "optimizer state"),
+          ("train_time_upload", "weights out"),
+          ("val_time_prepare", "val prepare"), ("val_time", "validation")]
 SERVER = [("time_configure", "sample + send"), ("time_fit", "wait for updates"), ("time_aggregate", "aggregate"),
           ("time_save", "round file"), ("time_evaluate", "wait for evaluations")]
 
@@ -94,7 +97,7 @@ def main():
         later = mean(rows[1:], "time_round") / (central["seconds"] / a.rounds)  # Ray and the first messages past
         parts = {k: mean(rows, k) for k, _ in CLIENT + SERVER}
         evaluated = sum(1 for x in rows if x.get("time_evaluate")) / len(rows)  # EVAL_EVERY: not every round
-        work_s = (sum(parts[k] for k, _ in CLIENT[:4]) + evaluated * sum(parts[k] for k, _ in CLIENT[4:])) * n / cores
+        work_s = (sum(parts[k] for k, _ in CLIENT[:6]) + evaluated * sum(parts[k] for k, _ in CLIENT[6:])) * n / cores
         server_s = sum(parts[k] for k in ("time_configure", "time_aggregate", "time_save"))
         rest = round_s - work_s - server_s
         lines.append(f"| {n} | {wall:.0f} | {rounds_s:.0f} | {rounds_s / central['seconds']:.2f}x | {round_s:.2f} | "

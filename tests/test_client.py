@@ -4,7 +4,9 @@ import numpy as np
 from flwr.common import RecordDict
 
 import federated
+from utils.client_state import KeptState, read_state, write_state
 from utils.config import resolve
+from utils.params import save_npz
 
 
 def _client_and_config(tiny_fed, tmp_path, **settings):
@@ -40,7 +42,7 @@ def test_fedbn_client_trains_from_its_own_batchnorm(tiny_fed, tmp_path):
 def test_kept_optimizer_state_reaches_the_next_round(tiny_fed, tmp_path):
     client, config, run = _client_and_config(tiny_fed, tmp_path, keep_optimizer=True)
     weights, _, first = client.fit(run["initial"], config(1))
-    saved = tmp_path / "r" / "clients" / "dark.optimizer.npz"  # a simulated client keeps it in SAVE_DIR/clients
+    saved = tmp_path / "r" / "clients" / "dark.optimizer"  # a simulated client keeps it in SAVE_DIR/clients
     assert first["optimizer_kept"] == 0 and saved.is_file() and "optimizer" not in client.state
     weights, _, second = client.fit(weights, config(2))
     assert second["optimizer_kept"] == 1
@@ -56,6 +58,27 @@ def test_kept_optimizer_state_reaches_the_next_round(tiny_fed, tmp_path):
     assert first["optimizer_kept"] == 0 and "optimizer" in node.state  # in its memory
     _, _, second = node.fit(weights, config(2))
     assert second["optimizer_kept"] == 1
+
+
+def test_optimizer_state_file_round_trips_bit_for_bit_and_a_damaged_one_counts_as_none(tmp_path):
+    keys = ["exp_avg", "exp_avg_sq", "step"]
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((3, 2, 1), dtype=np.float32), rng.random(5), np.array(7.0, dtype=np.float32),
+              np.zeros((0, 4), np.float32), np.arange(6, dtype=np.int64).reshape(2, 3), np.float32(2.5)]
+    write_state(tmp_path / "a.optimizer", keys, arrays)
+    got_keys, got = read_state(tmp_path / "a.optimizer")
+    assert got_keys == keys and len(got) == len(arrays)
+    assert all(a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b) for a, b in zip(arrays, got))
+    save_npz(tmp_path / "old.npz", [np.array(keys), *arrays[:3]])  # an earlier version's layout: one array each
+    assert read_state(tmp_path / "old.npz")[1][2] == 7.0
+
+    kept = KeptState(None, tmp_path, "dark", resumed=True)
+    kept.keep_optimizer(keys, arrays)
+    assert kept.optimizer()[0] == keys
+    whole = (tmp_path / "dark.optimizer").read_bytes()
+    for damaged in (whole[:-9], b""):  # what a power cut may leave of a write without fsync
+        (tmp_path / "dark.optimizer").write_bytes(damaged)
+        assert kept.optimizer() is None  # a fresh optimizer, with a warning, instead of a failed client
 
 
 def test_partial_sharing_keeps_the_clients_own_parts_bit_identical(tiny_fed, tmp_path):

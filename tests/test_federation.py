@@ -143,3 +143,4 @@ def test_eval_every_scores_every_nth_round_and_the_last_and_picks_best_among_the
     assert [row.get("time_evaluate", "") != "" for row in rows] == [False, True, True]
     assert done.strategy.record.best_round in (2, 3) and (save / "best.pt").is_file()
     assert all(row["train_time_prepare"] != "" and row["train_time_upload"] != "" for row in rows)
+    assert all(float(row["train_time_state"]) > 0 for row in rows)  # KEEP_OPTIMIZER's file, written every round

@@ -277,6 +277,29 @@ def test_optimizer_state_continues_into_the_next_round(data_yaml, tiny_model):
     assert fresh["optimizer_state"] == ([], [])  # a client that keeps no state gets no copy of it
 
 
+def test_fused_adam_steps_as_ultralytics_does_to_float_rounding(data_yaml, tiny_model):
+    """FUSED_ADAM: torch's fused AdamW kernel on the CPU; the trained weights match the unfused ones closely (the
+    same update computed in another order) and other optimizers are left alone."""
+    from utils.train import fuse_adam
+
+    cfg, names = tiny_model
+    start = build_model(cfg, names, seed=0)
+    trained, flags = [], []
+    for fused in (False, True):
+        model = build_model(cfg, names, seed=0)
+        cbs = {"on_train_start": lambda tr: flags.append({g.get("fused") for g in tr.optimizer.param_groups})}
+        train_round(model, data_yaml, 0, 1, 2, {**TINY, "optimizer": "AdamW", "lr0": 0.002}, callbacks=cbs,
+                    fused=fused)
+        trained.append(get_weights(model))
+    assert flags == [{None}, {True}]
+    floats = [(a, b, s) for a, b, s in zip(*trained, get_weights(start)) if a.dtype.kind == "f"]
+    assert any(not np.array_equal(a, s) for a, _, s in floats)  # it trained
+    assert max(float(np.abs(a - b).max()) for a, b, _ in floats) < 1e-4
+    sgd = torch.optim.SGD(start.parameters(), lr=0.01)
+    fuse_adam(sgd)
+    assert not any(g.get("fused") for g in sgd.param_groups)
+
+
 def test_musgd_state_of_every_group_survives_the_round_trip():
     """MuSGD (Ultralytics' optimizer past 10,000 iterations) keeps other buffers for its Muon group than for its SGD
     groups; the kept state must hold every group's, or the next round's first step fails on a missing buffer."""

@@ -32,10 +32,12 @@ def current_umask():
 
 
 @contextmanager
-def atomic_open(path):
+def atomic_open(path, durable=True):
     """Yield a binary file that replaces `path` only when the block ends without an exception.
 
     The file gets the permissions an ordinary open() would give it (0o666 less the umask), not mkstemp's 0o600.
+    `durable`: on disk (fsync) before it replaces `path`; False for a file its reader checks and can do without
+    (a power cut may then leave it empty), where the fsync's wait is most of the write.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -44,7 +46,8 @@ def atomic_open(path):
             os.chmod(tmp, 0o666 & ~current_umask())
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -80,6 +80,18 @@ def get_optimizer_state(optimizer):
                   .detach().cpu().numpy().copy() for p in params for k in keys]
 
 
+def fuse_adam(optimizer):
+    """Make an Adam or AdamW optimizer take torch's fused step (one kernel over all weights) where its weights are on
+    the CPU; Ultralytics asks for it on CUDA only. The same update, computed in another order: equal to float rounding
+    (1e-7 relative), not bit for bit. yolov8n's step: 12 ms -> 3 ms on one core, a third of a small-batch client's
+    training (bench/round_time.md). Other optimizers (SGD, MuSGD) are left as they are."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return
+    for group in optimizer.param_groups:
+        if not group.get("fused") and all(p.device.type == "cpu" for p in group["params"]):
+            group.update(fused=True, foreach=False)
+
+
 def set_optimizer_state(optimizer, keys, arrays):
     """Load state saved by get_optimizer_state into a fresh optimizer of the same model; False if it does not fit."""
     params = [(p, g) for g in optimizer.param_groups for p in g["params"]]
@@ -143,7 +155,7 @@ def recalibrate_bn(model, trainer):
 
 
 def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callbacks=None, proximal_mu=0.0,
-                classes=None, optimizer_state=None, label=None, return_state=True, recalibrate=False):
+                classes=None, optimizer_state=None, label=None, return_state=True, recalibrate=False, fused=False):
     """Train `model` in place for one round of the federation's schedule.
 
     Args:
@@ -164,6 +176,7 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
             False when the client does not keep it.
         recalibrate (bool): after the epochs, set the BatchNorm statistics from one pass over the train batches
             (`recalibrate_bn`; BN_RECALIBRATE).
+        fused (bool): Adam and AdamW take torch's fused step (`fuse_adam`; FUSED_ADAM).
 
     Returns:
         (dict): `train_images` (the FedAvg weight), the mean train losses of the round's last epoch, `lr` (the
@@ -184,6 +197,8 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         trainer.scheduler.last_epoch = start_epoch - 1  # the epoch loop steps it to start_epoch first
         if proximal_mu or classes is not None:
             set_loss(unwrap_model(trainer.model), proximal_mu, classes)
+        if fused:
+            fuse_adam(trainer.optimizer)
         marks["kept"] = bool(optimizer_state) and set_optimizer_state(trainer.optimizer, *optimizer_state)
         marks["setup"] = time.time()
 
