@@ -35,7 +35,7 @@ class _ProjectOnly(logging.Filter):
             return True
         if record.levelno < logging.WARNING:
             return False
-        text = str(record.msg)
+        text = record.getMessage()  # with its arguments: "Manually terminating %s" names the actor only in them
         return not any(text.startswith(q) or q in text[:200] for q in QUIET) and "vce_api" not in record.pathname
 
 
