@@ -30,10 +30,12 @@ def start_ray(**init_args):
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # each client's lines, each once: no "[repeated 4x across cluster]"
     import ray  # seconds to import: only a simulation needs it
 
-    path = os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")])
+    # the workers inherit the driver's import path through the environment Ray starts them in: a runtime_env instead
+    # (Flower's own way) makes Ray start a fresh worker for it, where its pre-started ones are ready (0.7 s -> 0.07 s)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [*sys.path, os.environ.get("PYTHONPATH", "")] if p)
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}, **init_args)
+        ray.init(include_dashboard=False, **init_args)
     finally:
         signal.signal(signal.SIGINT, old)
 
