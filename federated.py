@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("YOLO_VERBOSE", "false")  # Ultralytics' per-batch output; set YOLO_VERBOSE=true to see it
 os.environ.setdefault("YOLO_OFFLINE", "1")  # no Ultralytics network checks or analytics events
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no Flower usage events (read when flwr is first imported)
 
 # Settings: each one is also a command line flag (NUM_ROUNDS -> --num-rounds) and a Flower run-config key (num-rounds).
 # The everyday ones come first; docs/settings.md has them all.
