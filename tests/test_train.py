@@ -237,6 +237,30 @@ def test_evaluation_leaves_the_global_parameters_untouched(tiny_fed, tiny_model,
         assert all(np.array_equal(a, b) for a, b in zip(arrays, copy))
 
 
+def test_validation_reuses_its_fused_copy_for_the_same_weights_only(data_yaml, tiny_model, monkeypatch):
+    """utils/evaluate.py validator_copy: a second validation of the same weights runs the fused copy the first one
+    made; other weights get a fresh copy. (These random weights score 0: tests/test_truth.py compares a reused copy's
+    nonzero scores with `yolo val`'s.)"""
+    from ultralytics.engine.validator import BaseValidator
+
+    from utils import evaluate as ev
+
+    cfg, names = tiny_model
+    model = build_model(cfg, names, seed=0)
+    set_weights(model, _random_weights(model, seed=5))
+    ev._LAST.clear()
+    first = ev.evaluate(model, data_yaml, TINY)
+    copy = ev._LAST["copy"]
+    assert ev.evaluate(model, data_yaml, TINY) == first and ev._LAST["copy"] is copy  # reused, same scores
+    assert copy.is_fused() and not model.is_fused()  # the validator fused its copy, not the model
+
+    set_weights(model, _random_weights(model, seed=6))
+    other = ev.evaluate(model, data_yaml, TINY)
+    assert ev._LAST["copy"] is not copy  # new weights: a new copy
+    monkeypatch.setattr(ev, "validator_copy", lambda m: BaseValidator.get_model(None, m))  # Ultralytics' own copy
+    assert ev.evaluate(model, data_yaml, TINY) == other  # what the stock validator scores
+
+
 def test_client_withholds_nan_weights(tiny_fed, tiny_model, tmp_path):
     import json
 

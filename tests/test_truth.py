@@ -108,6 +108,7 @@ def test_dp_noise_that_destroys_the_model_is_named_at_start_and_stops_the_run(ti
 def test_a_clients_score_is_what_yolo_val_prints_for_the_same_weights(tmp_path):
     from ultralytics import YOLO
 
+    from utils import evaluate as evaluate_module
     from utils.demo import make_demo
 
     clients, _ = make_demo(tmp_path / "demo", seed=0)  # the demo's dark client: 96 train, 24 val images
@@ -120,6 +121,11 @@ def test_a_clients_score_is_what_yolo_val_prints_for_the_same_weights(tmp_path):
     strategy = federated.make_strategy(cfg, run)
 
     _, n, mine = federated.YoloClient(partition_id=0).evaluate(run["initial"], strategy.round_config(1))
+
+    copy = evaluate_module._LAST["copy"]
+    _, _, again = federated.YoloClient(partition_id=0).evaluate(run["initial"], strategy.round_config(1))
+    assert evaluate_module._LAST["copy"] is copy  # the same weights: the process's fused copy again, the same scores
+    assert all(again[k] == mine[k] for k in ("precision", "recall", "map50", "map50_95"))
 
     theirs = YOLO(str(pt)).val(data=str(clients[0]), split="val", imgsz=64, device="cpu", plots=False, verbose=False)
     assert n == 24 and mine["map50_95"] > 0.002, (mine, theirs.box.map)  # a score that can disagree

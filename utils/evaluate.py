@@ -1,8 +1,10 @@
 """Validate a model's weights on a dataset split with the task's stock Ultralytics validator."""
 
 import tempfile
+from copy import deepcopy
 from pathlib import Path
 
+import torch
 from ultralytics.nn.tasks import guess_model_task
 
 from utils.classes import client_view, view_folder
@@ -11,6 +13,28 @@ from utils.model import build_model
 from utils.offline import no_downloads
 from utils.params import set_weights
 from utils.tasks import get_task
+
+_LAST = {}  # this process's last validated model: its weights, names and the validator's (fused) copy of it
+
+
+def validator_copy(model):
+    """Return the copy of `model` the validator runs: a deep copy with Conv+BN fused, as Ultralytics' own
+    `get_model` and AutoBackend make it, or the one this process made last time if `model` holds the same weights
+    and names again: every client of a simulated round validates the same global model, and the copy and its fusion
+    were two thirds of a validation's time (bench/round_time.md). Scores are unchanged (tests/test_train.py): the
+    fused copy is the same, and the validator's later steps on it (device, float, eval) leave it as it is."""
+    sd = model.state_dict()
+    last = _LAST.get("weights")
+    if last is not None and _LAST["type"] is type(model) and _LAST["names"] == getattr(model, "names", None) and \
+            len(last) == len(sd) and all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+                                         for a, b in zip(last, sd.values())):
+        return _LAST["copy"]
+    _LAST.clear()
+    with torch.inference_mode(False):  # normal tensors, as Ultralytics' get_model makes them: the validator's
+        copy = deepcopy(model).fuse(verbose=False)  # AutoBackend copies a model holding inference tensors once more
+    _LAST.update(type=type(model), names=deepcopy(getattr(model, "names", None)),
+                 weights=[t.detach().clone() for t in sd.values()], copy=copy)
+    return copy
 
 
 def evaluate(model, data_yaml, hyp, split="val"):
@@ -29,6 +53,7 @@ def evaluate(model, data_yaml, hyp, split="val"):
                 task=task.name, rect=True)  # rect as `yolo val` and Ultralytics' own validation: the same scores
     with tempfile.TemporaryDirectory(prefix="fedyolo-val-") as work:
         validator = task.load("validator")(save_dir=Path(work), args=args)
+        validator.get_model = lambda m, trainer=None, **kwargs: validator_copy(m)
         stats = validator(model=model)
         images = len(validator.dataloader.dataset)
     return {**{short: float(stats[k]) for k, short in task.metrics.items()}, "images": images}
