@@ -119,21 +119,20 @@ from flwr.server.compat import start_grid
 from flwr.server.strategy import FedAvg
 
 from utils import privacy, secure, simulation, start
-from utils.aggregate import Arriving, RoundUpdates, failure_reason, first_line, train_metrics, weighted_metrics
-from utils.atomic import remove_stale_temps
-from utils.classes import annotated, class_map, client_view, view_folder
+from utils.aggregate import Arriving, RoundUpdates, first_line, train_metrics, weighted_metrics
+from utils.classes import annotated, client_data
 from utils.client_state import KeptState
 from utils.config import explicit_settings, get_args_parser, resolve, setting_help
 from utils.console import log
 from utils.console import setup as setup_console
-from utils.datasets import check_dataset_cached, client_label, client_name
+from utils.datasets import check_dataset_cached, client_label, node_name
 from utils.devices import client_device
 from utils.evaluate import evaluate, evaluate_on_server
-from utils.model import bn_entries, build_model, model_task, read_base_cached, training_model
+from utils.model import bn_entries, build_model, model_task, own_model, read_base_cached, training_model
 from utils.nodes import CONNECT_WAIT, Nodes, discover, node_properties, on_time, stop_at
 from utils.params import ArraysClient, get_weights, set_weights, to_half
 from utils.record import RoundRecord
-from utils.resume import write_config
+from utils.resume import start_save_dir
 from utils.schedule import describe as describe_schedule
 from utils.share import expand, shared_entries
 from utils.strategies import Aggregator
@@ -158,24 +157,6 @@ class YoloClient(NumPyClient):
         self.save_dir = save_dir  # node config `save-dir` of a SuperNode: its personalized model (SHARE)
         self.base_model = base_model  # node config `base-model` of a SuperNode in a federation of mixed tasks
 
-    def _name(self, config):
-        """Return how the server's log names this client: its dataset's label, else its partition id."""
-        try:
-            dataset = self.dataset or json.loads(config["spec"])["datasets"][self.partition_id]
-            return client_name(client_label(dataset))
-        except (KeyError, IndexError, TypeError, ValueError):
-            return client_name(self.partition_id)
-
-    def _own_model(self, spec):
-        """Return (architecture, base weights or None, task name) of the model this client trains: the run's, or in a
-        federation of mixed tasks its own base model (node config `base-model`, else CLIENT_MODELS[partition-id])."""
-        own = self.base_model or (spec["client_models"][self.partition_id] if spec.get("client_models")
-                                  and self.dataset is None else None)
-        if not own:
-            return spec["model"], None, spec.get("task", "detect")  # a spec made before tasks came: detection
-        arch, weights = read_base_cached(own)
-        return arch, weights, model_task(arch).name
-
     def _prepare(self, parameters, config):
         """Return (spec, dataset, its view's data.yaml, a model holding `parameters`, the classes it annotates)."""
         spec = json.loads(config["spec"])
@@ -183,20 +164,11 @@ class YoloClient(NumPyClient):
         if self.dataset is None and self.partition_id is None:
             raise ValueError("this SuperNode has no dataset: start it with --node-config 'dataset=\"/path/data.yaml\"'")
         dataset = self.dataset or spec["datasets"][self.partition_id]
-        arch, weights, task = self._own_model(spec)
+        arch, weights, task = own_model(spec, self.base_model, self.partition_id, deployed=self.dataset is not None)
         self.task, check, names = get_task(task), check_dataset_cached(dataset, task), spec["names"]
         self.train_images = check["train_images"]
-        try:
-            class_map(check["names"], names)
-        except ValueError as e:
-            raise ValueError(f"dataset {dataset}: {e}") from None
-        kpt = check["yaml"].get("kpt_shape")
-        if kpt and arch is not spec["model"]:
-            arch["kpt_shape"] = kpt  # its own pose head (mixed tasks): its own keypoints
-        elif kpt and kpt != arch.get("kpt_shape"):
-            raise ValueError(f"dataset {dataset} has kpt_shape {kpt}, the federation's model {arch.get('kpt_shape')}")
         root = self.work_dir or (spec["work"] if self.dataset is None else Path(tempfile.gettempdir()) / "fedyolo")
-        data_yaml = client_view(check, names, view_folder(root, dataset, names))
+        data_yaml = client_data(dataset, check, names, arch, own_head=arch is not spec["model"], root=root)
         if weights is None and spec.get("share", "all") == "all":  # every entry is set below: reused
             model = training_model(arch, names, seed=spec["hyp"]["seed"])
         else:
@@ -225,7 +197,7 @@ class YoloClient(NumPyClient):
         try:
             return self._fit(parameters, config)
         except Exception as e:
-            raise RuntimeError(f"{self._name(config)}: {first_line(e)}") from e
+            raise RuntimeError(f"{node_name(self.dataset, self.partition_id, config)}: {first_line(e)}") from e
 
     def _fit(self, parameters, config):
         """Train the sent weights (see fit)."""
@@ -272,7 +244,7 @@ class YoloClient(NumPyClient):
             m = evaluate(model, data_yaml, spec["hyp"])
             m.update(val_time_prepare=t_prepared - t0, val_time=time.time() - t_prepared)
         except Exception as e:
-            raise RuntimeError(f"{self._name(config)}: {first_line(e)}") from e
+            raise RuntimeError(f"{node_name(self.dataset, self.partition_id, config)}: {first_line(e)}") from e
         n, m["client"], m["dataset"] = m.pop("images"), client_label(dataset), str(Path(dataset).resolve())
         if spec.get("client_models"):  # mixed tasks: each client's own task metric is the run's score
             m["score"] = m[self.task.metric]
@@ -391,10 +363,7 @@ class SaveFedAvg(FedAvg):
         if self.record.stopped_early:  # SecAgg+'s workflow reports the round it did not start as halted
             return None, {}
         r, t0 = server_round + self.run["offset"], time.time()
-        late, failures = self.nodes.late(self.sent.get("fit", []), results, failures)  # ROUND_TIMEOUT's
-        reasons = sorted({failure_reason(f) for f in failures})  # SecAgg+'s workflow lists a failed reply twice
-        for reason in reasons:
-            log(WARNING, "round %d: a client failed: %s", r, reason)
+        late, reasons = self.nodes.missed(r, "fit", self.sent.get("fit", []), results, failures)  # ROUND_TIMEOUT's
         self._open(r)
         if self.cfg["SECAGG"]:
             valid, dp = secure.secure_updates(r, results, self.current, self.run, self.cfg, self.dp, reasons,
@@ -446,13 +415,8 @@ class SaveFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round, results, failures):
         """Average the clients' validation metrics of the new global model weighted by their val images; the task's
         score per client too (`map50_95_<client>`, segment `mask_map50_95_<client>`, ...)."""
-        late, failures = self.nodes.late(self.sent.get("evaluate", []), results, failures)
-        if late:
-            log(WARNING, "round %d: %d late to validate: %s", server_round + self.run["offset"], len(late),
-                ", ".join(late))
-        for f in failures:
-            log(WARNING, "round %d: a client failed to evaluate: %s", server_round + self.run["offset"],
-                failure_reason(f))
+        self.nodes.missed(server_round + self.run["offset"], "evaluate", self.sent.get("evaluate", []), results,
+                          failures)
         metrics = weighted_metrics(results, list(self.task.metrics.values()), self.metric, self.run["labels"])
         self.record.note(**metrics, time_evaluate=round(time.time() - getattr(self, "t_evaluate", time.time()), 2))
         self.record.finish(self.current)
@@ -477,14 +441,7 @@ def prepare(cfg, given=None):
 
 def make_strategy(cfg, run):
     """Start SAVE_DIR (config.json; old metrics of an overwritten run removed) and return the run's strategy."""
-    save_dir = Path(cfg["SAVE_DIR"])
-    save_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(save_dir)
-    write_config(cfg, run["spec"])  # on resume too: the settings it continues with (NUM_ROUNDS may have grown)
-    if not run["offset"]:
-        (save_dir / "metrics.csv").unlink(missing_ok=True)
-        for f in [*(save_dir / "clients").glob("*.optimizer"), *(save_dir / "clients").glob("*.optimizer.npz")]:
-            f.unlink()  # an overwritten run's: never continued from
+    start_save_dir(cfg, run)
     n = cfg["MIN_CLIENTS"] or len(run["spec"]["datasets"])
     if cfg["DP_CLIP"]:
         privacy.describe(cfg, run["initial"], run["trainable"], n)

@@ -272,3 +272,19 @@ def client_view(check, global_names, folder):
     if not out.is_file() or out.read_text(encoding="utf-8") != text:
         atomic_write_text(out, text)
     return out
+
+
+def client_data(dataset, check, global_names, arch, own_head, root):
+    """Check a client's dataset against the federation (its classes map onto the global names; a pose dataset's
+    keypoints fit the model: with `own_head`, a mixed federation's own pose head, `arch` takes them) and return the
+    data.yaml of its view in the federation's class ids under `root`; ValueError naming the dataset."""
+    try:
+        class_map(check["names"], global_names)
+    except ValueError as e:
+        raise ValueError(f"dataset {dataset}: {e}") from None
+    kpt = check["yaml"].get("kpt_shape")
+    if kpt and own_head:
+        arch["kpt_shape"] = kpt  # its own pose head (mixed tasks): its own keypoints
+    elif kpt and kpt != arch.get("kpt_shape"):
+        raise ValueError(f"dataset {dataset} has kpt_shape {kpt}, the federation's model {arch.get('kpt_shape')}")
+    return client_view(check, global_names, view_folder(root, dataset, global_names))

@@ -260,6 +260,15 @@ def client_name(label):
     return label if label.lower().startswith("client") else f"client {label}"
 
 
+def node_name(dataset, partition_id, config):
+    """Return how the server's log names a node: its dataset's label (a SuperNode's own, else the simulation's
+    DATASETS[partition id] from the round's config), else its partition id."""
+    try:
+        return client_name(client_label(dataset or json.loads(config["spec"])["datasets"][partition_id]))
+    except (KeyError, IndexError, TypeError, ValueError):
+        return client_name(partition_id)
+
+
 def client_labels(files):
     """Return {resolved path: unique short name} for the datasets; a name shared by several gets its index first."""
     names = [client_label(f) for f in files]

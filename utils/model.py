@@ -117,3 +117,14 @@ def training_model(cfg, names, seed=0):
         p.requires_grad_(grad)
         p.grad = None
     return model.train()
+
+
+def own_model(spec, base_model=None, partition_id=None, deployed=False):
+    """Return (architecture, base weights or None, task name) of the model a client trains: the run's (spec), or in
+    a federation of mixed tasks its own base model (a SuperNode's node config `base-model`, else in a simulation
+    CLIENT_MODELS[partition id])."""
+    own = base_model or (spec["client_models"][partition_id] if spec.get("client_models") and not deployed else None)
+    if not own:
+        return spec["model"], None, spec.get("task", "detect")  # a spec made before tasks came: detection
+    arch, weights = read_base_cached(own)
+    return arch, weights, model_task(arch).name

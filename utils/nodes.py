@@ -111,6 +111,17 @@ class Nodes:
         chosen = set(sample({self.key[c] for c in nodes}, fraction, minimum, seed, r, stage, poisson))
         return [nodes[c] for c in sorted(nodes) if self.key[c] in chosen]  # a restarted node's new id: both asked
 
+    def missed(self, r, stage, sent, results, failures):
+        """Log the clients of round r's `stage` ("fit", "evaluate") that failed, and those late to validate (a fit's
+        late clients are in its round line); return (the late clients' names, the failures' reasons, each once)."""
+        late, failures = self.late(sent, results, failures)
+        if late and stage == "evaluate":
+            log(WARNING, "round %d: %d late to validate: %s", r, len(late), ", ".join(late))
+        reasons = sorted({failure_reason(f) for f in failures})  # SecAgg+'s workflow lists a failed reply twice
+        for reason in reasons:
+            log(WARNING, "round %d: a client failed%s: %s", r, " to evaluate" if stage == "evaluate" else "", reason)
+        return late, reasons
+
     def late(self, sent, results, failures):
         """Split a round's failures into (the names of the clients that missed its deadline, the other failures).
 

@@ -15,7 +15,7 @@ import flwr
 import torch
 import ultralytics
 
-from utils.atomic import atomic_write_text
+from utils.atomic import atomic_write_text, remove_stale_temps
 from utils.privacy import epsilon
 from utils.report import read_rows
 
@@ -113,3 +113,17 @@ def interrupted_line(cfg):
         return f"interrupted before any round was complete; nothing in {save_dir} to resume: start the run again"
     rounds = f"rounds 1-{done} of {cfg['NUM_ROUNDS']} are" if done > 1 else f"round 1 of {cfg['NUM_ROUNDS']} is"
     return f"interrupted: {rounds} complete in {save_dir}; continue with: {resume_command(save_dir)}"
+
+
+def start_save_dir(cfg, run):
+    """Start SAVE_DIR: config.json written (on resume too: the settings it continues with, NUM_ROUNDS may have
+    grown), a killed writer's temp files removed, and for a fresh run an overwritten run's metrics.csv and clients'
+    optimizer states (`.optimizer`, earlier `.optimizer.npz`), which it must never continue from."""
+    save_dir = Path(cfg["SAVE_DIR"])
+    save_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(save_dir)
+    write_config(cfg, run["spec"])
+    if not run["offset"]:
+        (save_dir / "metrics.csv").unlink(missing_ok=True)
+        for f in (save_dir / "clients").glob("*.optimizer*"):
+            f.unlink()
