@@ -125,7 +125,7 @@ from utils.client_state import KeptState
 from utils.config import explicit_settings, get_args_parser, resolve, setting_help
 from utils.console import log
 from utils.console import setup as setup_console
-from utils.datasets import check_dataset_cached, client_label, node_name
+from utils.datasets import check_dataset_cached, client_label, node_name, unique_label
 from utils.devices import client_device
 from utils.evaluate import evaluate, evaluate_on_server
 from utils.model import bn_entries, build_model, model_task, own_model, read_base_cached, training_model
@@ -174,7 +174,8 @@ class YoloClient(NumPyClient):
         else:
             model = build_model(arch, names, weights=weights, seed=spec["hyp"]["seed"])
         folder = self.save_dir or (spec.get("clients_dir") if self.dataset is None else None)  # SuperNode: save-dir
-        self.kept = KeptState(self.state, folder, client_label(dataset), int(config.get("start-epoch", 0)) > 0)
+        self.label = unique_label(dataset, spec["datasets"])  # its files' name: folders may share one
+        self.kept = KeptState(self.state, folder, self.label, int(config.get("start-epoch", 0)) > 0)
         self.shared = shared_entries(list(model.state_dict()), arch, spec.get("share", "all"))
         if self.shared is not None:  # partial sharing: the shared parts sent, this client's own parts kept here
             parameters = self.kept.own_parts(parameters, model, self.shared)
@@ -212,7 +213,7 @@ class YoloClient(NumPyClient):
                           callbacks=stop_at(config["deadline"]) if "deadline" in config else None,
                           proximal_mu=float(config["proximal-mu"]), classes=classes,
                           recalibrate=spec.get("bn_recalibrate", False), fused=spec.get("fused_adam", False),
-                          optimizer_state=self.kept.optimizer() if keep else None, label=client_label(dataset),
+                          optimizer_state=self.kept.optimizer() if keep else None, label=self.label,
                           return_state=keep)
         keys, arrays = out.pop("optimizer_state")
         if keep and keys:

@@ -1,11 +1,14 @@
 """The Flower client's per-node state across rounds: FedBN's local BatchNorm and the kept optimizer state."""
 
+import shutil
+
 import numpy as np
 from flwr.common import RecordDict
 
 import federated
 from utils.client_state import KeptState, read_state, write_state
 from utils.config import resolve
+from utils.datasets import unique_label
 from utils.params import save_npz
 
 
@@ -58,6 +61,28 @@ def test_kept_optimizer_state_reaches_the_next_round(tiny_fed, tmp_path):
     assert first["optimizer_kept"] == 0 and "optimizer" in node.state  # in its memory
     _, _, second = node.fit(weights, config(2))
     assert second["optimizer_kept"] == 1
+
+
+def test_clients_whose_folders_share_a_name_keep_their_own_optimizer_files(tiny_fed, tmp_path):
+    sites = []
+    for site, src in (("site_a", tiny_fed[0][0].parent), ("site_b", tiny_fed[0][1].parent)):
+        dst = tmp_path / site / "dark"  # two owners whose dataset folders have the same name
+        shutil.copytree(src, dst)
+        (dst / "data.yaml").write_text((src / "data.yaml").read_text().replace(str(src), str(dst)))
+        sites.append(dst / "data.yaml")
+    assert [unique_label(s, sites) for s in sites] == ["0_dark", "1_dark"]  # as metrics.csv names them
+    assert unique_label(tiny_fed[0][2], sites) == "noisy"  # a SuperNode's own dataset: its own name
+    cfg = resolve(federated.DEFAULTS, {"datasets": [str(p) for p in sites], "save-dir": str(tmp_path / "r"),
+                                       "imgsz": 32, "batch": 4, "nbs": 4, "device": "cpu", "epochs": 1,
+                                       "num-rounds": 2, "keep-optimizer": True})
+    run = federated.prepare(cfg)
+    config = federated.make_strategy(cfg, run).round_config
+    for i in (0, 1):
+        federated.YoloClient(partition_id=i, state=RecordDict()).fit(run["initial"], config(1))
+    files = sorted(p.name for p in (tmp_path / "r" / "clients").iterdir())
+    assert files == ["0_dark.optimizer", "1_dark.optimizer"]  # one shared file mixed them, in the order they ran
+    a, b = (read_state(tmp_path / "r" / "clients" / f)[1] for f in files)
+    assert not all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def test_optimizer_state_file_round_trips_bit_for_bit_and_a_damaged_one_counts_as_none(tmp_path):

@@ -264,8 +264,9 @@ def node_name(dataset, partition_id, config):
     """Return how the server's log names a node: its dataset's label (a SuperNode's own, else the simulation's
     DATASETS[partition id] from the round's config), else its partition id."""
     try:
-        return client_name(client_label(dataset or json.loads(config["spec"])["datasets"][partition_id]))
-    except (KeyError, IndexError, TypeError, ValueError):
+        datasets = json.loads(config.get("spec", "{}")).get("datasets", [])
+        return client_name(unique_label(dataset or datasets[partition_id], datasets))
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
         return client_name(partition_id)
 
 
@@ -274,3 +275,10 @@ def client_labels(files):
     names = [client_label(f) for f in files]
     unique = [n if names.count(n) == 1 else f"{i}_{n}" for i, n in enumerate(names)]
     return {str(Path(f).resolve()): n for f, n in zip(files, unique)}
+
+
+def unique_label(dataset, datasets):
+    """Return a client's name among the run's `datasets` (`client_labels`: the one metrics.csv uses), else its own
+    label (a SuperNode's dataset). Its files are named by it (the optimizer state, a personalized model): clients
+    whose folders share a name (site_a/data/data.yaml, site_b/data/data.yaml) must not share them."""
+    return client_labels(datasets).get(str(Path(dataset).resolve()), client_label(dataset))
