@@ -17,7 +17,7 @@ best.pt), centralized with Ultralytics' `patience` of 2P epochs and the same epo
 
 Usage:
     .venv/bin/python bench/learning.py [--seeds 0 1 2] [--settings non-iid-3 non-iid-8 non-iid-16] [--local]
-        [--variant NAME=FLAGS] [--check-start] [--converge P] [--table-only] [--work runs/learning]
+        [--variant NAME=FLAGS] [--check-start] [--converge P] [--no-fedavg] [--table-only] [--work runs/learning]
         [--out bench/learning.md]
 
 Cells are cached in WORK/learning.json (delete it to measure again).
@@ -115,6 +115,7 @@ def main():
     p.add_argument("--check-start", action="store_true", help="train the start twice and compare")
     p.add_argument("--converge", type=int, default=0, metavar="P",
                    help="at convergence instead: PATIENCE P rounds (centralized 2P epochs), capped at 4x the rounds")
+    p.add_argument("--no-fedavg", action="store_true", help="measure the variants only, not the plain fedavg row")
     p.add_argument("--table-only", action="store_true", help="write the tables from the cached cells, measure nothing")
     p.add_argument("--work", default="runs/learning")
     p.add_argument("--out", default=str(ROOT / "bench" / "learning.md"))
@@ -168,7 +169,8 @@ def main():
                 per_round = [test_map(export(str(start), work / "runs" / name / f"round{r}.npz"), test_yaml)[0]
                              for r in range(1, a.rounds + 1)]
                 return {"map": out["map"], "rounds": per_round, "seconds": out["seconds"]}
-            cell(f"fedavg|{setting}|{seed}", lambda: fed(name, []))
+            if not a.no_fedavg:
+                cell(f"fedavg|{setting}|{seed}", lambda: fed(name, []))
             for v in a.variant:
                 run, flags = v.split("=", 1)
                 cell(f"{run}|{setting}|{seed}", lambda: fed(f"{name}-{run}", flags.split()))
