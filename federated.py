@@ -59,6 +59,8 @@ POOLED_BN_VAR = True  # (bool) BatchNorm running_var of the global model: varian
 #                       with SECAGG, which hides each client's BatchNorm means: there the mean variance)
 BN_RECALIBRATE = True  # (bool) each client sets its BatchNorm statistics from one more pass over its train images
 #                         under the weights it trained (utils/train.py), so the average holds current statistics
+FIXED_BN = 0  # (int) from this round on, clients train with BatchNorm normalizing by the statistics they were sent,
+#               not each batch's own (FixBN; they still move by BN_RECALIBRATE); 0: off
 SHARE = "all"  # (str) model parts the clients average: all, or backbone, neck, head joined by + (backbone+neck);
 #                the others stay with each client, never sent
 CLIENT_MODELS = []  # (list[str]) mixed tasks: one base model per client (e.g. yolov8n.yaml yolov8n-seg.yaml); the
@@ -213,6 +215,7 @@ class YoloClient(NumPyClient):
                           callbacks=stop_at(config["deadline"]) if "deadline" in config else None,
                           proximal_mu=float(config["proximal-mu"]), classes=classes,
                           recalibrate=spec.get("bn_recalibrate", False), fused=spec.get("fused_adam", False),
+                          fixed_bn=0 < spec.get("fixed_bn", 0) <= int(config["server-round"]),
                           optimizer_state=self.kept.optimizer() if keep else None, label=self.label,
                           return_state=keep)
         keys, arrays = out.pop("optimizer_state")

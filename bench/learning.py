@@ -68,6 +68,14 @@ def train_start(work, name):
     return Path(model.trainer.last)
 
 
+def versions():
+    """The packages the start's bytes depend on: its hash repeats under the same ones (torch and Ultralytics are
+    pinned by requirements.txt; numpy, OpenCV and Pillow, which draw and augment the images, are not)."""
+    from importlib.metadata import version
+
+    return ", ".join(f"{p} {version(p)}" for p in ("torch", "ultralytics", "numpy", "opencv-python", "pillow"))
+
+
 def val_map(pt, data_yaml):
     """Return mAP50-95 of a .pt on the val split of `data_yaml`."""
     args = {k: v for k, v in ARGS.items() if k != "nbs"}
@@ -140,7 +148,7 @@ def main():
     start = work / "start.pt"
     if not start.is_file():
         shutil.copy(train_start(work, "start"), start)
-    cell("start", lambda: {"hash": weights_hash(start), "map": test_map(start, test_yaml)[0]})
+    cell("start", lambda: {"hash": weights_hash(start), "map": test_map(start, test_yaml)[0], "versions": versions()})
     if a.check_start:
         cell("start again", lambda: {"hash": weights_hash(train_start(work, "start-again"))})
     total = a.rounds * a.epochs
@@ -208,7 +216,7 @@ def write(res, a):
         "demo (seed 101: the same classes and backgrounds, other images). Test mAP50-95 "
         f"{st['map']:.4f}; weights sha256 {st['hash']}"
         + (f"; trained again: {again['hash']} ({'identical' if again['hash'] == st['hash'] else 'DIFFERENT'})."
-           if again else "."),
+           if again else ".") + (f" Packages: {st['versions']}." if "versions" in st else ""),
         "",
         "## Equal image-epochs: federated against centralized on the same images",
         "",

@@ -135,6 +135,28 @@ def test_recalibration_sets_the_batchnorm_statistics_and_nothing_else(data_yaml,
     assert "time_recalibrate" in recal and "time_recalibrate" not in plain
 
 
+def test_fixed_batchnorm_trains_with_the_sent_statistics_and_keeps_them(data_yaml, tiny_model):
+    """FIXED_BN: the epochs leave every running statistic as sent and still train the weights; BatchNorm's weight
+    and bias included. Without it the same round moves the statistics."""
+    cfg, names = tiny_model
+    sent = get_weights(build_model(cfg, names, seed=0))
+    got = {}
+    for fixed in (False, True):
+        model = build_model(cfg, names, seed=0)
+        modes = []
+        probe = {"on_train_batch_start": lambda tr: modes.append(tr.model.model[0].bn.training)}
+        train_round(model, data_yaml, 1, 1, 2, {**TINY, "nbs": 4}, callbacks=probe, fixed_bn=fixed)
+        got[fixed] = dict(zip(model.state_dict(), get_weights(model))), modes
+    keys = list(got[True][0])
+    stats = [i for i, k in enumerate(keys) if k.endswith(("running_mean", "running_var"))]
+    (moved, train_modes), (fixed, eval_modes) = got[False], got[True]
+    assert set(train_modes) == {True} and set(eval_modes) == {False}  # every step, not only the first epoch's
+    assert all(np.array_equal(fixed[keys[i]], sent[i]) for i in stats)
+    assert all(not np.array_equal(moved[keys[i]], sent[i]) for i in stats)
+    assert not np.array_equal(fixed["model.0.bn.weight"], sent[keys.index("model.0.bn.weight")])
+    assert not np.array_equal(fixed["model.0.conv.weight"], sent[keys.index("model.0.conv.weight")])
+
+
 def test_round_continues_the_runs_schedule_without_local_validation(data_yaml, tiny_model):
     cfg, names = tiny_model
     model = build_model(cfg, names)

@@ -24,6 +24,8 @@ def check_schedule(cfg):
     if cfg["LR_SCALE"] < 0 or cfg["WARMUP_EPOCHS"] < 0 or cfg["MIN_STEPS"] < 0:
         return (f"lr-scale ({cfg['LR_SCALE']}), warmup-epochs ({cfg['WARMUP_EPOCHS']}) and min-steps "
                 f"({cfg['MIN_STEPS']}) must be 0 or more (lr-scale 0: derived from the clients)")
+    if cfg["FIXED_BN"] < 0:
+        return f"fixed-bn ({cfg['FIXED_BN']}) must be 0 or more (0: off; R: from round R on)"
     if cfg["LR_SCALE_MAX"] <= 0:
         return f"lr-scale-max ({cfg['LR_SCALE_MAX']}) must be above 0"
     return None

@@ -110,7 +110,7 @@ def prepare(cfg, defaults, given=None):
             "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]],
             "work": str((save_dir / "work").resolve()), "fedbn": cfg["FEDBN"], "partial_labels": cfg["PARTIAL_LABELS"],
             "keep_optimizer": cfg["KEEP_OPTIMIZER"], "min_steps": min_steps, "bn_recalibrate": cfg["BN_RECALIBRATE"],
-            "fused_adam": cfg["FUSED_ADAM"],
+            "fused_adam": cfg["FUSED_ADAM"], "fixed_bn": cfg["FIXED_BN"],
             "share": cfg["SHARE"], "clients_dir": str((save_dir / "clients").resolve()),
             "client_models": [str(Path(m).resolve()) if Path(m).is_file() else m for m in cfg["CLIENT_MODELS"]]}
     params = {k for k, _ in model.named_parameters()}

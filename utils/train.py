@@ -154,8 +154,27 @@ def recalibrate_bn(model, trainer):
         m.num_batches_tracked.copy_(n)
 
 
+def fix_bn(trainer):
+    """Have every epoch of `trainer` train its model with BatchNorm in eval mode: each layer normalizes by the running
+    statistics the model holds (the global model's) and leaves them unchanged; its weight and bias still learn.
+
+    FixBN (Zhong et al., 2023, "Making Batch Normalization Great in Federated Deep Learning"): a small client's batch
+    statistics (batch 2 under MIN_STEPS: 8 numbers per channel at the deepest layer at 64 px) are noisy and its own
+    kind of images only, so each client trains a different normalization than the one the average is scored with.
+    """
+    train_mode = trainer._model_train  # the trainer's own: model.train(), then its frozen layers' BatchNorm eval()
+
+    def fixed():
+        train_mode()
+        for m in trainer.model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    trainer._model_train = fixed
+
+
 def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callbacks=None, proximal_mu=0.0,
-                classes=None, optimizer_state=None, label=None, return_state=True, recalibrate=False, fused=False):
+                classes=None, optimizer_state=None, label=None, return_state=True, recalibrate=False, fused=False,
+                fixed_bn=False):
     """Train `model` in place for one round of the federation's schedule.
 
     Args:
@@ -177,6 +196,8 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         recalibrate (bool): after the epochs, set the BatchNorm statistics from one pass over the train batches
             (`recalibrate_bn`; BN_RECALIBRATE).
         fused (bool): Adam and AdamW take torch's fused step (`fuse_adam`; FUSED_ADAM).
+        fixed_bn (bool): BatchNorm normalizes by the running statistics the model holds, not by each batch's
+            (`fix_bn`; FIXED_BN).
 
     Returns:
         (dict): `train_images` (the FedAvg weight), the mean train losses of the round's last epoch, `lr` (the
@@ -225,6 +246,8 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         trainer = task.load("trainer")(overrides={**args, "task": task.name})
         trainer.data.update(names=dict(model.names), nc=len(model.names))  # classify: folders matched by name
         trainer.model = model
+        if fixed_bn:
+            fix_bn(trainer)
         if str(hyp.get("device", "")).lower() == "cpu":  # its end-of-training gc.collect() frees no accelerator memory
             trainer._clear_memory = lambda threshold=None: None  # on a CPU; it took 0.2 s of a tiny client's 0.5 s
         set_class_weights = trainer.set_class_weights
