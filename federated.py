@@ -21,6 +21,8 @@ EPOCHS = 2  # (int) local epochs each client trains per round; the whole run is 
 SAVE_DIR = "runs/federated"  # (str) folder for round{N}.npz, metrics.csv, results.png, last.pt, best.pt, config.json
 RESUME = False  # (bool) continue the run in SAVE_DIR from its last complete round, with its saved settings
 PATIENCE = 0  # (int) stop when the global score has not improved for this many rounds (best.pt is the result); 0: off
+PERSONALIZE = 0  # (int) after the last round, each client fine-tunes the final model this many epochs on its own
+#                  images and keeps it (SAVE_DIR/clients/<client>.finetuned.pt), scored on its val split; 0: off
 SEED = 0  # (int) seed for the initial weights, the demo data and each round's augmentation
 # --- Data and model ----------------------------------------------------------------------------------------------
 BASE_MODEL = "yolov8n.yaml"  # (str) model .yaml (random init) or .pt (its weights); its task (detect, segment, pose,
@@ -120,7 +122,7 @@ from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.compat import start_grid
 from flwr.server.strategy import FedAvg
 
-from utils import privacy, secure, simulation, start
+from utils import personalize, privacy, secure, simulation, start
 from utils.aggregate import Arriving, RoundUpdates, first_line, train_metrics, weighted_metrics
 from utils.classes import annotated, client_data
 from utils.client_state import KeptState
@@ -243,9 +245,12 @@ class YoloClient(NumPyClient):
         """
         try:
             t0 = time.time()
-            spec, dataset, data_yaml, model, _ = self._prepare(parameters, config)
+            spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
             t_prepared = time.time()
             m = evaluate(model, data_yaml, spec["hyp"])
+            if config.get("personalize"):  # the last round: fine-tune the final model on its own images, keep it
+                m.update(personalize.fine_tune(model, data_yaml, spec, classes, self.kept.file(personalize.SUFFIX),
+                                               self.label, self.task.metric))
             m.update(val_time_prepare=t_prepared - t0, val_time=time.time() - t_prepared)
         except Exception as e:
             raise RuntimeError(f"{node_name(self.dataset, self.partition_id, config)}: {first_line(e)}") from e
@@ -334,19 +339,24 @@ class SaveFedAvg(FedAvg):
         if self.record.stopped_early or not self.cfg["EVALUATE"] or not self._evaluates(server_round):
             return []
         params, self.t_evaluate = ndarrays_to_parameters(self._sent()), time.time()
-        return [(c, EvaluateIns(params, self.round_config(server_round)))
-                for c in self._choose(server_round, client_manager, "evaluate")]
+        config = {**self.round_config(server_round), **({"personalize": 1} if self._personalizes(server_round) else {})}
+        return [(c, EvaluateIns(params, config)) for c in self._choose(server_round, client_manager, "evaluate")]
 
     def _evaluates(self, server_round):
         """Return whether Flower's round `server_round` ends with an evaluation (EVAL_EVERY; always the last)."""
         r = server_round + self.run["offset"]
         return r % max(self.cfg["EVAL_EVERY"], 1) == 0 or r >= self.cfg["NUM_ROUNDS"]
 
+    def _personalizes(self, server_round):
+        """Return whether Flower's round `server_round` is the last, whose evaluation fine-tunes (PERSONALIZE)."""
+        return bool(self.cfg["PERSONALIZE"]) and server_round + self.run["offset"] >= self.cfg["NUM_ROUNDS"]
+
     def _choose(self, server_round, client_manager, stage):
         """Return the clients of this round's `stage` (fit, evaluate): FRACTION_FIT / FRACTION_EVALUATE of the
         connected ones, a sample seeded by the run's round (utils/nodes.py), and remember whom it asked."""
         client_manager.wait_for(self.min_available_clients, timeout=int(CONNECT_WAIT))
         fraction = self.cfg["FRACTION_FIT" if stage == "fit" else "FRACTION_EVALUATE"]
+        fraction = 1.0 if stage == "evaluate" and self._personalizes(server_round) else fraction  # every client
         clients = self.nodes.choose(client_manager, fraction, max(self.cfg["MIN_UPDATES"], 1), self.cfg["SEED"],
                                     server_round + self.run["offset"], stage, poisson=bool(self.cfg["DP_CLIP"]))
         self.sent[stage] = [c.cid for c in clients]

@@ -224,7 +224,7 @@ def federated(clients, test_yaml, rounds, epochs, base, work, name, extra=()):
     if any(int(row["updates"]) < len(clients) for row in rows):
         raise RuntimeError(f"{name}: a round had fewer updates than clients; see {save / 'metrics.csv'}")
     parts = [k for k in rows[0] if k.startswith(("time_", "train_time_")) and k != "time_s"]
-    mean = {k: sum(float(x[k]) for x in rows) / len(rows) for k in parts}
+    mean = {k: sum(float(x[k]) for x in rows if x[k] != "") / len(rows) for k in parts}  # per round (EVAL_EVERY)
     m, m50 = test_map(export(base, save / f"round{rounds}.npz"), test_yaml)
     gpu = [float(x["train_gpu_mem"]) for x in rows if x.get("train_gpu_mem")]  # peak MB per client (CUDA only)
     return {"map": m, "map50": m50, "seconds": seconds, "rounds_s": float(rows[-1]["time_s"]),

@@ -41,8 +41,10 @@ sys.path.insert(0, str(ROOT))
 from ultralytics import YOLO  # noqa: E402
 
 from bench import ARGS, PLAIN, centralized, federated, run_federated, setting_clients, test_map, union_yaml  # noqa: E402
+from utils.datasets import unique_label  # noqa: E402
 from utils.demo import make_demo  # noqa: E402
 from utils.export_federated import export  # noqa: E402
+from utils.personalize import SUFFIX  # noqa: E402
 
 START_EPOCHS = 30
 
@@ -183,19 +185,20 @@ def main():
                 run, flags = v.split("=", 1)
                 cell(f"{run}|{setting}|{seed}", lambda: fed(f"{name}-{run}", flags.split()))
             if a.local and seed == a.seeds[0]:
-                fed_pt = export(str(start), work / "runs" / name / f"round{a.rounds}.npz")
-
                 def alone():
                     rows = []
                     for i, c in enumerate(clients):
                         pt, m = local(c, test_yaml, total, str(start), work, f"{name}-c{i}", seed)
-                        rows.append({"test": m, "own_local": val_map(pt, c), "own_fed": val_map(fed_pt, c)})
+                        rows.append({"test": m, "own_local": val_map(pt, c)})
                     return rows
                 cell(f"local|{setting}|{seed}", alone)
-                for v in a.variant:  # each variant's federated model on every site's own val split
-                    run = v.split("=", 1)[0]
-                    pt = export(str(start), work / "runs" / f"{name}-{run}" / f"round{a.rounds}.npz")
+                for run in [*([] if a.no_fedavg else ["fedavg"]), *(v.split("=", 1)[0] for v in a.variant)]:
+                    folder = work / "runs" / (name if run == "fedavg" else f"{name}-{run}")
+                    pt = export(str(start), folder / f"round{a.rounds}.npz")  # each run's global model, own val
                     cell(f"own|{run}|{setting}|{seed}", lambda: [val_map(pt, c) for c in clients])
+                    tuned = [folder / "clients" / f"{unique_label(c, clients)}{SUFFIX}" for c in clients]
+                    if all(p.is_file() for p in tuned):  # --personalize: each client's fine-tuned model, own val
+                        cell(f"tuned|{run}|{setting}|{seed}", lambda: [val_map(p, c) for p, c in zip(tuned, clients)])
     write(res, a)
 
 
@@ -274,22 +277,28 @@ def write(res, a):
             f"## Each site alone (seed {a.seeds[0]}): the same start and epochs on its own images",
             "",
             "Test: the held-out test split (every style and class). Own val: each client's own val split, where a "
-            "site that joins compares the federated model with the one it could have trained alone.",
+            "site that joins compares what it gets with the model it could have trained alone: the global model, "
+            "and with `--personalize E` its fine-tuned one (the final model trained E more epochs on its own "
+            "images). A site loses by joining where alone scores higher.",
             "",
-            "| setting | federated, test | alone, test (mean / best) | own val: sites where alone >= federated | "
-            "own val: federated - alone (min / mean) |",
-            "|---|---|---|---|---|",
+            "| setting | run | federated, test | alone, test (mean / best) | own val: global - alone (min / mean) | "
+            "sites that lose | own val: fine-tuned - alone (min / mean) | sites that lose, fine-tuned |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for (setting, rows), run in [(item, r) for item in loc.items() for r in ["fedavg", *(
                 v.split("=", 1)[0] for v in a.variant)]]:
-            own = [r["own_fed"] for r in rows] if run == "fedavg" else res.get(f"own|{run}|{setting}|{a.seeds[0]}")
-            if own is None:
+            key = f"{run}|{setting}|{a.seeds[0]}"
+            own = res.get(f"own|{key}") or ([r["own_fed"] for r in rows] if run == "fedavg" and "own_fed" in rows[0]
+                                              else None)  # cells before 2026-12-03 kept fedavg's in the local cell
+            if own is None or key not in res:
                 continue
-            fed = res[f"{run}|{setting}|{a.seeds[0]}"]["map"]
-            diff = [o - r["own_local"] for o, r in zip(own, rows)]
-            lines.append(f"| {setting}{'' if run == 'fedavg' else f' ({run})'} | {fed:.4f} | "
-                         f"{mean([r['test'] for r in rows]):.4f} / {max(r['test'] for r in rows):.4f} | "
-                         f"{sum(d <= 0 for d in diff)} of {len(rows)} | {min(diff):+.4f} / {mean(diff):+.4f} |")
+            cols = []
+            for scores in (own, res.get(f"tuned|{key}")):
+                diff = [o - r["own_local"] for o, r in zip(scores or [], rows)]
+                cols += [f"{min(diff):+.4f} / {mean(diff):+.4f}", f"{sum(d < 0 for d in diff)} of {len(rows)}"] \
+                    if diff else ["", ""]
+            lines.append(f"| {setting} | {run} | {res[key]['map']:.4f} | {mean([r['test'] for r in rows]):.4f} / "
+                         f"{max(r['test'] for r in rows):.4f} | " + " | ".join(cols) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     Path(a.out).write_text(text)

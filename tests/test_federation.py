@@ -132,6 +132,13 @@ def test_patience_needs_a_score_every_round(tiny_fed, tmp_path):
                         "patience": 2, "evaluate": False})
 
 
+def test_personalize_needs_the_last_rounds_evaluation(tiny_fed, tmp_path):
+    with pytest.raises(ValueError, match="personalize needs evaluate on"):
+        run_in_process({"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(tmp_path / "r"), **FED,
+                        "personalize": 2, "evaluate": False})
+    assert not (tmp_path / "r").exists()
+
+
 def test_eval_every_scores_every_nth_round_and_the_last_and_picks_best_among_them(tiny_fed, tmp_path):
     save = tmp_path / "run"
     done = run_in_process({"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(save), **FED,

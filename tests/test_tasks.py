@@ -234,3 +234,30 @@ def test_mixed_task_federation_shares_the_backbone_and_neck(task_fed, tiny_fed, 
             mean += sum(m[j].astype(np.float64) ** 2 for m in models) / 3 - (sum(m[j] for m in models) / 3) ** 2
         np.testing.assert_allclose(glob[i], mean, rtol=1e-4, atol=1e-6)
     assert np.array_equal(load_npz(save / "round1.npz")[-1], glob[-1])  # the global head never moves
+
+
+def test_personalize_keeps_each_clients_fine_tuned_model_and_scores_it_on_its_own_val_split(task_fed, tmp_path):
+    """Classification: a tiny model's scores are above 0 (a detector's mAP at this size is 0.000 whatever it holds),
+    so the score written beside each client's fine-tuned model is checked against the model in the file."""
+    from ultralytics import YOLO
+
+    from utils.classes import view_folder
+    from utils.evaluate import evaluate
+
+    save, clients = tmp_path / "run", task_fed["classify"][0][:2]
+    done = run_in_process({"datasets": [str(p) for p in clients], "save-dir": str(save), **FED, "num-rounds": 1,
+                           "base-model": BASES["classify"], "personalize": 2, "fraction-evaluate": 0.5})
+
+    with (save / "metrics.csv").open() as f:
+        row = list(csv.DictReader(f))[-1]
+    final = YOLO(str(save / "last.pt")).model.state_dict()
+    for data in clients:  # every client fine-tuned, though half of them were to validate
+        client = data.name
+        tuned = YOLO(str(save / "clients" / f"{client}.finetuned.pt")).model  # an ordinary Ultralytics checkpoint
+        assert any(not torch.equal(v, final[k]) for k, v in tuned.state_dict().items())  # trained past the final
+        view = client_view(check_dataset(data, "classify"), NAMES, view_folder(tmp_path / "views", data, NAMES))
+        own = evaluate(tuned, view, {"imgsz": 32, "batch": 4, "device": "cpu", "workers": 0})["top1"]
+        assert own > 0 and float(row[f"personal_score_{client}"]) == pytest.approx(own, abs=1e-6)
+        assert float(row[f"top1_{client}"]) >= 0  # the global model's score on the same split, beside it
+    assert "fine-tuned   each client's final model after 2 more epochs on its own images" in done.log
+    assert "mean of 2" in done.log

@@ -134,9 +134,11 @@ def weighted_metrics(results, order, metric, labels):
     for k in sorted(keys, key=lambda k: (order.index(k) if k in order else len(order), k)):
         have = [(float(res.metrics[k]), res.num_examples) for _, res in results if k in res.metrics]
         out[k] = sum(v * n for v, n in have) / sum(n for _, n in have)
-    per_client = {labels.get(res.metrics.get("dataset"), res.metrics.get("client", "client")):
-                  float(res.metrics[metric]) for _, res in results}
-    return {**out, **{f"{metric}_{k}": v for k, v in sorted(per_client.items())}}
+    for key in (metric, "personal_score"):  # PERSONALIZE: each client's fine-tuned model too
+        per_client = {labels.get(res.metrics.get("dataset"), res.metrics.get("client", "client")):
+                      float(res.metrics[key]) for _, res in results if key in res.metrics}
+        out.update({f"{key}_{k}": v for k, v in sorted(per_client.items())})
+    return out
 
 
 def server_step(current, average, trainable, lr=1.0):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from utils import personalize
 from utils.checkpoint import write_checkpoint
 from utils.console import log
 from utils.params import save_npz, set_weights
@@ -229,6 +230,12 @@ class RoundRecord:
             d / "metrics.csv", d / "results.png")
         last = d / f"round{self.last_round}.npz"
         log(INFO, "  export a round: %s", command("utils/export_federated.py", last))
+        if self.cfg.get("PERSONALIZE") and self.rows:  # each client's fine-tuned model, beside the global one
+            spec = self.run["spec"]
+            folder = spec["clients_dir"] if spec["datasets"] else "each SuperNode's save-dir"
+            tuned = personalize.summary(self.rows[-1], self.metric, self.label, self.cfg["PERSONALIZE"], folder)
+            if tuned:
+                log(INFO, "%s", tuned)
 
     def failure(self):
         """Return one sentence when the run stopped itself, trained nothing or its last rounds got no valid update,
