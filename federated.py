@@ -248,9 +248,9 @@ class YoloClient(NumPyClient):
             spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
             t_prepared = time.time()
             m = evaluate(model, data_yaml, spec["hyp"])
-            if config.get("personalize"):  # the last round: fine-tune the final model on its own images, keep it
+            if config.get("personalize"):  # the last (or best) round's model: fine-tune it on its own images, keep it
                 m.update(personalize.fine_tune(model, data_yaml, spec, classes, self.kept.file(personalize.SUFFIX),
-                                               self.label, self.task.metric))
+                                               self.label, self.task.metric, config["personalize"]))
             m.update(val_time_prepare=t_prepared - t0, val_time=time.time() - t_prepared)
         except Exception as e:
             raise RuntimeError(f"{node_name(self.dataset, self.partition_id, config)}: {first_line(e)}") from e
@@ -312,9 +312,11 @@ class SaveFedAvg(FedAvg):
                 "secagg-clip": self.cfg["SECAGG_CLIP"], "secagg-weight": self.secagg_weight,
                 "dp-clip": self.dp.clip if self.dp and self.cfg["SECAGG"] else 0.0}  # DP without SecAgg+: server
 
-    def _sent(self, everything=False):
-        """Return the global arrays that travel to clients: all, or under SHARE the shared entries only."""
-        return self.current if self.shared is None or everything else [self.current[i] for i in self.shared]
+    def _sent(self, everything=False, arrays=None):
+        """Return the global arrays (`arrays`, default the current ones) that travel to clients: all, or under SHARE
+        the shared entries only."""
+        arrays = self.current if arrays is None else arrays
+        return arrays if self.shared is None or everything else [arrays[i] for i in self.shared]
 
     def configure_fit(self, server_round, parameters, client_manager):
         """Send the global weights (float16 with FP16=both; under SHARE the shared parts, all of them in the first
@@ -335,11 +337,15 @@ class SaveFedAvg(FedAvg):
         return [(c, FitIns(params, self.round_config(server_round))) for c in clients]
 
     def configure_evaluate(self, server_round, parameters, client_manager):
-        """Send the new global weights (under SHARE: the shared parts) for validation on each client's val split."""
-        if self.record.stopped_early or not self.cfg["EVALUATE"] or not self._evaluates(server_round):
+        """Send the new global weights (under SHARE: the shared parts) for validation on each client's val split;
+        after an early stop (PATIENCE) with PERSONALIZE, once more the best round's, for every client to fine-tune."""
+        tune, stopped = self._personalizes(server_round), self.record.stopped_early
+        if not self.cfg["EVALUATE"] or not (tune if stopped else self._evaluates(server_round)):
             return []
-        params, self.t_evaluate = ndarrays_to_parameters(self._sent()), time.time()
-        config = {**self.round_config(server_round), **({"personalize": 1} if self._personalizes(server_round) else {})}
+        params, self.t_evaluate = ndarrays_to_parameters(self._sent(arrays=self.record.best_arrays() if stopped
+                                                                    else None)), time.time()
+        r = self.record.best_round if stopped else server_round + self.run["offset"]  # the round fine-tuned from
+        config = {**self.round_config(server_round), **({"personalize": r} if tune else {})}
         return [(c, EvaluateIns(params, config)) for c in self._choose(server_round, client_manager, "evaluate")]
 
     def _evaluates(self, server_round):
@@ -348,8 +354,12 @@ class SaveFedAvg(FedAvg):
         return r % max(self.cfg["EVAL_EVERY"], 1) == 0 or r >= self.cfg["NUM_ROUNDS"]
 
     def _personalizes(self, server_round):
-        """Return whether Flower's round `server_round` is the last, whose evaluation fine-tunes (PERSONALIZE)."""
-        return bool(self.cfg["PERSONALIZE"]) and server_round + self.run["offset"] >= self.cfg["NUM_ROUNDS"]
+        """Return whether Flower's round `server_round` ends with the evaluation that fine-tunes (PERSONALIZE): the
+        last round's, or after an early stop (PATIENCE) the next round's, which only does that."""
+        r = server_round + self.run["offset"]
+        if self.record.stopped_early:
+            return r == self.record.tune_round
+        return bool(self.cfg["PERSONALIZE"]) and r >= self.cfg["NUM_ROUNDS"]
 
     def _choose(self, server_round, client_manager, stage):
         """Return the clients of this round's `stage` (fit, evaluate): FRACTION_FIT / FRACTION_EVALUATE of the
@@ -432,6 +442,9 @@ class SaveFedAvg(FedAvg):
         self.nodes.missed(server_round + self.run["offset"], "evaluate", self.sent.get("evaluate", []), results,
                           failures)
         metrics = weighted_metrics(results, list(self.task.metrics.values()), self.metric, self.run["labels"])
+        if self.record.stopped_early:  # the fine-tuning after an early stop: its scores go to the best round's row
+            self.record.add_personal(metrics)
+            return None, metrics
         self.record.note(**metrics, time_evaluate=round(time.time() - getattr(self, "t_evaluate", time.time()), 2))
         self.record.finish(self.current)
         return (1.0 - metrics[self.metric] if metrics else None), metrics

@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import FED, check_metrics, check_round_files, export_cli, run_in_process
 from utils.params import load_npz
@@ -111,19 +112,30 @@ def test_partial_sharing_sends_only_the_shared_parts_and_keeps_the_rest_on_each_
         assert any(not np.array_equal(mine[i], start[i]) for i in head), client  # its own trained head
 
 
-def test_patience_stops_the_run_once_the_score_stops_improving(tiny_fed, tmp_path):
-    save = tmp_path / "run"
-    done = run_in_process({"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(save), **FED,
-                           "num-rounds": 4, "patience": 1})
+def test_patience_stops_the_run_once_the_score_stops_improving_and_personalize_tunes_the_best(tiny_fed, tmp_path):
+    """With PERSONALIZE, the stop is followed by one more evaluation in which every client fine-tunes the best
+    round's model (not the last one's); its scores join the best round's row."""
+    save, clients = tmp_path / "run", tiny_fed[0][:2]
+    done = run_in_process({"datasets": [str(p) for p in clients], "save-dir": str(save), **FED,
+                           "num-rounds": 4, "patience": 1, "personalize": 1})
 
-    scores = [float(row["map50_95"]) for row in _rows(save)]
+    rows = _rows(save)
+    scores = [float(row["map50_95"]) for row in rows]
     best = [max(scores[:i + 1]) for i in range(len(scores))]
     stop = next(r for r in range(2, 5) if best[r - 1] <= best[r - 2])  # the first round that did not improve
+    top = scores.index(best[-1]) + 1  # the best round (ties: the first)
     assert len(scores) == stop < 4  # no round trained after it
     assert (save / f"round{stop}.npz").is_file() and not (save / f"round{stop + 1}.npz").exists()
     assert f"stopping after round {stop} of 4: the global mAP50-95 has not improved for 1 rounds" in done.log
     assert f"done: {stop} rounds in {save}" in done.log and done.strategy.failure() is None
     assert (save / "best.pt").is_file() and (save / "last.pt").is_file()
+    for data in clients:
+        name = data.parent.name
+        ckpt = torch.load(save / "clients" / f"{name}.finetuned.pt", weights_only=False)
+        assert ckpt["federated"]["finetuned_from_round"] == top
+        assert rows[top - 1][f"personal_score_{name}"] != ""  # the best round's row, the others without
+        assert all(row.get(f"personal_score_{name}") in ("", None) for i, row in enumerate(rows) if i != top - 1)
+    assert f"fine-tuned   each client's best model (round {top}) after 1 more epochs" in done.log
 
 
 def test_patience_needs_a_score_every_round(tiny_fed, tmp_path):

@@ -12,7 +12,7 @@ Ultralytics' own optimizer choice and learning rate (OPTIMIZER=auto: AdamW at 0.
 federation's learning-rate scale; else OPTIMIZER and LR0 as given), a fresh optimizer, WARMUP_EPOCHS of warmup capped
 to leave the last epoch at full rate, the client's BATCH, mosaic closed for the last CLOSE_MOSAIC epochs. It runs in
 the last round's evaluation (every client is asked, whatever FRACTION_EVALUATE says), after the client has scored
-the global model.
+the global model; after an early stop (PATIENCE), in one more evaluation of the best round's model (best.pt).
 """
 
 import time
@@ -44,9 +44,10 @@ def resolve(cfg, nc):
     return {"epochs": epochs, "hyp": {**hyp, "warmup_epochs": float(min(cfg["WARMUP_EPOCHS"], epochs - 1))}}
 
 
-def fine_tune(model, data_yaml, spec, classes, path, label, metric):
-    """Fine-tune `model` (the final global weights, trained in place) on the client's train split, write it to `path`
-    (None: not written) and return its score on the val split: `personal_score` (the task's `metric`) and the time.
+def fine_tune(model, data_yaml, spec, classes, path, label, metric, start_round):
+    """Fine-tune `model` (the global weights of `start_round`, trained in place) on the client's train split, write
+    it to `path` (None: not written) and return its score on the val split: `personal_score` (the task's `metric`)
+    and the time.
 
     The caller has already scored the global model; partial labels (`classes`) are honoured as in a round.
     """
@@ -57,18 +58,19 @@ def fine_tune(model, data_yaml, spec, classes, path, label, metric):
     score = evaluate(model, data_yaml, hyp)[metric]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_checkpoint(model, path, {"imgsz": hyp["imgsz"]}, {"finetuned_epochs": ft["epochs"], metric: score})
+        meta = {"finetuned_epochs": ft["epochs"], "finetuned_from_round": start_round, metric: score}
+        write_checkpoint(model, path, {"imgsz": hyp["imgsz"]}, meta)
     return {"personal_score": score, "personal_time": time.time() - t0}
 
 
-def summary(row, metric, label, epochs, folder):
+def summary(row, metric, label, epochs, folder, start="final model"):
     """Return the closing line on the fine-tuned models from the last round's metrics `row`, or None without them."""
     pairs = [(float(row[f"{metric}_{k[15:]}"]), float(v)) for k, v in row.items()
              if k.startswith("personal_score_") and f"{metric}_{k[15:]}" in row]
     if not pairs:
         return None
     better = sum(p >= g for g, p in pairs)
-    return (f"  fine-tuned   each client's final model after {epochs} more epochs on its own images: {folder}/"
+    return (f"  fine-tuned   each client's {start} after {epochs} more epochs on its own images: {folder}/"
             f"<client>{SUFFIX}; own val {label} {sum(g for g, _ in pairs) / len(pairs):.3f} (global) -> "
             f"{sum(p for _, p in pairs) / len(pairs):.3f} (fine-tuned), mean of {len(pairs)}; at least as high "
             f"for {better} of {len(pairs)}")

@@ -18,7 +18,7 @@ import numpy as np
 from utils import personalize
 from utils.checkpoint import write_checkpoint
 from utils.console import log
-from utils.params import save_npz, set_weights
+from utils.params import load_npz, save_npz, set_weights
 from utils.report import plot, write_rows
 from utils.resume import command
 
@@ -67,6 +67,7 @@ class RoundRecord:
         self.closing = threading.Lock()
         self.finished, self.defer_summary = False, False  # the last round is done; the summary waits for the caller
         self.stopped_early, self.last_round = False, cfg["NUM_ROUNDS"]  # PATIENCE
+        self.tune_round = None  # PATIENCE with PERSONALIZE: the round after the stop, whose evaluation fine-tunes
         self.t0 = self.t_last = time.time()
 
     def note(self, **values):
@@ -173,8 +174,24 @@ class RoundRecord:
         log(INFO, "%s", self.line(row))
         self.prune(r)
         self.stop_early(r, score)
-        self.finished = r >= self.last_round
+        self.finished = r >= self.last_round and self.tune_round is None
         if self.finished and not self.defer_summary:
+            self.summary()
+
+    def best_arrays(self):
+        """Return the best round's global arrays (its round file: pruning keeps it)."""
+        return load_npz(self.save_dir / f"round{self.best_round}.npz")
+
+    def add_personal(self, metrics):
+        """After an early stop with PERSONALIZE: write the clients' fine-tuned scores (and their scores of the best
+        round's model where its row lacks them) into the best round's metrics row; the run is then finished."""
+        row = next(x for x in self.rows if int(x["round"]) == self.best_round)
+        row.update({k: v for k, v in metrics.items() if k.startswith("personal_")
+                    or k.startswith(f"{self.metric}_") and k not in row})
+        with self.closing:
+            write_rows(self.save_dir / "metrics.csv", self.rows)
+        self.tune_round, self.finished = None, True
+        if not self.defer_summary:
             self.summary()
 
     def stop_early(self, r, score):
@@ -183,9 +200,10 @@ class RoundRecord:
         if not patience or score is None or best is None or r - best < patience or r >= self.cfg["NUM_ROUNDS"]:
             return
         self.stopped_early, self.last_round = True, r
+        self.tune_round = r + 1 if self.cfg.get("PERSONALIZE") else None
         log(INFO, "stopping after round %d of %d: the global %s has not improved for %d rounds (patience %d); the "
-            "best, %.3f of round %d, is best.pt", r, self.cfg["NUM_ROUNDS"], self.label, r - best, patience,
-            self.best, best)
+            "best, %.3f of round %d, is best.pt%s", r, self.cfg["NUM_ROUNDS"], self.label, r - best, patience,
+            self.best, best, "; each client now fine-tunes it (personalize)" if self.tune_round else "")
         self.wait_for_files()  # this round's last.pt is written in the background: done before the run ends
 
     def line(self, row):
@@ -230,10 +248,12 @@ class RoundRecord:
             d / "metrics.csv", d / "results.png")
         last = d / f"round{self.last_round}.npz"
         log(INFO, "  export a round: %s", command("utils/export_federated.py", last))
-        if self.cfg.get("PERSONALIZE") and self.rows:  # each client's fine-tuned model, beside the global one
+        tuned_row = next((x for x in reversed(self.rows) if x.get("personal_score") not in (None, "")), None)
+        if self.cfg.get("PERSONALIZE") and tuned_row:  # each client's fine-tuned model, beside the global one
             spec = self.run["spec"]
             folder = spec["clients_dir"] if spec["datasets"] else "each SuperNode's save-dir"
-            tuned = personalize.summary(self.rows[-1], self.metric, self.label, self.cfg["PERSONALIZE"], folder)
+            start = f"best model (round {self.best_round})" if self.stopped_early else "final model"
+            tuned = personalize.summary(tuned_row, self.metric, self.label, self.cfg["PERSONALIZE"], folder, start)
             if tuned:
                 log(INFO, "%s", tuned)
 
