@@ -71,11 +71,18 @@ def train_start(work, name):
 
 
 def versions():
-    """The packages the start's bytes depend on: its hash repeats under the same ones (torch and Ultralytics are
-    pinned by requirements.txt; numpy, OpenCV and Pillow, which draw and augment the images, are not)."""
+    """What the start's bytes depend on: its hash repeats under the same packages on the same kind of CPU (torch and
+    Ultralytics are pinned by requirements.txt; numpy, OpenCV and Pillow, which draw and augment the images, are
+    not; torch's CPU kernels round differently on another processor: 2026-12-03, the same packages trained another
+    start on another machine)."""
     from importlib.metadata import version
 
-    return ", ".join(f"{p} {version(p)}" for p in ("torch", "ultralytics", "numpy", "opencv-python", "pillow"))
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
+    packages = ", ".join(f"{p} {version(p)}" for p in ("torch", "ultralytics", "numpy", "opencv-python", "pillow"))
+    return f"{packages}; CPU {cpu} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def val_map(pt, data_yaml):
