@@ -138,6 +138,7 @@ from utils.params import ArraysClient, get_weights, set_weights, to_half
 from utils.record import RoundRecord
 from utils.resume import start_save_dir
 from utils.schedule import describe as describe_schedule
+from utils.schedule import fixed_bn_cause
 from utils.share import expand, shared_entries
 from utils.strategies import Aggregator
 from utils.tasks import get_task
@@ -291,7 +292,8 @@ class SaveFedAvg(FedAvg):
         self.task, self.mixed = get_task(run["spec"].get("task", "detect")), bool(run["spec"].get("client_models"))
         self.metric, label = ("score", "score") if self.mixed else (self.task.metric, self.task.label)
         clients = cfg["MIN_CLIENTS"] or len(run["spec"]["datasets"])
-        cause = privacy.noise_cause(cfg, clients) or "a learning rate too large for this model; lower --lr-scale"
+        cause = privacy.noise_cause(cfg, clients) or fixed_bn_cause(cfg) or \
+            "a learning rate too large for this model; lower --lr-scale"
         self.record = RoundRecord(cfg, run, self.metric, label, self.task, cause)
         self.secagg_weight = secure.max_weight(run["train_images"], unweighted=cfg["DP_CLIP"] > 0)
         bn_var = [j for _, j in run["bn_pairs"]]

@@ -55,6 +55,15 @@ def test_divergence_is_a_non_finite_or_tenfold_train_loss_or_non_finite_weights(
     assert "above 100: 10x" in resumed.check_divergence(2, weights, [101.0])  # the floor: metrics.csv's 3 is less
 
 
+def test_a_diverged_run_with_fixed_bn_from_scratch_names_fixed_bn_as_the_likely_cause():
+    from utils.schedule import fixed_bn_cause
+
+    cause = fixed_bn_cause({"FIXED_BN": 2, "BASE_MODEL": "yolov8n.yaml"})
+    assert cause.startswith("fixed-bn 2 with a model trained from scratch")
+    assert fixed_bn_cause({"FIXED_BN": 2, "BASE_MODEL": "runs/start/best.pt"}) is None  # what it is for
+    assert fixed_bn_cause({"FIXED_BN": 0, "BASE_MODEL": "yolov8n.yaml"}) is None
+
+
 def test_a_run_that_learned_nothing_says_so_and_one_that_learned_does_not(tmp_path, lines):
     record = _record(tmp_path)
     record.trained, record.best, record.best_round = 1, 0.0002, 1
