@@ -248,8 +248,9 @@ class RoundRecord:
             d / "metrics.csv", d / "results.png")
         last = d / f"round{self.last_round}.npz"
         log(INFO, "  export a round: %s", command("utils/export_federated.py", last))
-        tuned_row = next((x for x in reversed(self.rows) if x.get("personal_score") not in (None, "")), None)
-        if self.cfg.get("PERSONALIZE") and tuned_row:  # each client's fine-tuned model, beside the global one
+        tuned_row = self.cfg.get("PERSONALIZE") and next(  # the row with the fine-tuned models' scores
+            (x for x in reversed(self.rows) if x.get("personal_score") not in (None, "")), None)
+        if tuned_row:  # each client's fine-tuned model, beside the global one
             spec = self.run["spec"]
             folder = spec["clients_dir"] if spec["datasets"] else "each SuperNode's save-dir"
             start = f"best model (round {self.best_round})" if self.stopped_early else "final model"
