@@ -45,7 +45,7 @@ IMGSZ = 64  # (int) train and val image size
 BATCH = 8  # (int) batch size per client
 DEVICE = ""  # (str) GPUs the simulated clients share: "" all (none: cpu), "cpu", "0", "0,1" (docs/deployment.md)
 # --- Strategy (docs/strategies.md) -------------------------------------------------------------------------------
-STRATEGY = "fedavg"  # (str) fedavg, fedprox, fedavgm, fedadam, fedyogi, fedmedian, fedtrimmedavg or krum
+STRATEGY = "fedavg"  # (str) fedavg, fedprox, fednova, fedavgm, fedadam, fedyogi, fedmedian, fedtrimmedavg or krum
 SERVER_LR = 1.0  # (float) server learning rate: trainable weights move SERVER_LR x the aggregated client update
 PROXIMAL_MU = 0.01  # (float) fedprox: weight mu of the proximal term mu/2 ||w - w_global||^2 in the client loss
 SERVER_MOMENTUM = 0.5  # (float) fedavgm: server momentum, v = m v + (1 - m) update

@@ -23,8 +23,8 @@ def _cfg(strategy, **kw):
 
 def _round(agg, current, updates):
     agg.begin()
-    for arrays, n in updates:
-        agg.add(arrays, n)
+    for arrays, n, *steps in updates:
+        agg.add(arrays, n, *steps)
     return agg.result(current)
 
 
@@ -33,6 +33,23 @@ def test_fedavg_weights_by_images_and_keeps_dtypes():
     new = _round(agg, _arrays(0.0), [(_arrays(1.0, 4), 1), (_arrays(4.0, 7), 2)])
     np.testing.assert_allclose(new[0], 3.0)  # (1 * 1 + 4 * 2) / 3
     assert new[4].dtype == np.int64 and new[4].shape == () and int(new[4]) == 6  # rint(18 / 3)
+
+
+def test_fednova_divides_each_change_by_its_steps():
+    agg = Aggregator(_cfg("fednova", POOLED_BN_VAR=False), TRAINABLE, BN_PAIRS)
+    # p = 1/3, 2/3; tau = 2, 8: tau_eff = 6, the change 6 * (1/3 * 1/2 + 2/3 * 4/8)
+    new = _round(agg, _arrays(0.0), [(_arrays(1.0, 4), 1, 2), (_arrays(4.0, 7), 2, 8)])
+    np.testing.assert_allclose(new[0], 6 * (1 / 3 * 1.0 / 2 + 2 / 3 * 4.0 / 8))
+    np.testing.assert_allclose(new[2], 3.0)  # buffers: FedAvg's mean, weighted by images only
+    assert int(new[4]) == 6
+    new = _round(agg, _arrays(1.0), [(_arrays(2.0), 1, 10), (_arrays(4.0), 1, 5)])  # FedAvg: 3
+    np.testing.assert_allclose(new[0], 1 + 7.5 * (0.5 * 1 / 10 + 0.5 * 3 / 5), rtol=1e-6)
+    same = _round(agg, _arrays(0.0), [(_arrays(1.0), 1, 4), (_arrays(4.0), 2, 4)])  # equal steps: FedAvg
+    np.testing.assert_allclose(same[0], 3.0)
+    assert "optimizer steps" in agg.check({}) and agg.check({"steps": 3}) is None
+    assert Aggregator(_cfg("fedavg"), TRAINABLE).check({}) is None
+    assert "secagg" in check_strategy(_cfg("fednova", SECAGG=True), 3)
+    assert "secagg" in check_strategy(_cfg("fednova", DP_CLIP=1.0), 3)
 
 
 @pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "fedyogi"])

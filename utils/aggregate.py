@@ -210,7 +210,8 @@ class RoundUpdates:
         server then holds no more. A rejected update is logged and its reason kept for the round line."""
         with self.lock:
             arrays = parameters_to_arrays(res.parameters)  # as parameters_to_ndarrays, each header parsed once
-            problem = check_update(arrays, self.sent, res.num_examples, res.metrics)
+            problem = check_update(arrays, self.sent, res.num_examples, res.metrics) or \
+                self.aggregator.check(res.metrics)
             if problem:
                 name = self.run.get("labels", {}).get(res.metrics.get("dataset"), proxy.cid)
                 self.reasons.append(f"{client_name(name)}: update rejected: {problem}")
@@ -225,7 +226,7 @@ class RoundUpdates:
                 log(WARNING, "round %d: client %s reported %d train images, its dataset has %d; counted as %d",
                     self.r, proxy.cid, n, known, known)
                 n = known
-            self.private.add(arrays) if self.private else self.aggregator.add(arrays, n)
+            self.private.add(arrays) if self.private else self.aggregator.add(arrays, n, res.metrics.get("steps"))
             self.valid.append((n, {k: v for k, v in res.metrics.items() if k != "dataset"},
                                sum(len(t) for t in res.parameters.tensors)))
             return arrived(res)

@@ -9,6 +9,9 @@ Trainable weights take the server step:
                           (an average of recent updates, so SERVER_LR 1 moves as far as FedAvg on a steady
                           direction; Flower's FedAvgM, v = b v + (mean - w), is this with SERVER_LR / (1 - b))
 - fedadam, fedyogi:       Adam / Yogi on the pseudo-gradient (mean - w) with ADAPTIVE_LR, ADAPTIVE_BETA1/2, ADAPTIVE_TAU
+- fednova:                w + SERVER_LR * tau_eff * sum_k p_k (w_k - w) / tau_k  (FedNova, Wang et al. 2020: each
+                          client's change divided by its optimizer steps tau_k, p_k its share of the images,
+                          tau_eff = sum_k p_k tau_k; clients that take more steps no longer pull the average harder)
 - fedmedian:              coordinate-wise median of the updates (unweighted), then the SERVER_LR step
 - fedtrimmedavg:          coordinate-wise mean without the TRIM_BETA largest and smallest fraction, then SERVER_LR
 - krum:                   the update closest to its n - KRUM_F - 2 nearest others (distances over trainable weights)
@@ -25,7 +28,7 @@ from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, agg
 
 from utils.aggregate import WeightedMean, server_step
 
-STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fednova", "fedavgm", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
 
 
@@ -34,6 +37,8 @@ def check_strategy(cfg, clients):
     s = cfg["STRATEGY"]
     if s not in STRATEGIES:
         return f"strategy {s!r} is not one of {', '.join(STRATEGIES)}"
+    if s == "fednova" and (cfg["SECAGG"] or cfg["DP_CLIP"]):
+        return "fednova needs each client's own update and step count; it cannot run with secagg or dp-clip"
     if s == "fedprox" and cfg["PROXIMAL_MU"] <= 0:
         return f"fedprox needs proximal-mu > 0 (got {cfg['PROXIMAL_MU']})"
     if not 0 <= cfg["SERVER_MOMENTUM"] < 1:
@@ -72,15 +77,26 @@ class Aggregator:
     def begin(self):
         """Start a round with no updates."""
         self.mean, self.squares, self.updates = WeightedMean(), WeightedMean(), []
+        self.nova, self.steps = WeightedMean(), 0.0  # fednova: trainable weights by images / steps; sum n x steps
 
     @property
     def total(self):
         """Return the sum of the added updates' weights (train images)."""
         return self.mean.total
 
-    def add(self, arrays, n):
-        """Add one client's arrays with weight n."""
+    def check(self, metrics):
+        """Return None if a client's reply has what this strategy needs, else one sentence."""
+        steps = metrics.get("steps")
+        if self.name == "fednova" and (not isinstance(steps, int) or steps <= 0):
+            return f"it reported {steps!r} optimizer steps (fednova needs a positive integer)"
+        return None
+
+    def add(self, arrays, n, steps=None):
+        """Add one client's arrays with weight n (and, for fednova, the optimizer steps it took)."""
         self.mean.add(arrays, n)
+        if self.name == "fednova":
+            self.nova.add([a for a, t in zip(arrays, self.trainable) if t], n / steps)
+            self.steps += n * steps
         if self.bn_pairs:
             self.squares.add([arrays[i].astype(np.float64) ** 2 for i, _ in self.bn_pairs], n)
         if self.name in ROBUST:
@@ -104,6 +120,11 @@ class Aggregator:
             for (i, j), sq in zip(self.bn_pairs, squares):
                 mean = self.mean.sum[i] / self.mean.total
                 agg[j] = (self.mean.sum[j] / self.mean.total + sq - mean**2).clip(min=0).astype(current[j].dtype)
+        if self.name == "fednova":  # trainable: current + tau_eff * (sum p/tau) * (mean weighted by n/tau - current)
+            scale = self.steps / self.mean.total * self.nova.total / self.mean.total
+            idx = [i for i, t in enumerate(self.trainable) if t]
+            for i, m in zip(idx, self.nova.result([current[i] for i in idx])):
+                agg[i] = (current[i] + scale * (m.astype(np.float64) - current[i])).astype(current[i].dtype)
         if self.name not in ("fedavgm", "fedadam", "fedyogi"):
             return server_step(current, agg, self.trainable, self.cfg["SERVER_LR"])
         idx = [i for i, t in enumerate(self.trainable) if t]

@@ -201,8 +201,9 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
 
     Returns:
         (dict): `train_images` (the FedAvg weight), the mean train losses of the round's last epoch, `lr` (the
-            learning rate of the weights at the end of the round), seconds spent: `time_setup` (trainer,
-            dataset scan, dataloaders), `time_train` (the epochs) and with `recalibrate` `time_recalibrate`,
+            learning rate of the weights at the end of the round), `steps` (optimizer steps taken), seconds spent:
+            `time_setup` (trainer, dataset scan, dataloaders), `time_train` (the epochs) and with `recalibrate`
+            `time_recalibrate`,
             `optimizer_state` (keys, arrays) to pass to the next round (empty lists without `return_state`),
             `optimizer_kept` (1 if `optimizer_state` was loaded) and on CUDA `gpu_mem` (peak MB).
     """
@@ -265,6 +266,12 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         trainer.add_callback("on_fit_epoch_end", stop_round)
         for event, fn in (callbacks or {}).items():
             trainer.add_callback(event, fn)
+        optimizer_step, marks["steps"] = trainer.optimizer_step, 0
+
+        def counted_step():  # the optimizer steps of this round: fednova's normalization (utils/strategies.py)
+            marks["steps"] += 1
+            optimizer_step()
+        trainer.optimizer_step = counted_step
         try:
             trainer.train()
         finally:
@@ -279,7 +286,7 @@ def train_round(model, data_yaml, start_epoch, epochs, total_epochs, hyp, callba
         if trainer.device.type == "cuda":  # peak GPU memory of this client process, MB (bench/gpu_check.sh)
             losses["gpu_mem"] = torch.cuda.max_memory_reserved(trainer.device) / 2**20
         return {"train_images": len(trainer.train_loader.dataset), **losses, "lr": lr, "batch": trainer.batch_size,
-                "time_setup": marks["setup"] - t0, "time_train": t1 - marks["setup"],
+                "steps": marks["steps"], "time_setup": marks["setup"] - t0, "time_train": t1 - marks["setup"],
                 **({"time_recalibrate": time.time() - t1} if recalibrate else {}),
                 "optimizer_state": get_optimizer_state(trainer.optimizer) if return_state else ([], []),
                 "optimizer_kept": int(marks["kept"])}
