@@ -133,7 +133,7 @@ from utils.datasets import check_dataset_cached, client_label, node_name, unique
 from utils.devices import client_device
 from utils.evaluate import evaluate, evaluate_on_server
 from utils.model import bn_entries, build_model, model_task, own_model, read_base_cached, training_model
-from utils.nodes import CONNECT_WAIT, Nodes, discover, node_properties, on_time, stop_at
+from utils.nodes import Nodes, discover, node_properties, on_time, stop_at, wait_for_nodes
 from utils.params import ArraysClient, get_weights, set_weights, to_half
 from utils.record import RoundRecord
 from utils.resume import start_save_dir
@@ -366,7 +366,7 @@ class SaveFedAvg(FedAvg):
     def _choose(self, server_round, client_manager, stage):
         """Return the clients of this round's `stage` (fit, evaluate): FRACTION_FIT / FRACTION_EVALUATE of the
         connected ones, a sample seeded by the run's round (utils/nodes.py), and remember whom it asked."""
-        client_manager.wait_for(self.min_available_clients, timeout=int(CONNECT_WAIT))
+        wait_for_nodes(client_manager, self.min_available_clients)
         fraction = self.cfg["FRACTION_FIT" if stage == "fit" else "FRACTION_EVALUATE"]
         fraction = 1.0 if stage == "evaluate" and self._personalizes(server_round) else fraction  # every client
         clients = self.nodes.choose(client_manager, fraction, max(self.cfg["MIN_UPDATES"], 1), self.cfg["SEED"],

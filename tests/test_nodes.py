@@ -3,11 +3,12 @@ privacy accounting of sampled rounds. tests/test_simulation.py and tests/test_de
 SuperNodes' class names through Flower's engines."""
 
 import csv
+import time
 
 import pytest
 
 from tests.conftest import FED, run_in_process
-from utils.nodes import Nodes, sample
+from utils.nodes import Nodes, sample, wait_for_nodes
 from utils.privacy import ServerDP, epsilon
 
 
@@ -29,6 +30,26 @@ def test_a_sample_depends_only_on_the_seed_the_round_and_the_clients():
 class _Proxy:
     def __init__(self, cid):
         self.cid = cid
+
+
+class _Registering:
+    """A client manager as Flower's compat loop wraps it: asking how many nodes it has registers the grid's new ones
+    (here: one more on each question after the first two)."""
+
+    def __init__(self, asks_until_all, n):
+        self.asks, self.until, self.n = 0, asks_until_all, n
+
+    def num_available(self):
+        self.asks += 1
+        return self.n if self.asks >= self.until else 0
+
+
+def test_the_first_round_starts_as_soon_as_the_nodes_are_there_not_at_flowers_next_5_s_look():
+    manager = _Registering(3, 8)
+    t = time.time()
+    assert wait_for_nodes(manager, 8, timeout=30, poll=0.01) and manager.asks == 3 and time.time() - t < 1
+    t = time.time()
+    assert not wait_for_nodes(_Registering(10**9, 8), 8, timeout=0.2, poll=0.01) and 0.2 <= time.time() - t < 1
 
 
 def test_late_clients_are_told_apart_from_failed_ones_and_named():

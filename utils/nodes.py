@@ -48,6 +48,22 @@ SETTLE = 5.0  # seconds without a new SuperNode after which a deployment without
 EXPIRED = ("expired due to its TTL", "has expired")  # Flower's error replies for a message past its deadline
 
 
+def wait_for_nodes(client_manager, n, timeout=CONNECT_WAIT, poll=0.1):
+    """Return True once `n` nodes are connected, False after `timeout` seconds.
+
+    Flower's compat round loop adds the grid's new nodes to the client manager from a thread that looks every 5 s,
+    or when the manager is asked how many it has; its `wait_for` only waits for that thread, which kept every
+    simulation's first round idle for up to 5 s with all its nodes already there. Asking every `poll` seconds
+    registers them at once.
+    """
+    end = time.time() + timeout
+    while client_manager.num_available() < n:
+        if time.time() >= end:
+            return False
+        time.sleep(poll)
+    return True
+
+
 def ask(proxies, timeout=None):
     """Return {cid: properties} of the nodes behind `proxies` (Flower ClientProxy objects), asked at once; a node
     that fails to answer maps to {"error": why}."""
