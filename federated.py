@@ -40,6 +40,9 @@ ROUND_TIMEOUT = 0.0  # (float) seconds a round waits for its clients' replies; a
 CLIENT_RESOURCES = {"num_cpus": 1}  # (dict) Ray resources per simulated client; num_gpus derived from DEVICE unless set
 EVALUATE = True  # (bool) evaluate the new global model on every client's val split after each round
 EVAL_EVERY = 1  # (int) with EVALUATE (and SERVER_DATA): evaluate after every this many rounds and after the last
+EVAL_IN_FIT = False  # (bool) clients validate the model a fit message brings before they train it and send the
+#                      scores with their update: one message per client and round, not two (the last round's model:
+#                      an evaluate message); a round's row and line come once the next round's updates are in
 # --- Training (Ultralytics train arguments, the same on every client) --------------------------------------------
 IMGSZ = 64  # (int) train and val image size
 BATCH = 8  # (int) batch size per client
@@ -206,10 +209,12 @@ class YoloClient(NumPyClient):
             raise RuntimeError(f"{node_name(self.dataset, self.partition_id, config)}: {first_line(e)}") from e
 
     def _fit(self, parameters, config):
-        """Train the sent weights (see fit)."""
+        """Train the sent weights (see fit); with EVAL_IN_FIT first validate them, the scores sent as `eval_*`."""
         t0 = time.time()
         spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
         t_prepared = time.time()
+        scores = self._validate(model, data_yaml, spec, dataset) if config.get("validate") else {}  # EVAL_IN_FIT
+        scores = {f"eval_{k}": v for k, v in scores.items() if k != "dataset"}
         hyp = {**spec["hyp"], "seed": spec["hyp"]["seed"] + int(config["server-round"])}
         if spec.get("min_steps"):  # the server always sends nbs with min_steps; 64 is Ultralytics' own default
             hyp.update(client_batch(hyp["batch"], hyp.get("nbs", 64), self.train_images, spec["min_steps"]))
@@ -235,7 +240,7 @@ class YoloClient(NumPyClient):
         weights = encode_upload(weights, parameters, config, [k in trainable for k in model.state_dict()], out)
         n, out["dataset"] = out.pop("train_images"), str(Path(dataset).resolve())
         out.update(time_prepare=t_prepared - t0, time_upload=time.time() - t_trained,  # metrics.csv: train_time_*
-                   time_state=self.kept.seconds)
+                   time_state=self.kept.seconds, **scores)
         return weights, n, out
 
     def evaluate(self, parameters, config):
@@ -247,18 +252,24 @@ class YoloClient(NumPyClient):
         try:
             t0 = time.time()
             spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
-            t_prepared = time.time()
-            m = evaluate(model, data_yaml, spec["hyp"])
+            m = self._validate(model, data_yaml, spec, dataset, t0)
             if config.get("personalize"):  # the last (or best) round's model: fine-tune it on its own images, keep it
                 m.update(personalize.fine_tune(model, data_yaml, spec, classes, self.kept.file(personalize.SUFFIX),
                                                self.label, self.task.metric, config["personalize"]))
-            m.update(val_time_prepare=t_prepared - t0, val_time=time.time() - t_prepared)
         except Exception as e:
             raise RuntimeError(f"{node_name(self.dataset, self.partition_id, config)}: {first_line(e)}") from e
-        n, m["client"], m["dataset"] = m.pop("images"), client_label(dataset), str(Path(dataset).resolve())
+        return 1.0 - m[self.task.metric], m.pop("images"), m
+
+    def _validate(self, model, data_yaml, spec, dataset, t0=None):
+        """Return the metrics of `model` on the val split, its image count (`images`), the client's name and
+        dataset, and the seconds it took (`val_time`; `val_time_prepare` from t0, the message's arrival)."""
+        t1 = time.time()
+        m = evaluate(model, data_yaml, spec["hyp"])
+        m.update(val_time_prepare=t1 - (t0 or t1), val_time=time.time() - t1, client=client_label(dataset),
+                 dataset=str(Path(dataset).resolve()))
         if spec.get("client_models"):  # mixed tasks: each client's own task metric is the run's score
             m["score"] = m[self.task.metric]
-        return 1.0 - m[self.task.metric], n, m
+        return m
 
 
 def client_fn(context: Context):
@@ -327,6 +338,8 @@ class SaveFedAvg(FedAvg):
         self.record.check_writing()  # a failed write (disk full) stops the run here
         if self.record.stopped_early:
             return []
+        if self._in_fit(server_round - 1):  # its row waits for the scores this round's clients send first
+            self.record.hold()
         t0 = time.time()
         sent = self._sent(everything=server_round == 1 and not self.mixed)  # mixed: heads start from their own
         params = ndarrays_to_parameters(to_half(sent) if self.cfg["FP16"] == "both" else sent)
@@ -336,13 +349,15 @@ class SaveFedAvg(FedAvg):
         self._open(server_round + self.run["offset"])
         if not self.cfg["SECAGG"]:  # each reply is aggregated as it arrives (SecAgg+'s workflow sums them itself)
             clients = [Arriving(c, self.open.arrive) for c in clients]
-        return [(c, FitIns(params, self.round_config(server_round))) for c in clients]
+        validate = {"validate": True} if self.record.held else {}  # EVAL_IN_FIT: the last round's model, scored first
+        return [(c, FitIns(params, {**self.round_config(server_round), **validate})) for c in clients]
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         """Send the new global weights (under SHARE: the shared parts) for validation on each client's val split;
         after an early stop (PATIENCE) with PERSONALIZE, once more the best round's, for every client to fine-tune."""
         tune, stopped = self._personalizes(server_round), self.record.stopped_early
-        if not self.cfg["EVALUATE"] or not (tune if stopped else self._evaluates(server_round)):
+        if not (tune if stopped else self.cfg["EVALUATE"] and self._evaluates(server_round)
+                and not self._in_fit(server_round)):
             return []
         params, self.t_evaluate = ndarrays_to_parameters(self._sent(arrays=self.record.best_arrays() if stopped
                                                                     else None)), time.time()
@@ -354,6 +369,13 @@ class SaveFedAvg(FedAvg):
         """Return whether Flower's round `server_round` ends with an evaluation (EVAL_EVERY; always the last)."""
         r = server_round + self.run["offset"]
         return r % max(self.cfg["EVAL_EVERY"], 1) == 0 or r >= self.cfg["NUM_ROUNDS"]
+
+    def _in_fit(self, server_round):
+        """Return whether Flower's round `server_round` is evaluated by the next round's clients before they train
+        (EVAL_IN_FIT; never the last round, nor before round 1 or a resume)."""
+        r = server_round + self.run["offset"]
+        return self.cfg["EVAL_IN_FIT"] and self.cfg["EVALUATE"] and server_round >= 1 and r < self.cfg["NUM_ROUNDS"] \
+            and self._evaluates(server_round)
 
     def _personalizes(self, server_round):
         """Return whether Flower's round `server_round` ends with the evaluation that fine-tunes (PERSONALIZE): the
@@ -391,13 +413,18 @@ class SaveFedAvg(FedAvg):
         r, t0 = server_round + self.run["offset"], time.time()
         late, reasons = self.nodes.missed(r, "fit", self.sent.get("fit", []), results, failures)  # ROUND_TIMEOUT's
         self._open(r)
+        for proxy, res in [] if self.cfg["SECAGG"] else results:
+            if not getattr(res, "arrived", False):  # not streamed: given to aggregate_fit directly
+                self.open.arrive(proxy, res)
+        if self.record.held:  # EVAL_IN_FIT: the last round's scores came with these updates; that round closes first
+            self._scored(self.open.evaluations, in_fit=True)
+            if self.record.stopped_early:  # PATIENCE stopped the run at that round: these updates are not used
+                self.open = None
+                return None, {}
         if self.cfg["SECAGG"]:
             valid, dp = secure.secure_updates(r, results, self.current, self.run, self.cfg, self.dp, reasons,
                                               self.aggregator, self.masked_bytes)
         else:
-            for proxy, res in results:
-                if not getattr(res, "arrived", False):  # not streamed: given to aggregate_fit directly
-                    self.open.arrive(proxy, res)
             valid, dp = self.open.valid, {}
             reasons += self.open.reasons
         sizes = [size for _, _, size in valid]
@@ -443,13 +470,21 @@ class SaveFedAvg(FedAvg):
         score per client too (`map50_95_<client>`, segment `mask_map50_95_<client>`, ...)."""
         self.nodes.missed(server_round + self.run["offset"], "evaluate", self.sent.get("evaluate", []), results,
                           failures)
-        metrics = weighted_metrics(results, list(self.task.metrics.values()), self.metric, self.run["labels"])
         if self.record.stopped_early:  # the fine-tuning after an early stop: its scores go to the best round's row
+            metrics = weighted_metrics(results, list(self.task.metrics.values()), self.metric, self.run["labels"])
             self.record.add_personal(metrics)
             return None, metrics
-        self.record.note(**metrics, time_evaluate=round(time.time() - getattr(self, "t_evaluate", time.time()), 2))
-        self.record.finish(self.current)
+        metrics = self._scored(results)
         return (1.0 - metrics[self.metric] if metrics else None), metrics
+
+    def _scored(self, results, in_fit=False):
+        """Close the round whose model the clients validated (`results`: Flower's [(proxy, EvaluateRes)]): its
+        scores averaged weighted by val images into its row (utils/record.py `finish`); return them. `in_fit`:
+        the clients sent them with the next round's updates (EVAL_IN_FIT), and that round's row waits meanwhile."""
+        metrics = weighted_metrics(results, list(self.task.metrics.values()), self.metric, self.run["labels"])
+        seconds = 0.0 if in_fit else round(time.time() - getattr(self, "t_evaluate", time.time()), 2)
+        (self.record.finish_held if in_fit else self.record.finish)(self.current, **metrics, time_evaluate=seconds)
+        return metrics
 
     def wait_for_files(self):
         """Wait until the last round's last.pt, best.pt and results.png are written; raise what writing raised."""

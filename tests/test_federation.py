@@ -138,6 +138,62 @@ def test_patience_stops_the_run_once_the_score_stops_improving_and_personalize_t
     assert f"fine-tuned   each client's best model (round {top}) after 1 more epochs" in done.log
 
 
+def test_eval_in_fit_scores_a_round_with_the_next_rounds_updates_the_same_weights_and_scores(fed_run, tmp_path):
+    """EVAL_IN_FIT: the clients validate round 1's model at the start of round 2's fit and send the scores with their
+    updates; the last round's model goes out in an evaluate message. Weights and scores are those of fed_run, the
+    same run with an evaluate message every round."""
+    save = tmp_path / "run"
+    done = run_in_process({"datasets": fed_run.cfg["DATASETS"], "save-dir": str(save), **FED, "eval-in-fit": True})
+
+    assert not any(k.startswith("eval_") for _, res in done.fits[1] for k in res.metrics)
+    assert all(res.metrics["eval_images"] > 0 and "eval_map50_95" in res.metrics for _, res in done.fits[2])
+    for r in (1, 2):
+        ours, theirs = load_npz(save / f"round{r}.npz"), load_npz(fed_run.save / f"round{r}.npz")
+        assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+    rows, base = _rows(save), _rows(fed_run.save)
+    scores = [k for k in base[0] if k.startswith(("precision", "recall", "map50"))]
+    assert len(scores) >= 6 and [[row[k] for k in scores] for row in rows] == [[row[k] for k in scores] for row in base]
+    assert float(rows[0]["time_evaluate"]) == 0 < float(rows[1]["time_evaluate"])  # round 1: no evaluate message
+    assert "train_eval_map50_95" not in rows[0] and "train_eval_map50_95" not in rows[1]
+
+
+def _fingerprint(arrays):
+    return float(np.mean([a.mean(dtype=np.float64) for a in arrays if a.dtype.kind == "f"]))
+
+
+def test_eval_in_fit_scores_the_model_the_clients_were_sent_not_the_one_they_trained(tiny_fed, tmp_path, monkeypatch):
+    """The tiny runs score 0 whichever model is validated, so here the validator's score is a fingerprint of the
+    weights it is given (real validation: tests/test_truth.py): each row's score must be its own round file's."""
+    import federated
+
+    def fingerprint(model, data_yaml, hyp):
+        value = _fingerprint([t.detach().numpy() for t in model.state_dict().values()])
+        return {"precision": value, "recall": value, "map50": value, "map50_95": value, "images": 4}
+
+    monkeypatch.setattr(federated, "evaluate", fingerprint)
+    save = tmp_path / "run"
+    run_in_process({"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(save), **FED, "num-rounds": 3,
+                    "eval-in-fit": True})
+    scores = [float(row["map50_95"]) for row in _rows(save)]
+    rounds = [_fingerprint(load_npz(save / f"round{r}.npz")) for r in (1, 2, 3)]
+    assert scores == pytest.approx(rounds, rel=1e-5) and len(set(rounds)) == 3
+
+
+def test_eval_in_fit_with_patience_stops_without_the_round_that_brought_the_scores(tiny_fed, tmp_path):
+    """The round whose updates carry the scores that stop the run (PATIENCE) trained for nothing: its update is not
+    used and its round file not written; the run ends on the stopped round as without EVAL_IN_FIT."""
+    save = tmp_path / "run"
+    done = run_in_process({"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(save), **FED,
+                           "num-rounds": 4, "patience": 1, "eval-in-fit": True})
+
+    scores = [float(row["map50_95"]) for row in _rows(save)]
+    best = [max(scores[:i + 1]) for i in range(len(scores))]
+    stop = next(r for r in range(2, 4) if best[r - 1] <= best[r - 2])
+    assert len(scores) == stop and [r for r, fits in done.fits.items() if fits] == list(range(1, stop + 2))
+    assert not (save / f"round{stop + 1}.npz").exists() and (save / f"round{stop}.npz").is_file()
+    assert f"stopping after round {stop} of 4" in done.log and done.strategy.failure() is None
+
+
 def test_patience_needs_a_score_every_round(tiny_fed, tmp_path):
     with pytest.raises(ValueError, match="patience 2 needs a global score every round"):
         run_in_process({"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(tmp_path / "r"), **FED,

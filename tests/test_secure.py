@@ -64,6 +64,12 @@ def test_command_line_refuses_secagg_with_a_robust_strategy(tiny_fed, tmp_path, 
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+def test_command_line_refuses_secagg_with_eval_in_fit(tiny_fed, tmp_path, refused):
+    status, last = refused("--datasets", *tiny_fed[0], "--secagg", "--eval-in-fit", "--save-dir", tmp_path / "run")
+    assert status != 0 and "eval-in-fit sends each client's scores with its update" in last
+    assert not (tmp_path / "run").exists()
+
+
 def test_pooled_bn_var_steps_aside_under_secagg_unless_asked_for(tiny_fed, tmp_path, refused):
     import federated
     from utils.config import resolve

@@ -7,7 +7,7 @@ import time
 from logging import WARNING
 
 import numpy as np
-from flwr.common import FitRes, Parameters
+from flwr.common import Code, EvaluateRes, FitRes, Parameters, Status
 from flwr.server.client_proxy import ClientProxy
 
 from utils.console import log
@@ -203,6 +203,7 @@ class RoundUpdates:
         """Start the round with no update."""
         self.r, self.current, self.sent, self.shared, self.fp16, self.run = r, current, sent, shared, fp16, run
         self.aggregator, self.private, self.valid, self.reasons = aggregator, private, [], []
+        self.evaluations = []  # EVAL_IN_FIT: (proxy, EvaluateRes) of the last round's model, one per valid update
         self.lock, self.t_open = threading.Lock(), time.time()
 
     def arrive(self, proxy, res):
@@ -227,7 +228,11 @@ class RoundUpdates:
                     self.r, proxy.cid, n, known, known)
                 n = known
             self.private.add(arrays) if self.private else self.aggregator.add(arrays, n, res.metrics.get("steps"))
-            self.valid.append((n, {k: v for k, v in res.metrics.items() if k != "dataset"},
-                               sum(len(t) for t in res.parameters.tensors)))
+            metrics = {k: v for k, v in res.metrics.items() if k != "dataset"}
+            scores = {k[5:]: metrics.pop(k) for k in list(metrics) if k.startswith("eval_")}
+            if scores:  # EVAL_IN_FIT: its scores of the model it was sent, as an evaluate reply would carry them
+                self.evaluations.append((proxy, EvaluateRes(Status(Code.OK, ""), 0.0, int(scores.pop("images")),
+                                                            {**scores, "dataset": res.metrics.get("dataset")})))
+            self.valid.append((n, metrics, sum(len(t) for t in res.parameters.tensors)))
             return arrived(res)
 

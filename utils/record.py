@@ -55,6 +55,7 @@ class RoundRecord:
         self.cfg, self.run, self.metric, self.label, self.task = cfg, run, metric, label, task
         self.cause = cause
         self.save_dir, self.rows, self.pending = Path(cfg["SAVE_DIR"]), run["rows"], {}
+        self.held = {}  # EVAL_IN_FIT: the last round's row, waiting for the scores the next round's clients send
         scored = [(float(x[metric]), int(x["round"])) for x in self.rows if x.get(metric)]
         self.best, self.best_round = max(scored, key=lambda x: (x[0], -x[1]), default=(None, None))  # ties: the first
         self.trained, self.untrained, self.failed, self.first_error = 0, 0, [], None  # rounds with / without updates
@@ -148,9 +149,23 @@ class RoundRecord:
             write_checkpoint(model, self.save_dir / "best.pt", self.run["train_args"], {"round": r, self.metric: score})
         plot(self.save_dir / "results.png", rows, self.metric, self.label)
 
-    def finish(self, current):
-        """Close the round: its metrics row; then last.pt, best.pt and results.png of `current` (the new global
-        arrays) while the next round trains; its line; pruning; after the last round, the summary."""
+    def hold(self):
+        """Keep the round noted so far open while the next round starts (EVAL_IN_FIT): its scores come with the next
+        round's updates (`finish_held`)."""
+        if self.pending.get("round") is not None:
+            self.held, self.pending = self.pending, {}
+
+    def finish_held(self, current, **values):
+        """Close the held round with `values` (its scores) and `current` (its global arrays, still the global ones);
+        the next round's row, begun meanwhile, stays open."""
+        now, self.pending, self.held = self.pending, {**self.held, **values}, {}
+        self.finish(current)
+        self.pending = now
+
+    def finish(self, current, **values):
+        """Close the round, with `values` noted: its metrics row; then last.pt, best.pt and results.png of `current`
+        (the new global arrays) while the next round trains; its line; pruning; after the last round, the summary."""
+        self.pending.update(values)
         row, r = self.pending, self.pending.get("round")
         if r is None:
             return

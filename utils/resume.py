@@ -24,7 +24,7 @@ from utils.report import read_rows
 RESUME_LOCAL = {"RESUME", "EXIST_OK", "SAVE_DIR", "DEVICE", "WORKERS", "CLIENT_RESOURCES", "VERBOSE"}
 # Given on the command line, these may differ from the saved run (NUM_ROUNDS: the run is extended or shortened).
 RESUME_MAY_CHANGE = RESUME_LOCAL | {"NUM_ROUNDS", "KEEP_ROUNDS", "EVALUATE", "SERVER_DATA", "PATIENCE", "ROUND_TIMEOUT",
-                                     "FRACTION_EVALUATE", "EVAL_EVERY"}
+                                     "FRACTION_EVALUATE", "EVAL_EVERY", "EVAL_IN_FIT"}
 
 
 def complete_rounds(save_dir):

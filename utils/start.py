@@ -33,6 +33,9 @@ def read_inputs(cfg, defaults, given=None):
     for key in ("FRACTION_FIT", "FRACTION_EVALUATE"):
         if not 0 < cfg[key] <= 1:
             problem = problem or f"{key.lower().replace('_', '-')} must be in (0, 1] (got {cfg[key]})"
+    if cfg["EVAL_IN_FIT"] and cfg["SECAGG"]:
+        problem = problem or ("eval-in-fit sends each client's scores with its update, which SecAgg+'s messages do "
+                              "not carry; turn one of them off")
     if cfg["EVAL_EVERY"] < 1:
         problem = problem or f"eval-every must be 1 or more rounds (got {cfg['EVAL_EVERY']})"
     if cfg["ROUND_TIMEOUT"] < 0:
