@@ -132,12 +132,13 @@ from utils.client_state import KeptState
 from utils.config import explicit_settings, get_args_parser, resolve, setting_help
 from utils.console import log
 from utils.console import setup as setup_console
-from utils.datasets import check_dataset_cached, client_label, node_name, unique_label
+from utils.datasets import check_dataset_cached, node_name, unique_label
 from utils.devices import client_device
-from utils.evaluate import evaluate, evaluate_on_server
+from utils.evaluate import client_scores, evaluate_on_server
 from utils.model import bn_entries, build_model, model_task, own_model, read_base_cached, training_model
 from utils.nodes import Nodes, discover, node_properties, on_time, stop_at, wait_for_nodes
 from utils.params import ArraysClient, get_weights, set_weights, to_half
+from utils.plan import EvalPlan
 from utils.record import RoundRecord
 from utils.resume import start_save_dir
 from utils.schedule import describe as describe_schedule
@@ -213,8 +214,8 @@ class YoloClient(NumPyClient):
         t0 = time.time()
         spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
         t_prepared = time.time()
-        scores = self._validate(model, data_yaml, spec, dataset) if config.get("validate") else {}  # EVAL_IN_FIT
-        scores = {f"eval_{k}": v for k, v in scores.items() if k != "dataset"}
+        scores = client_scores(model, data_yaml, spec, dataset, self.task) if config.get("validate") else {}
+        scores = {f"eval_{k}": v for k, v in scores.items() if k != "dataset"}  # EVAL_IN_FIT: the model it was sent
         hyp = {**spec["hyp"], "seed": spec["hyp"]["seed"] + int(config["server-round"])}
         if spec.get("min_steps"):  # the server always sends nbs with min_steps; 64 is Ultralytics' own default
             hyp.update(client_batch(hyp["batch"], hyp.get("nbs", 64), self.train_images, spec["min_steps"]))
@@ -252,24 +253,13 @@ class YoloClient(NumPyClient):
         try:
             t0 = time.time()
             spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
-            m = self._validate(model, data_yaml, spec, dataset, t0)
+            m = client_scores(model, data_yaml, spec, dataset, self.task, t0)
             if config.get("personalize"):  # the last (or best) round's model: fine-tune it on its own images, keep it
                 m.update(personalize.fine_tune(model, data_yaml, spec, classes, self.kept.file(personalize.SUFFIX),
                                                self.label, self.task.metric, config["personalize"]))
         except Exception as e:
             raise RuntimeError(f"{node_name(self.dataset, self.partition_id, config)}: {first_line(e)}") from e
         return 1.0 - m[self.task.metric], m.pop("images"), m
-
-    def _validate(self, model, data_yaml, spec, dataset, t0=None):
-        """Return the metrics of `model` on the val split, its image count (`images`), the client's name and
-        dataset, and the seconds it took (`val_time`; `val_time_prepare` from t0, the message's arrival)."""
-        t1 = time.time()
-        m = evaluate(model, data_yaml, spec["hyp"])
-        m.update(val_time_prepare=t1 - (t0 or t1), val_time=time.time() - t1, client=client_label(dataset),
-                 dataset=str(Path(dataset).resolve()))
-        if spec.get("client_models"):  # mixed tasks: each client's own task metric is the run's score
-            m["score"] = m[self.task.metric]
-        return m
 
 
 def client_fn(context: Context):
@@ -306,6 +296,7 @@ class SaveFedAvg(FedAvg):
         cause = privacy.noise_cause(cfg, clients) or fixed_bn_cause(cfg) or \
             "a learning rate too large for this model; lower --lr-scale"
         self.record = RoundRecord(cfg, run, self.metric, label, self.task, cause)
+        self.plan = EvalPlan(cfg, run["offset"], self.record)  # which rounds end with an evaluation, and how
         self.secagg_weight = secure.max_weight(run["train_images"], unweighted=cfg["DP_CLIP"] > 0)
         bn_var = [j for _, j in run["bn_pairs"]]
         self.dp = privacy.ServerDP(cfg, clients, run["rows"], bn_var) if cfg["DP_CLIP"] else None
@@ -338,7 +329,7 @@ class SaveFedAvg(FedAvg):
         self.record.check_writing()  # a failed write (disk full) stops the run here
         if self.record.stopped_early:
             return []
-        if self._in_fit(server_round - 1):  # its row waits for the scores this round's clients send first
+        if self.plan.in_fit(server_round - 1):  # its row waits for the scores this round's clients send first
             self.record.hold()
         t0 = time.time()
         sent = self._sent(everything=server_round == 1 and not self.mixed)  # mixed: heads start from their own
@@ -355,9 +346,8 @@ class SaveFedAvg(FedAvg):
     def configure_evaluate(self, server_round, parameters, client_manager):
         """Send the new global weights (under SHARE: the shared parts) for validation on each client's val split;
         after an early stop (PATIENCE) with PERSONALIZE, once more the best round's, for every client to fine-tune."""
-        tune, stopped = self._personalizes(server_round), self.record.stopped_early
-        if not (tune if stopped else self.cfg["EVALUATE"] and self._evaluates(server_round)
-                and not self._in_fit(server_round)):
+        tune, stopped = self.plan.personalizes(server_round), self.record.stopped_early
+        if not self.plan.asks(server_round):
             return []
         params, self.t_evaluate = ndarrays_to_parameters(self._sent(arrays=self.record.best_arrays() if stopped
                                                                     else None)), time.time()
@@ -365,32 +355,12 @@ class SaveFedAvg(FedAvg):
         config = {**self.round_config(server_round), **({"personalize": r} if tune else {})}
         return [(c, EvaluateIns(params, config)) for c in self._choose(server_round, client_manager, "evaluate")]
 
-    def _evaluates(self, server_round):
-        """Return whether Flower's round `server_round` ends with an evaluation (EVAL_EVERY; always the last)."""
-        r = server_round + self.run["offset"]
-        return r % max(self.cfg["EVAL_EVERY"], 1) == 0 or r >= self.cfg["NUM_ROUNDS"]
-
-    def _in_fit(self, server_round):
-        """Return whether Flower's round `server_round` is evaluated by the next round's clients before they train
-        (EVAL_IN_FIT; never the last round, nor before round 1 or a resume)."""
-        r = server_round + self.run["offset"]
-        return self.cfg["EVAL_IN_FIT"] and self.cfg["EVALUATE"] and server_round >= 1 and r < self.cfg["NUM_ROUNDS"] \
-            and self._evaluates(server_round)
-
-    def _personalizes(self, server_round):
-        """Return whether Flower's round `server_round` ends with the evaluation that fine-tunes (PERSONALIZE): the
-        last round's, or after an early stop (PATIENCE) the next round's, which only does that."""
-        r = server_round + self.run["offset"]
-        if self.record.stopped_early:
-            return r == self.record.tune_round
-        return bool(self.cfg["PERSONALIZE"]) and r >= self.cfg["NUM_ROUNDS"]
-
     def _choose(self, server_round, client_manager, stage):
         """Return the clients of this round's `stage` (fit, evaluate): FRACTION_FIT / FRACTION_EVALUATE of the
         connected ones, a sample seeded by the run's round (utils/nodes.py), and remember whom it asked."""
         wait_for_nodes(client_manager, self.min_available_clients)
         fraction = self.cfg["FRACTION_FIT" if stage == "fit" else "FRACTION_EVALUATE"]
-        fraction = 1.0 if stage == "evaluate" and self._personalizes(server_round) else fraction  # every client
+        fraction = 1.0 if stage == "evaluate" and self.plan.personalizes(server_round) else fraction  # every client
         clients = self.nodes.choose(client_manager, fraction, max(self.cfg["MIN_UPDATES"], 1), self.cfg["SEED"],
                                     server_round + self.run["offset"], stage, poisson=bool(self.cfg["DP_CLIP"]))
         self.sent[stage] = [c.cid for c in clients]
@@ -413,9 +383,8 @@ class SaveFedAvg(FedAvg):
         r, t0 = server_round + self.run["offset"], time.time()
         late, reasons = self.nodes.missed(r, "fit", self.sent.get("fit", []), results, failures)  # ROUND_TIMEOUT's
         self._open(r)
-        for proxy, res in [] if self.cfg["SECAGG"] else results:
-            if not getattr(res, "arrived", False):  # not streamed: given to aggregate_fit directly
-                self.open.arrive(proxy, res)
+        if not self.cfg["SECAGG"]:
+            self.open.take(results)  # the replies not streamed to it as they arrived
         if self.record.held:  # EVAL_IN_FIT: the last round's scores came with these updates; that round closes first
             self._scored(self.open.evaluations, in_fit=True)
             if self.record.stopped_early:  # PATIENCE stopped the run at that round: these updates are not used
@@ -452,14 +421,14 @@ class SaveFedAvg(FedAvg):
         self.record.note(time_fit=round(t0 - self.open.t_open, 2), time_aggregate=round(t1 - t0, 3),
                          time_save=round(time.time() - t1, 3))
         self.open = None
-        if not self.cfg["EVALUATE"] or not self._evaluates(server_round):  # no evaluation to wait for
+        if not self.plan.waits(server_round):  # no evaluation to wait for
             self.record.finish(self.current)
         return ndarrays_to_parameters(self.current), metrics
 
     def evaluate(self, server_round, parameters):
         """Validate the new global model on SERVER_DATA's val split, when set (server-side evaluation)."""
         if not self.cfg["SERVER_DATA"] or server_round == 0 or self.record.stopped_early or \
-                not self._evaluates(server_round):
+                not self.plan.scheduled(server_round):
             return None
         m = evaluate_on_server(self.run, parameters_to_ndarrays(parameters))
         self.record.note(**{f"server_{k}": v for k, v in m.items() if k != "images"})
@@ -470,20 +439,21 @@ class SaveFedAvg(FedAvg):
         score per client too (`map50_95_<client>`, segment `mask_map50_95_<client>`, ...)."""
         self.nodes.missed(server_round + self.run["offset"], "evaluate", self.sent.get("evaluate", []), results,
                           failures)
-        if self.record.stopped_early:  # the fine-tuning after an early stop: its scores go to the best round's row
-            metrics = weighted_metrics(results, list(self.task.metrics.values()), self.metric, self.run["labels"])
-            self.record.add_personal(metrics)
-            return None, metrics
-        metrics = self._scored(results)
-        return (1.0 - metrics[self.metric] if metrics else None), metrics
+        stopped = self.record.stopped_early  # then the fine-tuning after the stop: its scores join the best round's row
+        metrics = self._scored(results, personal=stopped)
+        return (1.0 - metrics[self.metric] if metrics and not stopped else None), metrics
 
-    def _scored(self, results, in_fit=False):
+    def _scored(self, results, in_fit=False, personal=False):
         """Close the round whose model the clients validated (`results`: Flower's [(proxy, EvaluateRes)]): its
         scores averaged weighted by val images into its row (utils/record.py `finish`); return them. `in_fit`:
-        the clients sent them with the next round's updates (EVAL_IN_FIT), and that round's row waits meanwhile."""
+        the clients sent them with the next round's updates (EVAL_IN_FIT), and that round's row waits meanwhile;
+        `personal`: PERSONALIZE's scores after an early stop, written into the best round's row."""
         metrics = weighted_metrics(results, list(self.task.metrics.values()), self.metric, self.run["labels"])
         seconds = 0.0 if in_fit else round(time.time() - getattr(self, "t_evaluate", time.time()), 2)
-        (self.record.finish_held if in_fit else self.record.finish)(self.current, **metrics, time_evaluate=seconds)
+        if personal:
+            self.record.add_personal(metrics)
+        else:
+            (self.record.finish_held if in_fit else self.record.finish)(self.current, **metrics, time_evaluate=seconds)
         return metrics
 
     def wait_for_files(self):

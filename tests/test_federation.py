@@ -164,13 +164,13 @@ def _fingerprint(arrays):
 def test_eval_in_fit_scores_the_model_the_clients_were_sent_not_the_one_they_trained(tiny_fed, tmp_path, monkeypatch):
     """The tiny runs score 0 whichever model is validated, so here the validator's score is a fingerprint of the
     weights it is given (real validation: tests/test_truth.py): each row's score must be its own round file's."""
-    import federated
+    import utils.evaluate
 
     def fingerprint(model, data_yaml, hyp):
         value = _fingerprint([t.detach().numpy() for t in model.state_dict().values()])
         return {"precision": value, "recall": value, "map50": value, "map50_95": value, "images": 4}
 
-    monkeypatch.setattr(federated, "evaluate", fingerprint)
+    monkeypatch.setattr(utils.evaluate, "evaluate", fingerprint)
     save = tmp_path / "run"
     run_in_process({"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(save), **FED, "num-rounds": 3,
                     "eval-in-fit": True})

@@ -206,6 +206,12 @@ class RoundUpdates:
         self.evaluations = []  # EVAL_IN_FIT: (proxy, EvaluateRes) of the last round's model, one per valid update
         self.lock, self.t_open = threading.Lock(), time.time()
 
+    def take(self, results):
+        """Add the replies of Flower's [(proxy, FitRes)] that did not arrive through `arrive` already."""
+        for proxy, res in results:
+            if not getattr(res, "arrived", False):
+                self.arrive(proxy, res)
+
     def arrive(self, proxy, res):
         """Check one client's reply and add it to the aggregate; return it without its weights (`arrived`), which the
         server then holds no more. A rejected update is logged and its reason kept for the round line."""

@@ -1,6 +1,8 @@
-"""Validate a model's weights on a dataset split with the task's stock Ultralytics validator."""
+"""Validate a model's weights on a dataset split with the task's stock Ultralytics validator: a client's scores, and
+the server's own (SERVER_DATA)."""
 
 import tempfile
+import time
 from copy import deepcopy
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import torch
 from ultralytics.nn.tasks import guess_model_task
 
 from utils.classes import client_view, view_folder
+from utils.datasets import client_label
 from utils.devices import client_device
 from utils.model import build_model
 from utils.offline import no_downloads
@@ -57,6 +60,19 @@ def evaluate(model, data_yaml, hyp, split="val"):
         stats = validator(model=model)
         images = len(validator.dataloader.dataset)
     return {**{short: float(stats[k]) for k, short in task.metrics.items()}, "images": images}
+
+
+def client_scores(model, data_yaml, spec, dataset, task, t0=None):
+    """Return a client's metrics of `model` on its val split (`evaluate`), with its name and dataset, and the seconds
+    it took (`val_time`; `val_time_prepare` from t0, the message's arrival). Mixed tasks (each client its own model
+    task): `score` is the client's own `task`'s metric, the run's score."""
+    t1 = time.time()
+    m = evaluate(model, data_yaml, spec["hyp"])
+    m.update(val_time_prepare=t1 - (t0 or t1), val_time=time.time() - t1, client=client_label(dataset),
+             dataset=str(Path(dataset).resolve()))
+    if spec.get("client_models"):
+        m["score"] = m[task.metric]
+    return m
 
 
 def evaluate_on_server(run, arrays):
