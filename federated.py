@@ -100,6 +100,8 @@ CLOSE_MOSAIC = 10  # (int) turn mosaic off for the last CLOSE_MOSAIC epochs of t
 AMP = True  # (bool) mixed precision on CUDA
 KEEP_OPTIMIZER = True  # (bool) each client keeps its optimizer state (Adam moments) from round to round (a
 #                         file of about twice the model's size per client; docs/training-schedule.md)
+AVG_MOMENTUM = False  # (bool) with KEEP_OPTIMIZER, every client starts a round from the clients' mean momentum of the
+#                       last round instead of its own (one more copy of the weights in each message each way)
 FUSED_ADAM = True  # (bool) Adam and AdamW take torch's fused step on a CPU too (Ultralytics' own choice on CUDA): 4x
 #                     faster steps, the same arithmetic to float rounding; False: Ultralytics' CPU steps bit for bit
 # --- Advanced run ------------------------------------------------------------------------------------------------
@@ -125,7 +127,7 @@ from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.compat import start_grid
 from flwr.server.strategy import FedAvg
 
-from utils import personalize, privacy, secure, simulation, start
+from utils import momentum, personalize, privacy, secure, simulation, start
 from utils.aggregate import Arriving, RoundUpdates, first_line, train_metrics, weighted_metrics
 from utils.classes import annotated, client_data
 from utils.client_state import KeptState
@@ -220,16 +222,18 @@ class YoloClient(NumPyClient):
         if spec.get("min_steps"):  # the server always sends nbs with min_steps; 64 is Ultralytics' own default
             hyp.update(client_batch(hyp["batch"], hyp.get("nbs", 64), self.train_images, spec["min_steps"]))
         keep = spec["keep_optimizer"] and self.state is not None
+        state = momentum.receive(self.kept.optimizer(), config.get("momentum"), self.label) if keep else None
         out = train_round(model, data_yaml, config["start-epoch"], config["epochs"], config["total-epochs"], hyp,
                           callbacks=stop_at(config["deadline"]) if "deadline" in config else None,
                           proximal_mu=float(config["proximal-mu"]), classes=classes,
                           recalibrate=spec.get("bn_recalibrate", False), fused=spec.get("fused_adam", False),
                           fixed_bn=0 < spec.get("fixed_bn", 0) <= int(config["server-round"]),
-                          optimizer_state=self.kept.optimizer() if keep else None, label=self.label,
-                          return_state=keep)
+                          optimizer_state=state, label=self.label, return_state=keep)
         keys, arrays = out.pop("optimizer_state")
         if keep and keys:
             self.kept.keep_optimizer(keys, arrays)
+            mine = momentum.encode(keys, arrays) if spec.get("avg_momentum") else None
+            out.update({"momentum": mine} if mine is not None else {})  # AVG_MOMENTUM: averaged by the server
         t_trained, weights = time.time(), get_weights(model)
         if not all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
             raise RuntimeError("local training produced NaN/Inf weights; the update is withheld")
@@ -335,13 +339,15 @@ class SaveFedAvg(FedAvg):
         sent = self._sent(everything=server_round == 1 and not self.mixed)  # mixed: heads start from their own
         params = ndarrays_to_parameters(to_half(sent) if self.cfg["FP16"] == "both" else sent)
         clients = self._choose(server_round, client_manager, "fit")
-        self.record.note(bytes_down=sum(len(t) for t in params.tensors), sampled=len(clients),
+        extra = self.aggregator.momentum.config() if self.aggregator.momentum else {}  # AVG_MOMENTUM: the clients' mean
+        self.record.note(bytes_down=sum(len(t) for t in params.tensors) + len(extra.get("momentum", b"")),
+                         sampled=len(clients),
                          time_configure=round(time.time() - t0, 3))
         self._open(server_round + self.run["offset"])
         if not self.cfg["SECAGG"]:  # each reply is aggregated as it arrives (SecAgg+'s workflow sums them itself)
             clients = [Arriving(c, self.open.arrive) for c in clients]
         validate = {"validate": True} if self.record.held else {}  # EVAL_IN_FIT: the last round's model, scored first
-        return [(c, FitIns(params, {**self.round_config(server_round), **validate})) for c in clients]
+        return [(c, FitIns(params, {**self.round_config(server_round), **validate, **extra})) for c in clients]
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         """Send the new global weights (under SHARE: the shared parts) for validation on each client's val split;

@@ -7,7 +7,7 @@ import math
 from logging import WARNING
 from pathlib import Path
 
-from utils import personalize, privacy, secure
+from utils import momentum, personalize, privacy, secure
 from utils.classes import federation_names
 from utils.console import log
 from utils.datasets import check_dataset, check_federation, client_labels
@@ -25,8 +25,8 @@ def read_inputs(cfg, defaults, given=None):
     from the saved run. Return (architecture, base weights or None, task, clients' own models, dataset checks, saved
     config.json or None); ValueError with one sentence if anything is off."""
     cfg["STRATEGY"], cfg["FP16"] = cfg["STRATEGY"].lower(), cfg["FP16"].lower()
-    problem = check_schedule(cfg) or personalize.check(cfg) or (cfg["FP16"] not in ("off", "up", "both") and
-                                      f"fp16 must be off, up or both (got {cfg['FP16']!r})")
+    problem = check_schedule(cfg) or personalize.check(cfg) or momentum.check(cfg) or \
+        (cfg["FP16"] not in ("off", "up", "both") and f"fp16 must be off, up or both (got {cfg['FP16']!r})")
     if cfg["PATIENCE"] and not (cfg["EVALUATE"] or cfg["SERVER_DATA"]) or cfg["PATIENCE"] < 0:
         problem = problem or (f"patience {cfg['PATIENCE']} needs a global score every round (keep evaluate on, or "
                               "give server-data) and must be 0 or more")
@@ -113,7 +113,7 @@ def prepare(cfg, defaults, given=None):
             "datasets": [str(Path(d).resolve()) for d in cfg["DATASETS"]],
             "work": str((save_dir / "work").resolve()), "fedbn": cfg["FEDBN"], "partial_labels": cfg["PARTIAL_LABELS"],
             "keep_optimizer": cfg["KEEP_OPTIMIZER"], "min_steps": min_steps, "bn_recalibrate": cfg["BN_RECALIBRATE"],
-            "fused_adam": cfg["FUSED_ADAM"], "fixed_bn": cfg["FIXED_BN"],
+            "fused_adam": cfg["FUSED_ADAM"], "fixed_bn": cfg["FIXED_BN"], "avg_momentum": cfg["AVG_MOMENTUM"],
             "personalize": personalize.resolve(cfg, len(names)),
             "share": cfg["SHARE"], "clients_dir": str((save_dir / "clients").resolve()),
             "client_models": [str(Path(m).resolve()) if Path(m).is_file() else m for m in cfg["CLIENT_MODELS"]]}

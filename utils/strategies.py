@@ -27,6 +27,7 @@ import numpy as np
 from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
 
 from utils.aggregate import WeightedMean, server_step
+from utils.momentum import MomentumMean
 
 STRATEGIES = ("fedavg", "fedprox", "fednova", "fedavgm", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
@@ -72,12 +73,15 @@ class Aggregator:
         self.bn_pairs = list(bn_pairs) if cfg["POOLED_BN_VAR"] and self.name not in ROBUST else []
         self.m = self.v = None  # server momentum / Adam moments of the trainable entries
         self.t = 0  # server optimizer steps taken
+        self.momentum = MomentumMean() if cfg.get("AVG_MOMENTUM") else None  # the clients' mean first moment
         self.begin()
 
     def begin(self):
         """Start a round with no updates."""
         self.mean, self.squares, self.updates = WeightedMean(), WeightedMean(), []
         self.nova, self.steps = WeightedMean(), 0.0  # fednova: trainable weights by images / steps; sum n x steps
+        if self.momentum:
+            self.momentum.begin()
 
     @property
     def total(self):
@@ -89,11 +93,16 @@ class Aggregator:
         steps = metrics.get("steps")
         if self.name == "fednova" and (not isinstance(steps, int) or steps <= 0):
             return f"it reported {steps!r} optimizer steps (fednova needs a positive integer)"
+        if self.momentum and "momentum" in metrics:
+            return self.momentum.check(metrics["momentum"])
         return None
 
-    def add(self, arrays, n, steps=None):
-        """Add one client's arrays with weight n (and, for fednova, the optimizer steps it took)."""
+    def add(self, arrays, n, steps=None, momentum=None):
+        """Add one client's arrays with weight n (and, for fednova, the optimizer steps it took; with AVG_MOMENTUM
+        the first moment it ended with)."""
         self.mean.add(arrays, n)
+        if self.momentum and momentum is not None:
+            self.momentum.add(momentum, n)
         if self.name == "fednova":
             self.nova.add([a for a, t in zip(arrays, self.trainable) if t], n / steps)
             self.steps += n * steps
@@ -114,6 +123,8 @@ class Aggregator:
 
     def result(self, current):
         """Return the new global arrays from the round's updates and the current global arrays."""
+        if self.momentum:
+            self.momentum.close()
         agg = self._robust(current) if self.name in ROBUST else self.mean.result(current)
         if self.bn_pairs:  # pooled variance: E[var_k + mean_k^2] - (E[mean_k])^2, the clients' data taken together
             squares = [s / self.squares.total for s in self.squares.sum]

@@ -1,0 +1,96 @@
+"""AVG_MOMENTUM: the clients' first moments averaged by the server, every client's next round started from the mean."""
+
+import numpy as np
+import pytest
+
+import federated
+from tests.conftest import FED, run_in_process
+from utils import momentum
+from utils.momentum import MomentumMean
+
+
+def _state(rng, shapes=((3, 2), (4,), ())):
+    """An optimizer state as utils/train.py get_optimizer_state returns it: per weight one array per key."""
+    keys = ["exp_avg", "exp_avg_sq", "step"]
+    arrays = []
+    for s in shapes:
+        arrays += [rng.standard_normal(s).astype(np.float32), rng.random(s).astype(np.float32), np.float32(5)]
+    return keys, arrays
+
+
+def test_the_mean_replaces_the_first_moments_only_and_what_does_not_fit_changes_nothing():
+    rng = np.random.default_rng(0)
+    a, b = _state(rng), _state(rng)
+    mean = MomentumMean()
+    assert mean.config() == {}  # round 1: nothing to send yet
+    for state, n in ((a, 1), (b, 3)):
+        assert mean.check(momentum.encode(*state)) is None
+        mean.add(momentum.encode(*state), n)
+    mean.close()
+    keys, got = momentum.receive(a, mean.config()["momentum"])
+    for i in range(0, len(got), 3):  # per weight: exp_avg, exp_avg_sq, step
+        np.testing.assert_allclose(got[i], (a[1][i] + 3 * b[1][i]) / 4, rtol=1e-6)
+        assert got[i].dtype == np.float32 and got[i].shape == a[1][i].shape
+        assert got[i + 1] is a[1][i + 1] and got[i + 2] is a[1][i + 2]  # its own second moments and step count
+    assert keys == a[0]
+    sent = mean.config()["momentum"]
+    mean.close()  # a round without any momentum (skipped): the last mean is sent again
+    assert mean.config()["momentum"] == sent
+
+    other = _state(rng, shapes=((3, 2), (5,), ()))  # another model: one value more
+    assert momentum.receive(other, mean.config()["momentum"]) is other
+    assert momentum.receive(None, mean.config()["momentum"]) is None  # no state of its own: it starts fresh
+    assert momentum.receive(a, None) is a  # no mean sent (round 1, a resumed run's first round)
+    assert momentum.encode(["step"], [np.float32(1)]) is None  # an optimizer without momentum sends none
+    mean.add(momentum.encode(*a), 2)
+    assert "12 values, the other clients' 11" in mean.check(momentum.encode(*other))
+    assert mean.check("not bytes") == mean.check(b"abc") == "its momentum is not a float32 buffer"
+
+
+def test_avg_momentum_clients_start_each_round_from_the_image_weighted_mean_of_the_last(tiny_fed, tmp_path,
+                                                                                          monkeypatch):
+    received = []
+    receive = momentum.receive
+
+    def spy(state, data, who="a client"):
+        out = receive(state, data, who)
+        received.append((who, state, data, out))
+        return out
+
+    monkeypatch.setattr(federated.momentum, "receive", spy)
+    done = run_in_process({"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(tmp_path / "run"), **FED,
+                           "avg-momentum": True})
+    first = [res for _, res in done.fits[1]]
+    assert all(isinstance(res.metrics["momentum"], bytes) for res in first)
+    n = np.array([res.num_examples for res in first], np.float64)
+    sent = [np.frombuffer(res.metrics["momentum"], np.float32) for res in first]
+    assert not np.array_equal(*sent)  # each its own images' momentum
+    expected = (sum(m.astype(np.float64) * k for m, k in zip(sent, n)) / n.sum()).astype(np.float32)
+
+    assert [data for _, _, data, _ in received[:2]] == [None, None]  # round 1: no state, no mean
+    second = received[2:]
+    assert len(second) == 2
+    for who, own, data, out in second:
+        assert np.array_equal(np.frombuffer(data, np.float32), expected)  # what the server sent: the mean
+        keys = out[0]
+        j, k = keys.index("exp_avg"), keys.index("exp_avg_sq")
+        firsts = np.concatenate([a.ravel() for a in out[1][j::len(keys)]])
+        assert np.array_equal(firsts, expected)  # its optimizer starts round 2 from the mean
+        assert all(np.array_equal(x, y) for x, y in zip(own[1][k::len(keys)], out[1][k::len(keys)]))  # its own
+    rows = (done.save / "metrics.csv").read_text().splitlines()
+    assert "momentum" not in rows[0].split(",")  # it travels, it is not a metric
+    header = rows[0].split(",")
+    down = [int(float(r.split(",")[header.index("bytes_down")])) for r in rows[1:]]
+    assert down[1] - down[0] == expected.nbytes  # round 2's fit message also carries the mean
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--keep-optimizer", "false"], "it needs keep-optimizer"),
+    (["--secagg"], "which secagg and dp-clip exist to protect"),
+    (["--fedbn"], "which fedbn and share keep local"),
+    (["--strategy", "krum"], "which strategy krum exists to prevent"),
+])
+def test_avg_momentum_is_refused_where_it_cannot_work(tiny_fed, tmp_path, refused, flags, says):
+    status, last = refused("--datasets", *tiny_fed[0], "--avg-momentum", *flags, "--save-dir", tmp_path / "run")
+    assert status != 0 and says in last
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,112 @@
+"""AVG_MOMENTUM: the clients start each round from the federation's mean momentum instead of their own.
+
+With KEEP_OPTIMIZER every client continues its own optimizer state from round to round. Its first moment (Adam's and
+AdamW's `exp_avg`, SGD's `momentum_buffer`) then points where the client's own images pulled the model at the end of
+its last round, and its first steps of the next round keep going there: each client drifts towards its own kind of
+images. With AVG_MOMENTUM each client also sends the first moment it ended its round with, the server averages them
+weighted by train images, and every client starts its next round from that mean, keeping its own second moments and
+step count (a client without a state of its own, in its first round, starts fresh as before). The idea is MimeLite's
+and FedCM's (Karimireddy et al. 2020; Xu et al. 2021): local steps that follow the federation's momentum.
+
+It costs one more float32 copy of the trainable weights in every fit message and reply. Measured:
+bench/learning.md ("The federation's mean momentum").
+"""
+
+from logging import WARNING
+
+import numpy as np
+
+from utils.console import log
+
+KEYS = ("exp_avg", "momentum_buffer")  # an optimizer state's first moment: Adam/AdamW, SGD
+
+
+def check(cfg):
+    """Return None if AVG_MOMENTUM fits the run's other settings, else one sentence naming the one in the way."""
+    if not cfg["AVG_MOMENTUM"]:
+        return None
+    if not cfg["KEEP_OPTIMIZER"]:
+        return ("avg-momentum gives each client the clients' mean momentum beside its own kept optimizer state: it "
+                "needs keep-optimizer")
+    if cfg["SECAGG"] or cfg["DP_CLIP"]:
+        return ("avg-momentum sends each client's momentum in the clear beside its update, which secagg and dp-clip "
+                "exist to protect; turn one of them off")
+    if cfg["FEDBN"] or cfg["SHARE"] != "all":
+        return "avg-momentum averages the momentum of every trainable weight, which fedbn and share keep local"
+    if cfg["STRATEGY"].lower() in ("fedmedian", "fedtrimmedavg", "krum"):
+        return (f"avg-momentum averages the clients' momentum plainly, which strategy {cfg['STRATEGY']} exists to "
+                "prevent for their weights")
+    return None
+
+
+def _first(keys):
+    """Return the index in `keys` of the state's first moment; None for an optimizer without momentum."""
+    return next((keys.index(k) for k in KEYS if k in keys), None)
+
+
+def encode(keys, arrays):
+    """Return the first moments of an optimizer state (utils/train.py `get_optimizer_state`: `keys`, then per weight
+    one array per key) as one float32 buffer in the weights' order, or None if the state has none."""
+    j = _first(keys)
+    if j is None:
+        return None
+    return np.concatenate([np.asarray(a, np.float32).ravel() for a in arrays[j::len(keys)]]).tobytes()
+
+
+def receive(state, data, who="a client"):
+    """Return the optimizer state `state` (keys, arrays) with its first moments replaced by the federation's mean
+    `data` (a buffer from `MomentumMean.config`); unchanged where the client has no state (it starts fresh), the
+    server sent no mean (round 1, a resumed run's first round) or the mean does not fit (logged)."""
+    if state is None or not data or _first(state[0]) is None:
+        return state
+    keys, arrays = state
+    j = _first(keys)
+    mean, idx = np.frombuffer(data, np.float32), range(j, len(arrays), len(keys))
+    if sum(arrays[i].size for i in idx) != mean.size:
+        log(WARNING, "%s: the federation's momentum has %d values, its optimizer %d; it keeps its own", who,
+            mean.size, sum(arrays[i].size for i in idx))
+        return state
+    out, at = list(arrays), 0
+    for i in idx:
+        out[i] = mean[at:at + arrays[i].size].reshape(arrays[i].shape).astype(arrays[i].dtype)
+        at += arrays[i].size
+    return keys, out
+
+
+class MomentumMean:
+    """The server's side: the image-weighted mean of a round's first moments, sent with the next round's fit."""
+
+    def __init__(self):
+        """Start with no mean to send."""
+        self.mean = None
+        self.begin()
+
+    def begin(self):
+        """Start a round with nothing added (the last round's mean is still the one sent)."""
+        self.sum, self.total = None, 0
+
+    def check(self, data):
+        """Return None if `data` can be added to this round's mean, else one sentence."""
+        if not isinstance(data, bytes) or not data or len(data) % 4:
+            return "its momentum is not a float32 buffer"
+        if self.sum is not None and len(data) // 4 != self.sum.size:
+            return f"its momentum has {len(data) // 4} values, the other clients' {self.sum.size}"
+        return None
+
+    def add(self, data, n):
+        """Add one client's first moments (a buffer from `encode`, checked) with weight n (its train images)."""
+        m = np.frombuffer(data, np.float32)
+        if self.sum is None:
+            self.sum = np.zeros(m.size, np.float64)
+        self.sum += m.astype(np.float64) * n
+        self.total += n
+
+    def close(self):
+        """End the round: its mean, if any client sent a momentum, is what the next round's clients start from."""
+        if self.total:
+            self.mean = (self.sum / self.total).astype(np.float32).tobytes()
+        self.begin()
+
+    def config(self):
+        """Return the fit instructions' entry carrying the mean ({} before any round sent one)."""
+        return {"momentum": self.mean} if self.mean is not None else {}
