@@ -222,7 +222,8 @@ class YoloClient(NumPyClient):
         if spec.get("min_steps"):  # the server always sends nbs with min_steps; 64 is Ultralytics' own default
             hyp.update(client_batch(hyp["batch"], hyp.get("nbs", 64), self.train_images, spec["min_steps"]))
         keep = spec["keep_optimizer"] and self.state is not None
-        state = momentum.receive(self.kept.optimizer(), config.get("momentum"), self.label) if keep else None
+        state = momentum.receive(self.kept.optimizer(), config.get("momentum"), hyp.get("momentum", 0.937),
+                                 self.label) if keep else None
         out = train_round(model, data_yaml, config["start-epoch"], config["epochs"], config["total-epochs"], hyp,
                           callbacks=stop_at(config["deadline"]) if "deadline" in config else None,
                           proximal_mu=float(config["proximal-mu"]), classes=classes,

@@ -9,13 +9,21 @@ from utils import momentum
 from utils.momentum import MomentumMean
 
 
-def _state(rng, shapes=((3, 2), (4,), ())):
-    """An optimizer state as utils/train.py get_optimizer_state returns it: per weight one array per key."""
+def _state(rng, shapes=((3, 2), (4,), ()), v=100.0):
+    """An optimizer state as utils/train.py get_optimizer_state returns it: per weight one array per key (second
+    moments about `v`, 5 steps taken)."""
     keys = ["exp_avg", "exp_avg_sq", "step"]
     arrays = []
     for s in shapes:
-        arrays += [rng.standard_normal(s).astype(np.float32), rng.random(s).astype(np.float32), np.float32(5)]
+        arrays += [rng.standard_normal(s).astype(np.float32), (v * (0.5 + rng.random(s))).astype(np.float32),
+                   np.array(5.0, np.float32)]
     return keys, arrays
+
+
+def _bound(v, t, beta1=0.9):
+    """|m| <= sqrt(v) (1 - beta1^t) / sqrt(1 - beta2^t): Adam's bias-corrected |m_hat| <= sqrt(v_hat); 0 for a weight
+    no step moved (the frozen DFL weights: t = 0)."""
+    return np.sqrt(v.astype(np.float64)) * (1 - beta1**t) / np.sqrt(max(1 - momentum.BETA2**t, 1e-300))
 
 
 def test_the_mean_replaces_the_first_moments_only_and_what_does_not_fit_changes_nothing():
@@ -37,6 +45,14 @@ def test_the_mean_replaces_the_first_moments_only_and_what_does_not_fit_changes_
     mean.close()  # a round without any momentum (skipped): the last mean is sent again
     assert mean.config()["momentum"] == sent
 
+    small = (a[0], [x * np.float32(1e-6) if i % 3 == 1 else x for i, x in enumerate(a[1])])  # v tiny: the others'
+    got = momentum.receive(small, mean.config()["momentum"])[1]  # momentum is clipped to what its own v allows
+    for i in range(0, len(got), 3):
+        bound = _bound(small[1][i + 1], 5.0)
+        assert np.all(np.abs(got[i]) <= bound * (1 + 1e-6)) and np.any(np.abs(got[i]) >= bound * (1 - 1e-6))
+        wanted = np.clip((a[1][i] + 3 * b[1][i]) / 4, -bound, bound)
+        np.testing.assert_allclose(got[i], wanted, rtol=1e-5)
+
     other = _state(rng, shapes=((3, 2), (5,), ()))  # another model: one value more
     assert momentum.receive(other, mean.config()["momentum"]) is other
     assert momentum.receive(None, mean.config()["momentum"]) is None  # no state of its own: it starts fresh
@@ -52,8 +68,8 @@ def test_avg_momentum_clients_start_each_round_from_the_image_weighted_mean_of_t
     received = []
     receive = momentum.receive
 
-    def spy(state, data, who="a client"):
-        out = receive(state, data, who)
+    def spy(state, data, beta1=0.9, who="a client"):
+        out = receive(state, data, beta1, who)
         received.append((who, state, data, out))
         return out
 
@@ -73,9 +89,13 @@ def test_avg_momentum_clients_start_each_round_from_the_image_weighted_mean_of_t
     for who, own, data, out in second:
         assert np.array_equal(np.frombuffer(data, np.float32), expected)  # what the server sent: the mean
         keys = out[0]
-        j, k = keys.index("exp_avg"), keys.index("exp_avg_sq")
+        j, k, t = keys.index("exp_avg"), keys.index("exp_avg_sq"), keys.index("step")
         firsts = np.concatenate([a.ravel() for a in out[1][j::len(keys)]])
-        assert np.array_equal(firsts, expected)  # its optimizer starts round 2 from the mean
+        bounds = np.concatenate([_bound(v, float(s)).ravel() for v, s in zip(own[1][k::len(keys)],
+                                                                             own[1][t::len(keys)])])
+        clipped = np.clip(expected, -bounds, bounds).astype(np.float32)
+        assert np.array_equal(firsts, clipped)  # its optimizer starts round 2 from the mean, clipped by its own v
+        assert np.mean(clipped == expected) > 0.5  # most of it as sent
         assert all(np.array_equal(x, y) for x, y in zip(own[1][k::len(keys)], out[1][k::len(keys)]))  # its own
     rows = (done.save / "metrics.csv").read_text().splitlines()
     assert "momentum" not in rows[0].split(",")  # it travels, it is not a metric

@@ -4,9 +4,10 @@ With KEEP_OPTIMIZER every client continues its own optimizer state from round to
 AdamW's `exp_avg`, SGD's `momentum_buffer`) then points where the client's own images pulled the model at the end of
 its last round, and its first steps of the next round keep going there: each client drifts towards its own kind of
 images. With AVG_MOMENTUM each client also sends the first moment it ended its round with, the server averages them
-weighted by train images, and every client starts its next round from that mean, keeping its own second moments and
-step count (a client without a state of its own, in its first round, starts fresh as before). The idea is MimeLite's
-and FedCM's (Karimireddy et al. 2020; Xu et al. 2021): local steps that follow the federation's momentum.
+weighted by train images, and every client starts its next round from that mean (clipped per weight to what its own
+second moment allows, see `receive`), keeping its own second moments and step count (a client without a state of its
+own, in its first round, starts fresh as before). The idea is MimeLite's and FedCM's (Karimireddy et al. 2020; Xu et
+al. 2021): local steps that follow the federation's momentum.
 
 It costs one more float32 copy of the trainable weights in every fit message and reply. Measured:
 bench/learning.md ("The federation's mean momentum").
@@ -19,6 +20,7 @@ import numpy as np
 from utils.console import log
 
 KEYS = ("exp_avg", "momentum_buffer")  # an optimizer state's first moment: Adam/AdamW, SGD
+BETA2 = 0.999  # Adam's second-moment decay as Ultralytics builds Adam and AdamW (its first is the `momentum` setting)
 
 
 def check(cfg):
@@ -33,7 +35,9 @@ def check(cfg):
                 "exist to protect; turn one of them off")
     if cfg["FEDBN"] or cfg["SHARE"] != "all":
         return "avg-momentum averages the momentum of every trainable weight, which fedbn and share keep local"
-    if cfg["STRATEGY"].lower() in ("fedmedian", "fedtrimmedavg", "krum"):
+    from utils.strategies import ROBUST  # here: strategies.py imports this module
+
+    if cfg["STRATEGY"].lower() in ROBUST:
         return (f"avg-momentum averages the clients' momentum plainly, which strategy {cfg['STRATEGY']} exists to "
                 "prevent for their weights")
     return None
@@ -53,23 +57,37 @@ def encode(keys, arrays):
     return np.concatenate([np.asarray(a, np.float32).ravel() for a in arrays[j::len(keys)]]).tobytes()
 
 
-def receive(state, data, who="a client"):
+def receive(state, data, beta1=0.9, who="a client"):
     """Return the optimizer state `state` (keys, arrays) with its first moments replaced by the federation's mean
     `data` (a buffer from `MomentumMean.config`); unchanged where the client has no state (it starts fresh), the
-    server sent no mean (round 1, a resumed run's first round) or the mean does not fit (logged)."""
+    server sent no mean (round 1, a resumed run's first round) or the mean does not fit (logged).
+
+    Adam's step is m_hat / sqrt(v_hat), and in its own state |m_hat| stays about within sqrt(v_hat), so no step is much
+    larger than the learning rate. The mean of the others' first moments need not: a weight this client's images barely
+    move (a tiny v of its own) may be one the others' move a lot. So each received value is clipped to what this
+    client's own second moment allows, |m_hat| <= sqrt(v_hat) (with Adam's bias corrections at its own step count t:
+    |m| <= sqrt(v) (1 - beta1^t) / sqrt(1 - beta2^t)). Without it, one of three runs from scratch at 16 clients diverged
+    in round 4 (bench/learning.md). SGD's momentum buffer, which has no second moment, is used as sent.
+    """
     if state is None or not data or _first(state[0]) is None:
         return state
     keys, arrays = state
-    j = _first(keys)
-    mean, idx = np.frombuffer(data, np.float32), range(j, len(arrays), len(keys))
+    j, nk = _first(keys), len(keys)
+    mean, idx = np.frombuffer(data, np.float32), range(j, len(arrays), nk)
     if sum(arrays[i].size for i in idx) != mean.size:
         log(WARNING, "%s: the federation's momentum has %d values, its optimizer %d; it keeps its own", who,
             mean.size, sum(arrays[i].size for i in idx))
         return state
+    sq, step = (keys.index(k) - j if k in keys else None for k in ("exp_avg_sq", "step"))
     out, at = list(arrays), 0
     for i in idx:
-        out[i] = mean[at:at + arrays[i].size].reshape(arrays[i].shape).astype(arrays[i].dtype)
+        m = mean[at:at + arrays[i].size].reshape(arrays[i].shape)
         at += arrays[i].size
+        if sq is not None and step is not None:
+            t = float(np.asarray(arrays[i + step]))
+            bound = np.sqrt(arrays[i + sq].astype(np.float64)) * (1 - beta1**t) / np.sqrt(max(1 - BETA2**t, 1e-300))
+            m = np.clip(m, -bound, bound)
+        out[i] = m.astype(arrays[i].dtype)
     return keys, out
 
 
