@@ -178,7 +178,7 @@ def main():
                 demo, test_yaml, cap * a.epochs, str(start), work, seed, a.converge * a.epochs))
             for setting in a.settings:
                 clients = setting_clients(setting, demo, work)
-                for run, flags in [("fedavg", ""), *(v.split("=", 1) for v in a.variant)]:
+                for run, flags in [*([] if a.no_fedavg else [("fedavg", "")]), *(v.split("=", 1) for v in a.variant)]:
                     cell(f"converge{a.converge}|{run}|{setting}|{seed}", lambda: converge_federated(
                         clients, test_yaml, cap, a.epochs, str(start), work,
                         f"converge{a.converge}-{setting}-s{seed}-{run}", a.converge,
