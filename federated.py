@@ -233,8 +233,8 @@ class YoloClient(NumPyClient):
         keys, arrays = out.pop("optimizer_state")
         if keep and keys:
             self.kept.keep_optimizer(keys, arrays)
-            mine = momentum.encode(keys, arrays) if spec.get("avg_momentum") else None
-            out.update({"momentum": mine} if mine is not None else {})  # AVG_MOMENTUM: averaged by the server
+            if spec.get("avg_momentum") and (mine := momentum.encode(keys, arrays)) is not None:
+                out["momentum"] = mine  # AVG_MOMENTUM: averaged by the server
         t_trained, weights = time.time(), get_weights(model)
         if not all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
             raise RuntimeError("local training produced NaN/Inf weights; the update is withheld")

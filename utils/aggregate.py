@@ -233,16 +233,16 @@ class RoundUpdates:
                 log(WARNING, "round %d: client %s reported %d train images, its dataset has %d; counted as %d",
                     self.r, proxy.cid, n, known, known)
                 n = known
+            momentum = res.metrics.get("momentum")  # AVG_MOMENTUM: sent beside the weights
             if self.private:
                 self.private.add(arrays)
             else:
-                self.aggregator.add(arrays, n, res.metrics.get("steps"), res.metrics.get("momentum"))
+                self.aggregator.add(arrays, n, res.metrics.get("steps"), momentum)
             metrics = {k: v for k, v in res.metrics.items() if k not in ("dataset", "momentum")}
             scores = {k[5:]: metrics.pop(k) for k in list(metrics) if k.startswith("eval_")}
             if scores:  # EVAL_IN_FIT: its scores of the model it was sent, as an evaluate reply would carry them
                 self.evaluations.append((proxy, EvaluateRes(Status(Code.OK, ""), 0.0, int(scores.pop("images")),
                                                             {**scores, "dataset": res.metrics.get("dataset")})))
-            momentum = res.metrics.get("momentum")  # AVG_MOMENTUM: sent beside the weights
             self.valid.append((n, metrics, sum(len(t) for t in res.parameters.tensors) +
                                (len(momentum) if isinstance(momentum, bytes) else 0)))
             return arrived(res)

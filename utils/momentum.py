@@ -17,6 +17,7 @@ from logging import WARNING
 
 import numpy as np
 
+from utils.aggregate import WeightedMean
 from utils.console import log
 
 KEYS = ("exp_avg", "momentum_buffer")  # an optimizer state's first moment: Adam/AdamW, SGD
@@ -69,14 +70,15 @@ def receive(state, data, beta1=0.9, who="a client"):
     |m| <= sqrt(v) (1 - beta1^t) / sqrt(1 - beta2^t)). Without it, one of three runs from scratch at 16 clients diverged
     in round 4 (bench/learning.md). SGD's momentum buffer, which has no second moment, is used as sent.
     """
-    if state is None or not data or _first(state[0]) is None:
+    j = None if state is None or not data else _first(state[0])
+    if j is None:
         return state
     keys, arrays = state
-    j, nk = _first(keys), len(keys)
-    mean, idx = np.frombuffer(data, np.float32), range(j, len(arrays), nk)
-    if sum(arrays[i].size for i in idx) != mean.size:
+    mean, idx = np.frombuffer(data, np.float32), range(j, len(arrays), len(keys))
+    size = sum(arrays[i].size for i in idx)
+    if size != mean.size:
         log(WARNING, "%s: the federation's momentum has %d values, its optimizer %d; it keeps its own", who,
-            mean.size, sum(arrays[i].size for i in idx))
+            mean.size, size)
         return state
     sq, step = (keys.index(k) - j if k in keys else None for k in ("exp_avg_sq", "step"))
     out, at = list(arrays), 0
@@ -101,28 +103,24 @@ class MomentumMean:
 
     def begin(self):
         """Start a round with nothing added (the last round's mean is still the one sent)."""
-        self.sum, self.total = None, 0
+        self.round = WeightedMean()
 
     def check(self, data):
         """Return None if `data` can be added to this round's mean, else one sentence."""
         if not isinstance(data, bytes) or not data or len(data) % 4:
             return "its momentum is not a float32 buffer"
-        if self.sum is not None and len(data) // 4 != self.sum.size:
-            return f"its momentum has {len(data) // 4} values, the other clients' {self.sum.size}"
+        if self.round.sum is not None and len(data) // 4 != self.round.sum[0].size:
+            return f"its momentum has {len(data) // 4} values, the other clients' {self.round.sum[0].size}"
         return None
 
     def add(self, data, n):
         """Add one client's first moments (a buffer from `encode`, checked) with weight n (its train images)."""
-        m = np.frombuffer(data, np.float32)
-        if self.sum is None:
-            self.sum = np.zeros(m.size, np.float64)
-        self.sum += m.astype(np.float64) * n
-        self.total += n
+        self.round.add([np.frombuffer(data, np.float32)], n)
 
     def close(self):
         """End the round: its mean, if any client sent a momentum, is what the next round's clients start from."""
-        if self.total:
-            self.mean = (self.sum / self.total).astype(np.float32).tobytes()
+        if self.round.total:
+            self.mean = self.round.result([np.empty(0, np.float32)])[0].tobytes()
         self.begin()
 
     def config(self):
