@@ -377,6 +377,25 @@ def test_musgd_state_of_every_group_survives_the_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))
 
 
+def test_the_state_is_copied_out_unless_the_optimizer_takes_no_more_steps():
+    """train_round reads its optimizer's state as views (the optimizer is dropped after); any other caller gets a
+    copy that the optimizer's next step leaves as it was."""
+    from utils.train import get_optimizer_state
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    (keys, copied), (_, views) = get_optimizer_state(opt), get_optimizer_state(opt, copy=False)
+    assert keys == ["exp_avg", "exp_avg_sq", "step"]
+    assert all(np.array_equal(a, b) for a, b in zip(copied, views))
+    before = [a.copy() for a in copied]
+    opt.step()  # the same gradients once more: every moment moves
+    assert all(np.array_equal(a, b) for a, b in zip(copied, before))
+    first = opt.state[net.weight]["exp_avg"].numpy()
+    assert np.array_equal(views[0], first) and not np.array_equal(views[0], before[0])
+
+
 def test_a_small_client_halves_its_batch_until_an_epoch_makes_enough_steps():
     assert client_batch(8, 8, 96, 6) == {"batch": 8, "nbs": 8}  # 12 steps already
     assert client_batch(8, 8, 24, 6) == {"batch": 4, "nbs": 4}  # 3 steps -> 6
