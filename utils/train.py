@@ -74,7 +74,7 @@ class ProximalLoss:
 def get_optimizer_state(optimizer, copy=True):
     """Return (state keys, arrays): the optimizer's per-weight state (Adam moments, step) in parameter order; with
     copy=False, where the state is on the CPU, views of the optimizer's own tensors (for an optimizer that takes no
-    more steps: 24 MB not copied for yolov8n's AdamW, 3-15 ms of a 64-client federation's 0.2 s client rounds)."""
+    more steps: yolov8n's 24 MB of AdamW moments read in 3-4 ms instead of 5-19 ms, on one thread)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     keys = sorted({k for p in params for k in optimizer.state[p]})  # all weights' keys (MuSGD's groups differ)
     # a weight without some key (frozen, or another group's buffer): zeros, step 0
