@@ -78,9 +78,10 @@ def get_optimizer_state(optimizer, copy=True):
     params = [p for g in optimizer.param_groups for p in g["params"]]
     keys = sorted({k for p in params for k in optimizer.state[p]})  # all weights' keys (MuSGD's groups differ)
     # a weight without some key (frozen, or another group's buffer): zeros, step 0
-    arrays = [torch.as_tensor(optimizer.state[p].get(k, 0.0 if k == "step" else torch.zeros_like(p)))
-              .detach().cpu().numpy() for p in params for k in keys]
-    return keys, [a.copy() for a in arrays] if copy else arrays
+    tensors = [torch.as_tensor(optimizer.state[p].get(k, 0.0 if k == "step" else torch.zeros_like(p))).detach()
+               for p in params for k in keys]
+    # .cpu() of a CUDA tensor is already a copy; a CPU tensor's numpy() shares the optimizer's memory
+    return keys, [t.cpu().numpy().copy() if copy and t.device.type == "cpu" else t.cpu().numpy() for t in tensors]
 
 
 def fuse_adam(optimizer):
