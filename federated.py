@@ -86,8 +86,8 @@ SECAGG_QUANT = 4194304  # (int) SecAgg+: quantization levels over [-secagg-clip,
 FP16 = "off"  # (str) send float weights as float16: off, up (client -> server) or both; integer buffers stay exact
 # --- Advanced training (docs/training-schedule.md) ---------------------------------------------------------------
 NBS = 8  # (int) nominal batch size: one optimizer step per NBS images (NBS / BATCH batches accumulated)
-MIN_STEPS = 6  # (int) with 2+ clients, a small client halves BATCH and NBS (down to 2) until an epoch makes this
-#                many optimizer steps
+MIN_STEPS = "auto"  # (str) with 2+ clients, a small client halves BATCH and NBS (down to 2) until an epoch makes
+#                this many optimizer steps; auto: 6 from a .yaml (random init), 3 from a trained .pt; 0: off
 WORKERS = 0  # (int) dataloader worker processes per client
 OPTIMIZER = "auto"  # (str) SGD, AdamW, ... or auto (resolved once on the server for the whole run)
 LR0 = 0.01  # (float) initial learning rate (ignored when OPTIMIZER is auto)

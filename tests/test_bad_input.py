@@ -104,7 +104,7 @@ def test_cli_refuses_bad_input_and_keeps_earlier_rounds(tiny_fed, tmp_path, refu
 
 
 @pytest.mark.parametrize("key,value", [("LR_SCALE", -1.0), ("LR_SCALE_MAX", 0.0), ("WARMUP_EPOCHS", -1.0),
-                                       ("MIN_STEPS", -2), ("FIXED_BN", -1), ("PERSONALIZE", -1)])
+                                       ("MIN_STEPS", -2), ("MIN_STEPS", "few"), ("FIXED_BN", -1), ("PERSONALIZE", -1)])
 def test_schedule_settings_out_of_range_are_refused_naming_them(key, value, tiny_fed, tmp_path):
     cfg = resolve(federated.DEFAULTS, {"datasets": [str(tiny_fed[0][0])], "save-dir": str(tmp_path / "r")})
     flag = key.lower().replace("_", "-")

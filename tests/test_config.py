@@ -3,6 +3,7 @@
 import tomllib
 
 import pytest
+import torch
 
 import federated
 from tests.conftest import ROOT
@@ -131,3 +132,18 @@ def test_one_client_trains_as_plain_ultralytics_would(tiny_fed, tmp_path):
     assert (one["lr_scale"], one["min_steps"], one["hyp"]["lr0"], one["hyp"]["batch"]) == (1.0, 0, 0.00125, 4)
     two = federated.prepare({**cfg, "DATASETS": [str(d) for d in tiny_fed[0][:2]]})["spec"]
     assert (two["lr_scale"], two["min_steps"], two["hyp"]["lr0"]) == (0.5, 6, 0.000625)
+
+
+def test_min_steps_auto_is_6_from_a_random_init_and_3_from_a_trained_start(tiny_fed, tiny_model, tmp_path):
+    # from a trained start, clients of 12-32 images learned more at batch 4-8 (MIN_STEPS 3) than at 2-4 (6)
+    from utils.model import build_model
+
+    assert [schedule.resolve_min_steps({"MIN_STEPS": v}, 3, t) for v, t in
+            [("auto", False), ("auto", True), ("6", True), (0, True)]] == [6, 3, 6, 0]
+    assert schedule.resolve_min_steps({"MIN_STEPS": "auto"}, 1, True) == 0  # one client: plain Ultralytics
+    pt = tmp_path / "trained.pt"
+    torch.save({"model": build_model(*tiny_model), "train_args": {"task": "detect"}}, pt)
+    cfg = {**federated.DEFAULTS, "DATASETS": [str(d) for d in tiny_fed[0][:2]], "SAVE_DIR": str(tmp_path / "r")}
+    assert federated.prepare({**cfg, "BASE_MODEL": str(pt)})["spec"]["min_steps"] == 3
+    assert federated.prepare({**cfg, "BASE_MODEL": str(pt), "MIN_STEPS": "5"})["spec"]["min_steps"] == 5
+    assert federated.prepare(cfg)["spec"]["min_steps"] == 6
