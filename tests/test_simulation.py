@@ -241,6 +241,29 @@ def test_ctrl_c_mid_round_stops_everything_and_says_how_to_resume(tiny_fed, tmp_
     assert "resuming" in r.stdout + r.stderr and [row["round"] for row in _rows(save)] == ["1", "2", "3", "4"]
 
 
+def test_a_stop_signal_ends_the_run_even_when_its_output_is_gone():
+    # A run whose output reader died (a `tee`, a parent process) and which is then stopped with SIGTERM: writing the
+    # stop line fails, and the handler must still exit at once, not leave the main thread to the interpreter's
+    # shutdown, which waits forever on a thread that never ends (Flower's, blocked on a Ray actor that was ended).
+    code = (f"import sys, threading, time; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from utils.interrupt import on_interrupt\n"
+            "threading.Thread(target=threading.Event().wait).start()  # a thread that never ends, as Flower's\n"
+            "on_interrupt(lambda: 'interrupted: the stop line')\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        proc.stdout.close()
+        proc.stderr.close()  # its reader is gone: every write now fails (EPIPE)
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 128 + signal.SIGTERM
+
+
 def _session(process):
     try:
         return os.getsid(process.pid)

@@ -57,6 +57,20 @@ def end_descendants():
             pass
 
 
+def say(text):
+    """Write `text` as the console's last line: nothing Ray forwards comes after it. An output whose reader is gone (a
+    closed pipe, a `tee` or parent process that died) raises on every write; the stop goes on without the line (before,
+    the error ended the handler early and the interpreter's shutdown then waited forever on Flower's threads)."""
+    for write in (sys.stdout.flush, sys.stderr.flush, lambda: os.write(2, f"\n{text}\n".encode())):
+        try:
+            write()
+        except (OSError, ValueError):  # a broken pipe; a closed file
+            pass
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+
+
 def on_interrupt(message):
     """Install a SIGINT/SIGTERM handler that ends Ray, prints `message()` (a callable) and exits (130 on SIGINT).
 
@@ -64,21 +78,20 @@ def on_interrupt(message):
     """
 
     def handler(signum, frame):  # exits with 128 + the signal's number: 130 for Ctrl-C
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        logging.disable(logging.CRITICAL)  # the server's threads would report the clients being ended as failures
         try:
-            text = message()
-        except Exception as e:  # the line must not fail the stop
-            text = f"interrupted ({e})"
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.write(2, f"\n{text}\n".encode())
-        null = os.open(os.devnull, os.O_WRONLY)  # the line is the last one: nothing Ray forwards comes after it
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        end_descendants()  # right before exiting: Ray's driver code exits (code 1) once it notices its services gone
-        os._exit(128 + signum)  # no interpreter shutdown: it would wait on Flower's and Ray's threads
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            logging.disable(logging.CRITICAL)  # the server's threads would report the clients being ended as failures
+            try:
+                text = message()
+            except Exception as e:  # the line must not fail the stop
+                text = f"interrupted ({e})"
+            say(text)
+        finally:  # whatever failed above (an output whose reader is gone): Ray ended, and the process with it
+            try:
+                end_descendants()  # right before exiting: Ray's driver code exits (code 1) once its services are gone
+            finally:
+                os._exit(128 + signum)  # no interpreter shutdown: it would wait on Flower's and Ray's threads
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
