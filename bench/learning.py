@@ -156,7 +156,11 @@ def main():
             t = time.time()
             res[key] = fn()
             print(f"  {res[key]}  ({time.time() - t:.0f} s)", flush=True)
-            cache.write_text(json.dumps(res, indent=1))
+            # merge with the file as it is now: another process on the same folder may have added cells since
+            res.update({**(json.loads(cache.read_text()) if cache.is_file() else {}), key: res[key]})
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(res, indent=1))
+            os.replace(tmp, cache)
         return res[key]
 
     if a.table_only:

@@ -56,7 +56,8 @@ def resolve_min_steps(cfg, clients, trained):
     Measured (bench/learning.md, "MIN_STEPS from a trained start"), 3 seeds: from a trained start, 3 (clients of
     24-32 images at batch 8 instead of 4, of 12-16 images at batch 4 instead of 2) learned more than 6 in every seed
     at 8 and 16 clients (0.77x and 0.71x of centralized against 0.75x and 0.66x), in less time (a quarter less at 8
-    clients); 0 (batch 8 for all) less than 3 at 16 clients. From scratch 3 learned less than 6 (bench/round_time.md).
+    clients); 0 (batch 8 for all) less than 3 at 16 clients. From scratch 3 learned less than 6 (seed 0;
+    bench/round_time.md).
     """
     if clients <= 1:
         return 0
