@@ -65,6 +65,7 @@ def main():
     p.add_argument("--work", default="runs/profile")
     p.add_argument("--out", default=str(ROOT / "bench" / "round_time.md"))
     a = p.parse_args()
+    extra = a.extra.split()
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     demo, test_yaml = make_demo(work / "demo", seed=0)
@@ -75,14 +76,15 @@ def main():
     results = {}
     for n in a.clients:
         clients = partition(union, n, mode="iid", seed=0, out=work / "partitions" / str(n), verbose=False)
-        results[n] = federated(clients, a.rounds, a.epochs, work / f"run{n}", a.extra.split())
+        results[n] = federated(clients, a.rounds, a.epochs, work / f"run{n}", extra)
     lines = [
         f"# Where a round's time goes: 3 to {max(a.clients)} clients, {a.rounds} rounds x {a.epochs} epochs, "
         f"{cores}-core CPU",
         "",
         f"Command: `.venv/bin/python bench/round_time.py --clients {' '.join(map(str, a.clients))} --rounds {a.rounds} "
         f"--epochs {a.epochs}{' --extra ' + repr(a.extra) if a.extra else ''}`, {time.strftime('%Y-%m-%d')}. The "
-        "demo's 216 train images split IID into N clients (utils/partition.py), imgsz 64, batch 8, from scratch,",
+        "demo's 216 train images split IID into N clients (utils/partition.py), imgsz 64, batch 8, "
+        f"{'from ' + extra[extra.index('--base-model') + 1] if '--base-model' in extra[:-1] else 'from scratch'},",
         "evaluation every round unless --extra says otherwise. Centralized: Ultralytics on the union, "
         f"{a.rounds * a.epochs} epochs, {central['seconds']:.0f} s (in-process: no Python start-up).",
         "",
