@@ -24,7 +24,7 @@ def check_schedule(cfg):
     if cfg["LR_SCALE"] < 0 or cfg["WARMUP_EPOCHS"] < 0:
         return (f"lr-scale ({cfg['LR_SCALE']}) and warmup-epochs ({cfg['WARMUP_EPOCHS']}) must be 0 or more "
                 "(lr-scale 0: derived from the clients)")
-    if str(cfg["MIN_STEPS"]).strip().lower() != "auto" and not str(cfg["MIN_STEPS"]).strip().isdigit():
+    if min_steps(cfg["MIN_STEPS"], trained=False) is None:
         return f"min-steps ({cfg['MIN_STEPS']}) must be auto or a whole number, 0 or more (0: off)"
     if cfg["FIXED_BN"] < 0:
         return f"fixed-bn ({cfg['FIXED_BN']}) must be 0 or more (0: off; R: from round R on)"
@@ -49,9 +49,9 @@ def resolve_warmup(cfg, trained, scale=1.0):
     return float(cfg["WARMUP_EPOCHS"] * (max(scale, 1.0) if cfg["OPTIMIZER"].lower() == "auto" else 1.0))
 
 
-def resolve_min_steps(cfg, clients, trained):
-    """Return MIN_STEPS as the clients apply it: 0 for one client (plain Ultralytics: its BATCH), else MIN_STEPS, where
-    auto is 6 from a random init and 3 from a trained start.
+def min_steps(value, trained):
+    """Return MIN_STEPS `value` as a number of steps (auto: 3 from a trained start, 6 from a random init), or None if
+    it is neither auto nor a whole number.
 
     Measured (bench/learning.md, "MIN_STEPS from a trained start"), 3 seeds: from a trained start, 3 (clients of
     24-32 images at batch 8 instead of 4, of 12-16 images at batch 4 instead of 2) learned more than 6 in every seed
@@ -59,10 +59,15 @@ def resolve_min_steps(cfg, clients, trained):
     clients); 0 (batch 8 for all) less than 3 at 16 clients. From scratch 3 learned less than 6 (seed 0;
     bench/round_time.md).
     """
-    if clients <= 1:
-        return 0
-    value = str(cfg["MIN_STEPS"]).strip().lower()
-    return (3 if trained else 6) if value == "auto" else int(value)
+    text = str(value).strip().lower()
+    if text == "auto":
+        return 3 if trained else 6
+    return int(text) if text.isdigit() else None
+
+
+def resolve_min_steps(cfg, clients, trained):
+    """Return MIN_STEPS as the clients apply it: 0 for one client (plain Ultralytics: its BATCH), else `min_steps`."""
+    return 0 if clients <= 1 else min_steps(cfg["MIN_STEPS"], trained)
 
 
 def resolve_lr_scale(cfg, sizes, clients):
