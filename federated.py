@@ -294,7 +294,7 @@ class SaveFedAvg(FedAvg):
         """Keep the run's settings and state (see `prepare`)."""
         self.cfg, self.run, self.spec_json, self.current = cfg, run, json.dumps(run["spec"]), run["initial"]
         self.shared = run.get("shared")  # SHARE: the indices of the entries that travel; None: all
-        self.aggregator = Aggregator(cfg, run["trainable"], run["bn_pairs"])
+        self.aggregator = Aggregator(cfg, run["trainable"], run["bn_pairs"], run["offset"])
         self.task, self.mixed = get_task(run["spec"].get("task", "detect")), bool(run["spec"].get("client_models"))
         self.metric, label = ("score", "score") if self.mixed else (self.task.metric, self.task.label)
         clients = cfg["MIN_CLIENTS"] or len(run["spec"]["datasets"])
@@ -423,6 +423,7 @@ class SaveFedAvg(FedAvg):
                 r, len(valid), self.cfg["MIN_UPDATES"])
         t1 = time.time()
         self.record.save_round(r, new)  # round{r}.npz
+        self.aggregator.save_round(r)  # AVG_MOMENTUM: the mean the next round starts from, for a resume
         self.current = new
         self.record.note(**{f"train_{k}": v for k, v in metrics.items()})
         self.record.note(time_fit=round(t0 - self.open.t_open, 2), time_aggregate=round(t1 - t0, 3),

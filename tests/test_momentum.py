@@ -63,6 +63,19 @@ def test_the_mean_replaces_the_first_moments_only_and_what_does_not_fit_changes_
     assert mean.check("not bytes") == mean.check(b"abc") == "its momentum is not a float32 buffer"
 
 
+def test_the_mean_is_resumed_only_from_the_round_the_run_continues_after(tmp_path):
+    rng = np.random.default_rng(1)
+    mean = MomentumMean(tmp_path)
+    mean.add(momentum.encode(*_state(rng)), 1)
+    mean.close()
+    mean.save(4)
+    assert MomentumMean(tmp_path, resumed=4).config() == mean.config()  # what round 5 would have been sent
+    assert MomentumMean(tmp_path, resumed=3).config() == {}  # another round's mean: each client keeps its own
+    assert MomentumMean(tmp_path).config() == {}  # a fresh run never reads it
+    (tmp_path / momentum.FILE).write_bytes(b"damaged")
+    assert MomentumMean(tmp_path, resumed=4).config() == {}
+
+
 def test_avg_momentum_clients_start_each_round_from_the_image_weighted_mean_of_the_last(tiny_fed, tmp_path,
                                                                                           monkeypatch):
     received = []
@@ -102,6 +115,18 @@ def test_avg_momentum_clients_start_each_round_from_the_image_weighted_mean_of_t
     header = rows[0].split(",")
     down = [int(float(r.split(",")[header.index("bytes_down")])) for r in rows[1:]]
     assert down[1] - down[0] == expected.nbytes  # round 2's fit message also carries the mean
+
+    # resumed after round 2: round 3's clients start from the mean round 2 made, as they would without the stop
+    last = [res for _, res in done.fits[2]]
+    n = np.array([res.num_examples for res in last], np.float64)
+    expected = (sum(np.frombuffer(res.metrics["momentum"], np.float32).astype(np.float64) * k
+                    for res, k in zip(last, n)) / n.sum()).astype(np.float32)
+    received.clear()
+    run_in_process({"resume": True, "save-dir": str(done.save), "num-rounds": 3},
+                   given={"RESUME", "SAVE_DIR", "NUM_ROUNDS"})
+    assert len(received) == 2
+    for _, own, data, _ in received:
+        assert own is not None and np.array_equal(np.frombuffer(data, np.float32), expected)
 
 
 @pytest.mark.parametrize("flags, says", [

@@ -14,14 +14,17 @@ bench/learning.md ("The federation's mean momentum").
 """
 
 from logging import WARNING
+from pathlib import Path
 
 import numpy as np
 
 from utils.aggregate import WeightedMean
 from utils.console import log
+from utils.params import load_npz, save_npz
 
 KEYS = ("exp_avg", "momentum_buffer")  # an optimizer state's first moment: Adam/AdamW, SGD
 BETA2 = 0.999  # Adam's second-moment decay as Ultralytics builds Adam and AdamW (its first is the `momentum` setting)
+FILE = "momentum.npz"  # in SAVE_DIR: the mean the next round's clients start from, and the round that made it
 
 
 def check(cfg):
@@ -94,12 +97,31 @@ def receive(state, data, beta1=0.9, who="a client"):
 
 
 class MomentumMean:
-    """The server's side: the image-weighted mean of a round's first moments, sent with the next round's fit."""
+    """The server's side: the image-weighted mean of a round's first moments, sent with the next round's fit.
 
-    def __init__(self):
-        """Start with no mean to send."""
-        self.mean = None
+    With a `folder` (SAVE_DIR) the mean is also written there after every round (`save`), so a resumed run's first
+    round starts from the mean its last complete round made, as it would have without the stop.
+    """
+
+    def __init__(self, folder=None, resumed=0):
+        """Start with no mean to send; a run resumed after round `resumed` reads the mean that round made, if saved."""
+        self.mean, self.path = None, Path(folder) / FILE if folder else None
+        if resumed and self.path is not None and self.path.is_file():
+            self.mean = self._read(resumed)
         self.begin()
+
+    def _read(self, resumed):
+        """Return the saved mean if it is round `resumed`'s, else None (logged: the clients keep their own)."""
+        try:
+            r, mean = load_npz(self.path)
+        except ValueError as e:
+            log(WARNING, "the clients' mean momentum is not resumed (each client continues its own): %s", e)
+            return None
+        if int(r) != resumed:
+            log(WARNING, "%s holds round %d's mean momentum, not round %d's; each client continues its own",
+                self.path, int(r), resumed)
+            return None
+        return np.asarray(mean, np.float32).tobytes()
 
     def begin(self):
         """Start a round with nothing added (the last round's mean is still the one sent)."""
@@ -122,6 +144,11 @@ class MomentumMean:
         if self.round.total:
             self.mean = self.round.result([np.empty(0, np.float32)])[0].tobytes()
         self.begin()
+
+    def save(self, r):
+        """Write the mean round `r` closed with (the one the next round is sent) to the folder, if any."""
+        if self.path is not None and self.mean is not None:
+            save_npz(self.path, [np.array(r, np.int64), np.frombuffer(self.mean, np.float32)])
 
     def config(self):
         """Return the fit instructions' entry carrying the mean ({} before any round sent one)."""

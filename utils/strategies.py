@@ -67,13 +67,15 @@ class Aggregator:
     Use: `begin()`, `add(arrays, n)` for each valid update, then `result(current)`.
     """
 
-    def __init__(self, cfg, trainable, bn_pairs=()):
-        """Keep the settings, which state_dict entries are trainable and the (running_mean, running_var) index pairs."""
+    def __init__(self, cfg, trainable, bn_pairs=(), resumed=0):
+        """Keep the settings, which state_dict entries are trainable and the (running_mean, running_var) index pairs;
+        `resumed`: the run continues after that round (AVG_MOMENTUM's mean is read back from SAVE_DIR)."""
         self.cfg, self.name, self.trainable = cfg, cfg["STRATEGY"], trainable
         self.bn_pairs = list(bn_pairs) if cfg["POOLED_BN_VAR"] and self.name not in ROBUST else []
         self.m = self.v = None  # server momentum / Adam moments of the trainable entries
         self.t = 0  # server optimizer steps taken
-        self.momentum = MomentumMean() if cfg.get("AVG_MOMENTUM") else None  # the clients' mean first moment
+        self.momentum = MomentumMean(cfg.get("SAVE_DIR"), resumed) if cfg.get("AVG_MOMENTUM") else None  # the
+        # clients' mean first moment, written to SAVE_DIR every round (`save_round`)
         self.begin()
 
     def begin(self):
@@ -110,6 +112,11 @@ class Aggregator:
             self.squares.add([arrays[i].astype(np.float64) ** 2 for i, _ in self.bn_pairs], n)
         if self.name in ROBUST:
             self.updates.append((arrays, n))
+
+    def save_round(self, r):
+        """Keep in SAVE_DIR what the next round needs from this one beside the weights (AVG_MOMENTUM's mean)."""
+        if self.momentum:
+            self.momentum.save(r)
 
     def _robust(self, current):
         """Return the median, trimmed mean or Krum pick of the round's updates."""
