@@ -70,6 +70,24 @@ def test_server_optimizers_move_trainable_weights_only(strategy):
         np.testing.assert_allclose(first[0], 0.5, rtol=1e-2)
 
 
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "fedyogi"])
+def test_a_resumed_server_optimizer_continues_as_if_the_run_had_never_stopped(strategy, tmp_path):
+    cfg = _cfg(strategy, SERVER_LR=3.0, ADAPTIVE_LR=0.5, POOLED_BN_VAR=False, SAVE_DIR=str(tmp_path))
+    rounds = [[(_arrays(1.0), 1), (_arrays(3.0), 1)], [(_arrays(2.0), 2), (_arrays(-1.0), 1)],
+              [(_arrays(0.5), 1), (_arrays(4.0), 3)]]
+    agg, w = Aggregator(cfg, TRAINABLE, BN_PAIRS), _arrays(0.0)
+    for r, updates in enumerate(rounds[:2], 1):
+        w = _round(agg, w, updates)
+        agg.save_round(r)  # SAVE_DIR/server_state.npz, as after every round of a run
+    straight = _round(agg, w, rounds[2])
+    resumed = _round(Aggregator(cfg, TRAINABLE, BN_PAIRS, resumed=2), w, rounds[2])
+    assert all(np.array_equal(a, b) for a, b in zip(straight, resumed))  # to the bit
+    fresh = _round(Aggregator(cfg, TRAINABLE, BN_PAIRS), w, rounds[2])  # the optimizer from zero
+    assert not np.allclose(fresh[0], straight[0])
+    stale = _round(Aggregator(cfg, TRAINABLE, BN_PAIRS, resumed=1), w, rounds[2])  # another round's state: from zero
+    assert all(np.array_equal(a, b) for a, b in zip(stale, fresh))
+
+
 def test_robust_aggregators():
     updates = [(_arrays(v), n) for v, n in ((1.0, 1), (2.0, 1), (100.0, 5))]
     median = _round(Aggregator(_cfg("fedmedian"), TRAINABLE), _arrays(0.0), updates)
