@@ -88,6 +88,20 @@ def test_a_resumed_server_optimizer_continues_as_if_the_run_had_never_stopped(st
     assert all(np.array_equal(a, b) for a, b in zip(stale, fresh))
 
 
+def test_a_fresh_run_in_the_folder_removes_an_earlier_runs_server_state_and_a_resumed_one_keeps_it(tmp_path):
+    from utils.resume import start_save_dir
+
+    files = ["metrics.csv", "momentum.npz", "server_state.npz", "clients/a.optimizer"]
+    spec = {"names": ["a"], "hyp": {}, "lr_scale": 1.0, "datasets": [], "task": "detect", "model": {}}
+    cfg = _cfg("fedadam", SAVE_DIR=str(tmp_path))
+    for offset, kept in ((2, True), (0, False)):
+        for f in files:
+            (tmp_path / f).parent.mkdir(exist_ok=True)
+            (tmp_path / f).write_bytes(b"x")
+        start_save_dir(cfg, {"offset": offset, "spec": spec})
+        assert [(tmp_path / f).exists() for f in files] == [kept] * len(files)
+
+
 def test_robust_aggregators():
     updates = [(_arrays(v), n) for v, n in ((1.0, 1), (2.0, 1), (100.0, 5))]
     median = _round(Aggregator(_cfg("fedmedian"), TRAINABLE), _arrays(0.0), updates)

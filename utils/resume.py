@@ -16,8 +16,10 @@ import torch
 import ultralytics
 
 from utils.atomic import atomic_write_text, remove_stale_temps
+from utils.momentum import FILE as MOMENTUM_FILE
 from utils.privacy import epsilon
 from utils.report import read_rows
+from utils.strategies import STATE_FILE
 
 # Resuming takes the saved run's settings, except these, which belong to this machine or this start (they keep
 # their value from the command line or their default).
@@ -117,13 +119,15 @@ def interrupted_line(cfg):
 
 def start_save_dir(cfg, run):
     """Start SAVE_DIR: config.json written (on resume too: the settings it continues with, NUM_ROUNDS may have
-    grown), a killed writer's temp files removed, and for a fresh run an overwritten run's metrics.csv and clients'
-    optimizer states (`.optimizer`, earlier `.optimizer.npz`), which it must never continue from."""
+    grown), a killed writer's temp files removed, and for a fresh run an overwritten run's metrics.csv, server state
+    (momentum.npz, server_state.npz) and clients' optimizer states (`.optimizer`, earlier `.optimizer.npz`), which it
+    must never continue from."""
     save_dir = Path(cfg["SAVE_DIR"])
     save_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(save_dir)
     write_config(cfg, run["spec"])
     if not run["offset"]:
-        (save_dir / "metrics.csv").unlink(missing_ok=True)
+        for name in ("metrics.csv", MOMENTUM_FILE, STATE_FILE):
+            (save_dir / name).unlink(missing_ok=True)
         for f in (save_dir / "clients").glob("*.optimizer*"):
             f.unlink()
