@@ -76,7 +76,8 @@ class Aggregator:
 
     def __init__(self, cfg, trainable, bn_pairs=(), resumed=0):
         """Keep the settings, which state_dict entries are trainable and the (running_mean, running_var) index pairs;
-        `resumed`: the run continues after that round (AVG_MOMENTUM's mean is read back from SAVE_DIR)."""
+        `resumed`: the run continues after that round (the server optimizer's state and AVG_MOMENTUM's mean are read
+        back from SAVE_DIR)."""
         self.cfg, self.name, self.trainable = cfg, cfg["STRATEGY"], trainable
         self.bn_pairs = list(bn_pairs) if cfg["POOLED_BN_VAR"] and self.name not in ROBUST else []
         self.m = self.v = None  # server momentum / Adam moments of the trainable entries
