@@ -423,7 +423,7 @@ class SaveFedAvg(FedAvg):
                 r, len(valid), self.cfg["MIN_UPDATES"])
         t1 = time.time()
         self.record.save_round(r, new)  # round{r}.npz
-        self.aggregator.save_round(r)  # AVG_MOMENTUM: the mean the next round starts from, for a resume
+        self.aggregator.save_round(r)  # the server optimizer's state and AVG_MOMENTUM's mean, for a resume
         self.current = new
         self.record.note(**{f"train_{k}": v for k, v in metrics.items()})
         self.record.note(time_fit=round(t0 - self.open.t_open, 2), time_aggregate=round(t1 - t0, 3),

@@ -20,7 +20,7 @@ import numpy as np
 
 from utils.aggregate import WeightedMean
 from utils.console import log
-from utils.params import load_npz, save_npz
+from utils.params import load_round_state, save_round_state
 
 KEYS = ("exp_avg", "momentum_buffer")  # an optimizer state's first moment: Adam/AdamW, SGD
 BETA2 = 0.999  # Adam's second-moment decay as Ultralytics builds Adam and AdamW (its first is the `momentum` setting)
@@ -105,23 +105,10 @@ class MomentumMean:
 
     def __init__(self, folder=None, resumed=0):
         """Start with no mean to send; a run resumed after round `resumed` reads the mean that round made, if saved."""
-        self.mean, self.path = None, Path(folder) / FILE if folder else None
-        if resumed and self.path is not None and self.path.is_file():
-            self.mean = self._read(resumed)
+        self.path = Path(folder) / FILE if folder else None
+        saved = load_round_state(self.path, resumed, "the clients' mean momentum")
+        self.mean = np.asarray(saved[0], np.float32).tobytes() if saved else None
         self.begin()
-
-    def _read(self, resumed):
-        """Return the saved mean if it is round `resumed`'s, else None (logged: the clients keep their own)."""
-        try:
-            r, mean = load_npz(self.path)
-        except ValueError as e:
-            log(WARNING, "the clients' mean momentum is not resumed (each client continues its own): %s", e)
-            return None
-        if int(r) != resumed:
-            log(WARNING, "%s holds round %d's mean momentum, not round %d's; each client continues its own",
-                self.path, int(r), resumed)
-            return None
-        return np.asarray(mean, np.float32).tobytes()
 
     def begin(self):
         """Start a round with nothing added (the last round's mean is still the one sent)."""
@@ -148,7 +135,7 @@ class MomentumMean:
     def save(self, r):
         """Write the mean round `r` closed with (the one the next round is sent) to the folder, if any."""
         if self.path is not None and self.mean is not None:
-            save_npz(self.path, [np.array(r, np.int64), np.frombuffer(self.mean, np.float32)])
+            save_round_state(self.path, r, [np.frombuffer(self.mean, np.float32)])
 
     def config(self):
         """Return the fit instructions' entry carrying the mean ({} before any round sent one)."""

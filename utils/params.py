@@ -3,6 +3,8 @@
 import io
 import math
 import zipfile
+from logging import WARNING
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,6 +12,7 @@ from flwr.client import Client
 from flwr.common import Code, EvaluateRes, FitRes, GetPropertiesRes, Parameters, Status
 
 from utils.atomic import atomic_open
+from utils.console import log
 
 
 def get_weights(model):
@@ -132,6 +135,28 @@ def save_npz(path, arrays):
     """Write arrays as arr_0..arr_{n-1} to path atomically (temp file in the same folder, then rename)."""
     with atomic_open(path) as f:  # a file object, so np.savez does not append '.npz' to the temp name
         np.savez(f, *arrays)
+
+
+def save_round_state(path, r, arrays):
+    """Write state that round `r` left for the next one (`arrays`) to `path`, tagged with `r` (read by
+    `load_round_state`)."""
+    save_npz(path, [np.array(r, np.int64), *arrays])
+
+
+def load_round_state(path, resumed, what):
+    """Return the arrays `save_round_state` wrote to `path` if they are round `resumed`'s, else None (a missing file
+    quietly; a damaged file or another round's with a warning naming `what` starts from nothing)."""
+    if not resumed or path is None or not Path(path).is_file():
+        return None
+    try:
+        r, *arrays = load_npz(path)
+    except ValueError as e:
+        log(WARNING, "%s is not resumed and starts afresh: %s", what, e)
+        return None
+    if int(r) != resumed:
+        log(WARNING, "%s holds round %d's %s, not round %d's; it starts afresh", path, int(r), what, resumed)
+        return None
+    return arrays
 
 
 def load_npz(path):

@@ -32,7 +32,7 @@ from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, agg
 from utils.aggregate import WeightedMean, server_step
 from utils.console import log
 from utils.momentum import MomentumMean
-from utils.params import load_npz, save_npz
+from utils.params import load_round_state, save_round_state
 
 STRATEGIES = ("fedavg", "fedprox", "fednova", "fedavgm", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
@@ -85,21 +85,17 @@ class Aggregator:
         self.momentum = MomentumMean(cfg.get("SAVE_DIR"), resumed) if cfg.get("AVG_MOMENTUM") else None  # the
         # clients' mean first moment, written to SAVE_DIR every round (`save_round`)
         self.state_path = Path(cfg["SAVE_DIR"]) / STATE_FILE if cfg.get("SAVE_DIR") and self.name in STATEFUL else None
-        if resumed and self.state_path is not None and self.state_path.is_file():
-            self._resume_state(resumed)
+        self._resume_state(load_round_state(self.state_path, resumed, f"{self.name} server state"))
         self.begin()
 
-    def _resume_state(self, resumed):
-        """Continue the server optimizer from the state round `resumed` saved; from zero (logged) if it cannot."""
-        try:
-            r, t, *moments = load_npz(self.state_path)
-        except ValueError as e:
-            log(WARNING, "the %s server state starts from zero: %s", self.name, e)
+    def _resume_state(self, saved):
+        """Continue the server optimizer from the `saved` step count and moments; from zero if there are none (or
+        they do not fit this model, logged)."""
+        if not saved:
             return
-        k = sum(map(bool, self.trainable))
-        if int(r) != resumed or len(moments) != (k if self.name == "fedavgm" else 2 * k):
-            log(WARNING, "%s is not round %d's %s state; the server optimizer starts from zero", self.state_path,
-                resumed, self.name)
+        (t, *moments), k = saved, sum(map(bool, self.trainable))
+        if len(moments) != (k if self.name == "fedavgm" else 2 * k):
+            log(WARNING, "%s does not fit this model; the server optimizer starts from zero", self.state_path)
             return
         self.t, self.m = int(t), moments[:k]
         self.v = moments[k:] if self.name != "fedavgm" else [np.zeros_like(m) for m in self.m]
@@ -146,8 +142,8 @@ class Aggregator:
         if self.momentum:
             self.momentum.save(r)
         if self.state_path is not None and self.m is not None:
-            save_npz(self.state_path, [np.array(r, np.int64), np.array(self.t, np.int64), *self.m,
-                                       *(self.v if self.name != "fedavgm" else [])])
+            save_round_state(self.state_path, r, [np.array(self.t, np.int64), *self.m,
+                                                  *(self.v if self.name != "fedavgm" else [])])
 
     def _robust(self, current):
         """Return the median, trimmed mean or Krum pick of the round's updates."""
