@@ -50,6 +50,8 @@ DEVICE = ""  # (str) GPUs the simulated clients share: "" all (none: cpu), "cpu"
 # --- Strategy (docs/strategies.md) -------------------------------------------------------------------------------
 STRATEGY = "fedavg"  # (str) fedavg, fedprox, fednova, fedavgm, fedadam, fedyogi, fedmedian, fedtrimmedavg or krum
 SERVER_LR = 1.0  # (float) server learning rate: trainable weights move SERVER_LR x the aggregated client update
+FEDEXP_MAX = 0.0  # (float) fedavg, fedprox: 0 off; else the server learning rate is set each round from how much the
+#                 clients' changes disagree (FedExP), between 1 and FEDEXP_MAX (docs/strategies.md)
 PROXIMAL_MU = 0.01  # (float) fedprox: weight mu of the proximal term mu/2 ||w - w_global||^2 in the client loss
 SERVER_MOMENTUM = 0.5  # (float) fedavgm: server momentum, v = m v + (1 - m) update
 ADAPTIVE_LR = 0.01  # (float) fedadam, fedyogi: server learning rate of the Adam/Yogi step
@@ -377,7 +379,7 @@ class SaveFedAvg(FedAvg):
         """Start round r's updates (once): each reply is checked and added to the running aggregate as it arrives
         (utils/aggregate.py RoundUpdates); robust strategies keep the round's updates (they need them all)."""
         if self.open is None or self.open.r != r:
-            self.aggregator.begin()
+            self.aggregator.begin(self.current)
             private = self.dp.start(self.current) if self.dp and not self.cfg["SECAGG"] else None  # DP: one sum
             self.open = RoundUpdates(r, self.current, self._sent(), self.shared, self.cfg["FP16"], self.run,
                                      self.aggregator, private)
@@ -414,6 +416,7 @@ class SaveFedAvg(FedAvg):
             if dp:
                 self.record.note(**self.dp.account(r, dp, len(valid)))
             new = self.aggregator.result(self.current)
+            self.record.note(**self.aggregator.fedexp)  # FEDEXP_MAX: the round's server step
             if self.shared is not None:  # the unshared entries stay exactly as the run started
                 new = expand([new[i] for i in self.shared], self.shared, self.current)
             metrics = train_metrics(valid)

@@ -1,10 +1,13 @@
 """Server side of every strategy on real client-update shapes: buffers are never moved by server optimizers."""
 
+import csv
+
 import numpy as np
 import pytest
 
 import federated
-from utils.params import decode_update, encode_update, to_half
+from tests.conftest import FED, run_in_process
+from utils.params import decode_update, encode_update, load_npz, to_half
 from utils.strategies import STRATEGIES, Aggregator, check_strategy
 
 # A small stand-in for a state_dict: conv weight, BN weight (trainable), BN running_mean/var, num_batches_tracked.
@@ -50,6 +53,63 @@ def test_fednova_divides_each_change_by_its_steps():
     assert Aggregator(_cfg("fedavg"), TRAINABLE).check({}) is None
     assert "secagg" in check_strategy(_cfg("fednova", SECAGG=True), 3)
     assert "secagg" in check_strategy(_cfg("fednova", DP_CLIP=1.0), 3)
+
+
+def test_fedexp_sets_the_server_step_from_how_much_the_clients_changes_disagree():
+    def fedexp_round(cap, *values):
+        agg = Aggregator(_cfg("fedavg", FEDEXP_MAX=cap, POOLED_BN_VAR=False), TRAINABLE, BN_PAIRS)
+        agg.begin(_arrays(0.0))  # each client's change is its value
+        for v in values:
+            agg.add(_arrays(v), 1)
+        return agg.result(_arrays(0.0)), agg.fedexp
+
+    # changes +3 and -1: mean 1, mean squared change 5, ratio 5, step max(1, 5 / 2) = 2.5
+    new, fedexp = fedexp_round(4.0, 3.0, -1.0)
+    assert fedexp == {"fedexp_ratio": 5.0, "server_lr": 2.5}
+    np.testing.assert_allclose(new[0], 2.5)  # trainable: 2.5 x the mean change
+    np.testing.assert_allclose(new[2], 1.0)  # buffers: the plain mean
+    np.testing.assert_allclose(fedexp_round(2.0, 3.0, -1.0)[0][0], 2.0)  # at most FEDEXP_MAX
+    new, fedexp = fedexp_round(4.0, 1.0, 1.0)  # clients that agree: ratio 1, FedAvg's step
+    assert fedexp["server_lr"] == 1.0 and np.allclose(new[0], 1.0)
+    assert Aggregator(_cfg("fedavg"), TRAINABLE).fedexp == {}  # off: no column
+    assert "at least 1" in check_strategy(_cfg("fedavg", FEDEXP_MAX=0.5), 3)
+    assert "has its own" in check_strategy(_cfg("fedavgm", FEDEXP_MAX=2.0), 3)
+    assert "in the clear" in check_strategy(_cfg("fedavg", FEDEXP_MAX=2.0, SECAGG=True), 3)
+    assert check_strategy(_cfg("fedprox", FEDEXP_MAX=2.0), 3) is None
+
+
+def test_a_fedexp_federation_steps_by_what_its_clients_sent_and_records_the_step(tiny_fed, tmp_path, monkeypatch):
+    """Three real clients in this process (tests/conftest.py): round 2's file is round 1's plus FedExP's step times
+    the image-weighted mean change of the weights the clients sent, and metrics.csv has that step."""
+    added, add = [], Aggregator.add
+
+    def spy(self, arrays, n, *rest):
+        added.append(([a.astype(np.float64) for a in arrays], n))  # each valid update, as the server received it
+        return add(self, arrays, n, *rest)
+
+    monkeypatch.setattr(Aggregator, "add", spy)
+    done = run_in_process({"datasets": [str(p) for p in tiny_fed[0]], "save-dir": str(tmp_path / "run"), **FED,
+                           "fedexp-max": 4.0})
+    start, new = load_npz(done.save / "round1.npz"), load_npz(done.save / "round2.npz")
+    trainable = done.run["trainable"]
+    sent = added[3:]  # round 2's three updates
+    assert len(added) == 6 and len(sent[0][0]) == len(start)
+    total = sum(n for _, n in sent)
+    mean = [sum(a[i] * n for a, n in sent) / total for i in range(len(start))]
+
+    def squared(arrays):
+        return sum(float(np.sum((a - s.astype(np.float64)) ** 2)) for a, s, t in zip(arrays, start, trainable) if t)
+
+    ratio = sum(n * squared(a) for a, n in sent) / total / squared(mean)
+    lr = min(max(1.0, ratio / 2), 4.0)
+    assert lr > 1  # three clients whose changes disagree: a longer step than FedAvg's
+    with (done.save / "metrics.csv").open() as f:
+        row = list(csv.DictReader(f))[1]
+    assert float(row["fedexp_ratio"]) == pytest.approx(ratio, rel=1e-3)
+    assert float(row["server_lr"]) == pytest.approx(lr, rel=1e-3)
+    for i in (i for i, t in enumerate(trainable) if t):
+        np.testing.assert_allclose(new[i], start[i] + float(row["server_lr"]) * (mean[i] - start[i]), rtol=1e-4,
+                                   atol=1e-6)
 
 
 @pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "fedyogi"])

@@ -5,6 +5,10 @@ Every strategy splits the state_dict into trainable weights and buffers (BatchNo
 server learning rate, momentum or Adam step (on BatchNorm statistics those took a YOLO federation to 0 mAP).
 Trainable weights take the server step:
 - fedavg, fedprox:        w + SERVER_LR * (mean - w)              (fedprox differs on the client: proximal term)
+                          With FEDEXP_MAX, SERVER_LR is instead set each round (FedExP, Jhunjhunwala et al. 2023):
+                          max(1, sum_k p_k |w_k - w|^2 / (2 |mean - w|^2)), at most FEDEXP_MAX, over trainable
+                          weights: where the clients' changes disagree their mean is shorter than each of them, and
+                          the server gives back part of that length.
 - fedavgm:                v = SERVER_MOMENTUM * v + (1 - SERVER_MOMENTUM) * (mean - w);  w + SERVER_LR * v
                           (an average of recent updates, so SERVER_LR 1 moves as far as FedAvg on a steady
                           direction; Flower's FedAvgM, v = b v + (mean - w), is this with SERVER_LR / (1 - b))
@@ -49,6 +53,14 @@ def check_strategy(cfg, clients):
         return "fednova needs each client's own update and step count; it cannot run with secagg or dp-clip"
     if s == "fedprox" and cfg["PROXIMAL_MU"] <= 0:
         return f"fedprox needs proximal-mu > 0 (got {cfg['PROXIMAL_MU']})"
+    if cfg["FEDEXP_MAX"]:
+        if cfg["FEDEXP_MAX"] < 1:
+            return f"fedexp-max must be 0 (off) or at least 1 (got {cfg['FEDEXP_MAX']})"
+        if s not in ("fedavg", "fedprox"):
+            return f"fedexp-max sets fedavg's and fedprox's server step; strategy {s} has its own"
+        if cfg["SECAGG"] or cfg["DP_CLIP"] or cfg["FEDBN"] or cfg["SHARE"] != "all":
+            return ("fedexp-max needs every client's whole change in the clear, which secagg, dp-clip, fedbn and "
+                    "share keep from the server")
     if not 0 <= cfg["SERVER_MOMENTUM"] < 1:
         return f"server-momentum must be in [0, 1) (got {cfg['SERVER_MOMENTUM']})"
     for k in ("ADAPTIVE_BETA1", "ADAPTIVE_BETA2"):
@@ -60,6 +72,11 @@ def check_strategy(cfg, clients):
         n = 2 * cfg["KRUM_F"] + 2
         return f"krum with krum-f {cfg['KRUM_F']} needs more than {n} clients, the run has {clients}"
     return None
+
+
+def _squared_change(arrays, start, trainable):
+    """Return the squared length of `arrays` - `start` over the trainable entries (float64)."""
+    return sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b, t in zip(arrays, start, trainable) if t)
 
 
 def _cast(arrays, reference):
@@ -81,6 +98,7 @@ class Aggregator:
         self.cfg, self.name, self.trainable = cfg, cfg["STRATEGY"], trainable
         self.bn_pairs = list(bn_pairs) if cfg["POOLED_BN_VAR"] and self.name not in ROBUST else []
         self.m = self.v = None  # server momentum / Adam moments of the trainable entries
+        self.fedexp = {}  # FEDEXP_MAX: the last round's ratio and server step (metrics.csv)
         self.t = 0  # server optimizer steps taken
         self.momentum = MomentumMean(cfg.get("SAVE_DIR"), resumed) if cfg.get("AVG_MOMENTUM") else None  # the
         # clients' mean first moment, written to SAVE_DIR every round (`save_round`)
@@ -100,9 +118,10 @@ class Aggregator:
         self.t, self.m = int(t), moments[:k]
         self.v = moments[k:] if self.name != "fedavgm" else [np.zeros_like(m) for m in self.m]
 
-    def begin(self):
-        """Start a round with no updates."""
+    def begin(self, current=None):
+        """Start a round with no updates; FEDEXP_MAX needs the `current` global arrays (the updates' starting point)."""
         self.mean, self.squares, self.updates = WeightedMean(), WeightedMean(), []
+        self.start, self.spread = (current if self.cfg["FEDEXP_MAX"] else None), 0.0  # FEDEXP: sum n |w_k - w|^2
         self.nova, self.steps = WeightedMean(), 0.0  # fednova: trainable weights by images / steps; sum n x steps
         if self.momentum:
             self.momentum.begin()
@@ -125,6 +144,8 @@ class Aggregator:
         """Add one client's arrays with weight n (and, for fednova, the optimizer steps it took; with AVG_MOMENTUM
         the first moment it ended with)."""
         self.mean.add(arrays, n)
+        if self.start is not None:
+            self.spread += n * _squared_change(arrays, self.start, self.trainable)
         if self.momentum and momentum is not None:
             self.momentum.add(momentum, n)
         if self.name == "fednova":
@@ -155,6 +176,16 @@ class Aggregator:
         picked = aggregate_krum(subsets, self.cfg["KRUM_F"], 0)
         return next(arrays for (arrays, _), (sub, _) in zip(self.updates, subsets) if sub is picked)
 
+    def _server_lr(self, current, mean):
+        """Return this round's server learning rate: SERVER_LR, or with FEDEXP_MAX FedExP's from the round's spread
+        (kept as `self.fedexp`: the ratio of the clients' mean squared change to their mean's, and the step)."""
+        if self.start is None or not self.mean.total:
+            return self.cfg["SERVER_LR"]
+        ratio = self.spread / self.mean.total / max(_squared_change(mean, current, self.trainable), 1e-30)
+        lr = min(max(1.0, ratio / 2), self.cfg["FEDEXP_MAX"])
+        self.fedexp = {"fedexp_ratio": round(ratio, 4), "server_lr": round(lr, 4)}
+        return lr
+
     def result(self, current):
         """Return the new global arrays from the round's updates and the current global arrays."""
         if self.momentum:
@@ -171,7 +202,7 @@ class Aggregator:
             for i, m in zip(idx, self.nova.result([current[i] for i in idx])):
                 agg[i] = (current[i] + scale * (m.astype(np.float64) - current[i])).astype(current[i].dtype)
         if self.name not in STATEFUL:
-            return server_step(current, agg, self.trainable, self.cfg["SERVER_LR"])
+            return server_step(current, agg, self.trainable, self._server_lr(current, agg))
         idx = [i for i, t in enumerate(self.trainable) if t]
         delta = [agg[i].astype(np.float64) - current[i] for i in idx]
         if self.m is None:
