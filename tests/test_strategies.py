@@ -65,12 +65,12 @@ def test_fedexp_sets_the_server_step_from_how_much_the_clients_changes_disagree(
 
     # changes +3 and -1: mean 1, mean squared change 5, ratio 5, step max(1, 5 / 2) = 2.5
     new, fedexp = fedexp_round(4.0, 3.0, -1.0)
-    assert fedexp == {"fedexp_ratio": 5.0, "server_lr": 2.5}
+    assert fedexp == {"fedexp_ratio": 5.0, "fedexp_lr": 2.5}
     np.testing.assert_allclose(new[0], 2.5)  # trainable: 2.5 x the mean change
     np.testing.assert_allclose(new[2], 1.0)  # buffers: the plain mean
     np.testing.assert_allclose(fedexp_round(2.0, 3.0, -1.0)[0][0], 2.0)  # at most FEDEXP_MAX
     new, fedexp = fedexp_round(4.0, 1.0, 1.0)  # clients that agree: ratio 1, FedAvg's step
-    assert fedexp["server_lr"] == 1.0 and np.allclose(new[0], 1.0)
+    assert fedexp["fedexp_lr"] == 1.0 and np.allclose(new[0], 1.0)
     assert Aggregator(_cfg("fedavg"), TRAINABLE).fedexp == {}  # off: no column
     assert "at least 1" in check_strategy(_cfg("fedavg", FEDEXP_MAX=0.5), 3)
     assert "has its own" in check_strategy(_cfg("fedavgm", FEDEXP_MAX=2.0), 3)
@@ -106,9 +106,9 @@ def test_a_fedexp_federation_steps_by_what_its_clients_sent_and_records_the_step
     with (done.save / "metrics.csv").open() as f:
         row = list(csv.DictReader(f))[1]
     assert float(row["fedexp_ratio"]) == pytest.approx(ratio, rel=1e-3)
-    assert float(row["server_lr"]) == pytest.approx(lr, rel=1e-3)
+    assert float(row["fedexp_lr"]) == pytest.approx(lr, rel=1e-3)
     for i in (i for i, t in enumerate(trainable) if t):
-        np.testing.assert_allclose(new[i], start[i] + float(row["server_lr"]) * (mean[i] - start[i]), rtol=1e-4,
+        np.testing.assert_allclose(new[i], start[i] + float(row["fedexp_lr"]) * (mean[i] - start[i]), rtol=1e-4,
                                    atol=1e-6)
 
 

@@ -183,7 +183,7 @@ class Aggregator:
             return self.cfg["SERVER_LR"]
         ratio = self.spread / self.mean.total / max(_squared_change(mean, current, self.trainable), 1e-30)
         lr = min(max(1.0, ratio / 2), self.cfg["FEDEXP_MAX"])
-        self.fedexp = {"fedexp_ratio": round(ratio, 4), "server_lr": round(lr, 4)}
+        self.fedexp = {"fedexp_ratio": round(ratio, 4), "fedexp_lr": round(lr, 4)}
         return lr
 
     def result(self, current):
