@@ -117,7 +117,6 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if k.isupper()}  # only the
 
 import json
 import sys
-import tempfile
 import time
 from logging import WARNING
 from pathlib import Path
@@ -125,29 +124,26 @@ from pathlib import Path
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
 from flwr.common import Context, EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server import LegacyContext, ServerApp, ServerConfig
-from flwr.server.compat import start_grid
+from flwr.server import ServerApp
 from flwr.server.strategy import FedAvg
 
 from utils import momentum, personalize, privacy, secure, simulation, start
 from utils.aggregate import Arriving, RoundUpdates, first_line, train_metrics, weighted_metrics
-from utils.classes import annotated, client_data
-from utils.client_state import KeptState
+from utils.client_prep import prepare_message
 from utils.config import explicit_settings, get_args_parser, resolve, setting_help
 from utils.console import log
 from utils.console import setup as setup_console
-from utils.datasets import check_dataset_cached, node_name, unique_label
-from utils.devices import client_device
+from utils.datasets import node_name
 from utils.evaluate import client_scores, evaluate_on_server
-from utils.model import bn_entries, build_model, model_task, own_model, read_base_cached, training_model
+from utils.model import model_task, read_base_cached
 from utils.nodes import Nodes, discover, node_properties, on_time, stop_at, wait_for_nodes
-from utils.params import ArraysClient, get_weights, set_weights, to_half
+from utils.params import ArraysClient, get_weights, to_half
 from utils.plan import EvalPlan
 from utils.record import RoundRecord
 from utils.resume import start_save_dir
 from utils.schedule import describe as describe_schedule
 from utils.schedule import fixed_bn_cause
-from utils.share import expand, shared_entries
+from utils.share import expand
 from utils.strategies import Aggregator
 from utils.tasks import get_task
 from utils.train import client_batch, train_round
@@ -170,35 +166,6 @@ class YoloClient(NumPyClient):
         self.save_dir = save_dir  # node config `save-dir` of a SuperNode: its personalized model (SHARE)
         self.base_model = base_model  # node config `base-model` of a SuperNode in a federation of mixed tasks
 
-    def _prepare(self, parameters, config):
-        """Return (spec, dataset, its view's data.yaml, a model holding `parameters`, the classes it annotates)."""
-        spec = json.loads(config["spec"])
-        spec["hyp"]["device"] = client_device(self.device or spec["hyp"]["device"])  # resolved where it trains
-        if self.dataset is None and self.partition_id is None:
-            raise ValueError("this SuperNode has no dataset: start it with --node-config 'dataset=\"/path/data.yaml\"'")
-        dataset = self.dataset or spec["datasets"][self.partition_id]
-        arch, weights, task = own_model(spec, self.base_model, self.partition_id, deployed=self.dataset is not None)
-        self.task, check, names = get_task(task), check_dataset_cached(dataset, task), spec["names"]
-        self.train_images = check["train_images"]
-        root = self.work_dir or (spec["work"] if self.dataset is None else Path(tempfile.gettempdir()) / "fedyolo")
-        data_yaml = client_data(dataset, check, names, arch, own_head=arch is not spec["model"], root=root)
-        if weights is None and spec.get("share", "all") == "all":  # every entry is set below: reused
-            model = training_model(arch, names, seed=spec["hyp"]["seed"])
-        else:
-            model = build_model(arch, names, weights=weights, seed=spec["hyp"]["seed"])
-        folder = self.save_dir or (spec.get("clients_dir") if self.dataset is None else None)  # SuperNode: save-dir
-        self.label = unique_label(dataset, spec["datasets"])  # its files' name: folders may share one
-        self.kept = KeptState(self.state, folder, self.label, int(config.get("start-epoch", 0)) > 0)
-        self.shared = shared_entries(list(model.state_dict()), arch, spec.get("share", "all"))
-        if self.shared is not None:  # partial sharing: the shared parts sent, this client's own parts kept here
-            parameters = self.kept.own_parts(parameters, model, self.shared)
-        own_bn = self.kept.own_bn(parameters, bn_entries(model)) if spec["fedbn"] else None
-        self.local_bn = own_bn is not None  # FEDBN: this client's own BatchNorm, kept from its last round
-        set_weights(model, parameters if own_bn is None else own_bn, source="the global parameters")
-        classes = annotated(check, names)
-        partial = spec["partial_labels"] and len(classes) < len(names)
-        return spec, dataset, data_yaml, model, classes if partial else None
-
     def get_properties(self, config):
         """Say who this node is (utils/nodes.py `node_properties`)."""
         return node_properties(self.dataset, self.partition_id, self.base_model, config)
@@ -216,7 +183,7 @@ class YoloClient(NumPyClient):
     def _fit(self, parameters, config):
         """Train the sent weights (see fit); with EVAL_IN_FIT first validate them, the scores sent as `eval_*`."""
         t0 = time.time()
-        spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
+        spec, dataset, data_yaml, model, classes = prepare_message(self, parameters, config)
         t_prepared = time.time()
         scores = client_scores(model, data_yaml, spec, dataset, self.task) if config.get("validate") else {}
         scores = {f"eval_{k}": v for k, v in scores.items() if k != "dataset"}  # EVAL_IN_FIT: the model it was sent
@@ -259,7 +226,7 @@ class YoloClient(NumPyClient):
         """
         try:
             t0 = time.time()
-            spec, dataset, data_yaml, model, classes = self._prepare(parameters, config)
+            spec, dataset, data_yaml, model, classes = prepare_message(self, parameters, config)
             m = client_scores(model, data_yaml, spec, dataset, self.task, t0)
             if config.get("personalize"):  # the last (or best) round's model: fine-tune it on its own images, keep it
                 m.update(personalize.fine_tune(model, data_yaml, spec, classes, self.kept.file(personalize.SUFFIX),
@@ -497,18 +464,6 @@ def make_strategy(cfg, run):
                       min_fit_clients=n, min_evaluate_clients=n if cfg["EVALUATE"] else 0, min_available_clients=n)
 
 
-def serve(grid, context, cfg, strategy):
-    """Run the rounds: Flower's own round loop, or with SECAGG its SecAgg+ workflow (utils/secure.py); with
-    ROUND_TIMEOUT each message's time-to-live is the deadline (utils/nodes.py)."""
-    rounds = ServerConfig(num_rounds=cfg["NUM_ROUNDS"] - strategy.run["offset"], round_timeout=cfg["ROUND_TIMEOUT"]
-                          or None)
-    if not cfg["SECAGG"]:
-        start_grid(grid=grid, strategy=strategy, config=rounds)
-        return
-    legacy = LegacyContext(context=context, config=rounds, strategy=strategy)
-    secure.workflow(cfg, strategy.secagg_weight, strategy.aggregate_fit)(grid, legacy)  # a halted round: no updates
-
-
 def server_main(grid, context: Context):
     """ServerApp entry for `flwr run`: the constants above, overridden by the run config."""
     cfg = resolve(DEFAULTS, dict(context.run_config))
@@ -518,7 +473,7 @@ def server_main(grid, context: Context):
         cfg["NAMES"], cfg["MIN_CLIENTS"], known = discover(grid, cfg, task)
     run = prepare(cfg)
     run["nodes"] = known  # the strategy names and samples them by what they said
-    serve(grid, context, cfg, make_strategy(cfg, run))
+    secure.serve(grid, context, cfg, make_strategy(cfg, run))
 
 
 client_app = ClientApp(client_fn=client_fn, mods=[on_time, secure.when_asked])  # utils/nodes.py, utils/secure.py
@@ -540,7 +495,7 @@ def main(argv=None):
     # Ray sends the client app with every message: a script's own objects travel by value (the whole client class,
     # 20 ms of the server's time a message), an importable module's by name
     app = client_app if __name__ != "__main__" else __import__("federated").client_app
-    failure = simulation.simulate(cfg, run, devices, make_strategy(cfg, run), app, serve)
+    failure = simulation.simulate(cfg, run, devices, make_strategy(cfg, run), app, secure.serve)
     if failure:
         sys.exit(f"federated.py: {failure}")
 

@@ -6,9 +6,11 @@ import numpy as np
 from flwr.common import RecordDict
 
 import federated
+from utils.client_prep import prepare_message
 from utils.client_state import KeptState, read_state, write_state
 from utils.config import resolve
 from utils.datasets import unique_label
+from utils.model import bn_entries
 from utils.params import save_npz
 
 
@@ -28,11 +30,11 @@ def _client_and_config(tiny_fed, tmp_path, **settings):
 def test_fedbn_client_trains_from_its_own_batchnorm(tiny_fed, tmp_path):
     client, config, run = _client_and_config(tiny_fed, tmp_path, fedbn=True)
     mine, _, metrics = client.fit(run["initial"], config(1))
-    bn = federated.bn_entries(run["model"])
+    bn = bn_entries(run["model"])
     assert "local_bn" in metrics and metrics["local_bn"] == 0 and len(bn) == 57 * 5  # yolov8n: 57 BatchNorm layers
     other = [a + 0.5 if a.dtype.kind == "f" else a for a in run["initial"]]  # a new global model, other BN included
 
-    _, _, _, model, _ = client._prepare(other, config(2))
+    _, _, _, model, _ = prepare_message(client, other, config(2))
 
     got = federated.get_weights(model)
     assert all(np.array_equal(got[i], mine[i]) for i in bn)  # BatchNorm: this client's own, from round 1
@@ -128,7 +130,7 @@ def test_partial_sharing_keeps_the_clients_own_parts_bit_identical(tiny_fed, tmp
     assert any(not np.array_equal(mine[i], run["initial"][i]) for i in own)  # its head trained
     other = [a + 0.5 if a.dtype.kind == "f" else a for a in sent]  # a new global backbone, only it is sent
 
-    _, _, _, model, _ = client._prepare(other, config(2))
+    _, _, _, model, _ = prepare_message(client, other, config(2))
 
     got = federated.get_weights(model)
     assert all(np.array_equal(got[i], mine[i]) for i in own)  # neck and head: its own, bit for bit

@@ -34,6 +34,8 @@ from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common import ndarray_to_bytes, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.compat import start_grid
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
@@ -199,3 +201,15 @@ def workflow(cfg, weight, aggregate_fit):
                    clipping_range=cfg["SECAGG_CLIP"], quantization_range=cfg["SECAGG_QUANT"], modulus_range=MOD_RANGE,
                    timeout=cfg.get("ROUND_TIMEOUT") or None)  # each of the protocol's stages waits this long at most
     return DefaultWorkflow(fit_workflow=fit)
+
+
+def serve(grid, context, cfg, strategy):
+    """Run the rounds: Flower's own round loop, or with SECAGG its SecAgg+ workflow (`workflow`); with
+    ROUND_TIMEOUT each message's time-to-live is the deadline (utils/nodes.py)."""
+    rounds = ServerConfig(num_rounds=cfg["NUM_ROUNDS"] - strategy.run["offset"], round_timeout=cfg["ROUND_TIMEOUT"]
+                          or None)
+    if not cfg["SECAGG"]:
+        start_grid(grid=grid, strategy=strategy, config=rounds)
+        return
+    legacy = LegacyContext(context=context, config=rounds, strategy=strategy)
+    workflow(cfg, strategy.secagg_weight, strategy.aggregate_fit)(grid, legacy)  # a halted round: no updates
