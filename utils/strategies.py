@@ -36,7 +36,7 @@ from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, agg
 from utils.aggregate import WeightedMean, server_step
 from utils.console import log
 from utils.momentum import MomentumMean
-from utils.params import load_round_state, save_round_state
+from utils.params import change_since, load_round_state, save_round_state
 
 STRATEGIES = ("fedavg", "fedprox", "fednova", "fedavgm", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum")
@@ -75,8 +75,8 @@ def check_strategy(cfg, clients):
 
 
 def _squared_change(arrays, start, trainable):
-    """Return the squared length of `arrays` - `start` over the trainable entries (float64)."""
-    return sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b, t in zip(arrays, start, trainable) if t)
+    """Return the squared length of the change from `start` to `arrays` over the trainable entries (float64)."""
+    return sum(float(np.sum(c * c)) for c, t in zip(change_since(arrays, start, np.float64), trainable) if t)
 
 
 def _cast(arrays, reference):
