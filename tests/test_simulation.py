@@ -264,6 +264,27 @@ def test_a_stop_signal_ends_the_run_even_when_its_output_is_gone():
     assert code == 128 + signal.SIGTERM
 
 
+def test_ray_stops_with_its_autoscaler_monitor_killed_first_and_leaves_no_process():
+    # ray.shutdown gives each of Ray's processes 1 s to exit after SIGTERM; its autoscaler monitor, signalled after the
+    # GCS is gone, never did, so every run ended a second later. stop_ray kills it first (and everything still ends).
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "import psutil, ray\n"
+            "from utils.interrupt import end_autoscaler_monitor, start_ray, stop_ray\n"
+            "start_ray(num_cpus=1, logging_level='WARNING')\n"
+            "monitor = [i.process for i in ray._private.worker._global_node.all_processes['monitor']]\n"
+            "started = psutil.Process().children(recursive=True)\n"
+            "end_autoscaler_monitor(ray)\n"
+            "print('monitor', [m.poll() for m in monitor])\n"
+            "print('ray works', ray.get(ray.remote(lambda: 7).remote()))\n"
+            "stop_ray()\n"
+            "gone, alive = psutil.wait_procs(started, timeout=10)\n"
+            "print('left', [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "monitor [-9]" in r.stdout, r.stdout  # killed at once, while the rest of Ray runs on
+    assert "ray works 7" in r.stdout and "left []" in r.stdout, r.stdout
+
+
 def _session(process):
     try:
         return os.getsid(process.pid)
