@@ -205,6 +205,8 @@ def centralized(clients, test_yaml, epochs, base, work, seed=0):
 
 def run_federated(clients, rounds, epochs, base, save, flags=()):
     """Run federated.py on the clients into `save` with the bench's ARGS and `flags`; return its wall seconds."""
+    if {"--num-rounds", "--epochs"} & set(flags):  # a run's score is read from round{rounds}.npz: say rounds here
+        raise ValueError(f"{save.name}: give rounds and epochs as arguments, not as flags ({' '.join(flags)})")
     cmd = [sys.executable, str(ROOT / "federated.py"), "--datasets", *map(str, clients), "--num-rounds", str(rounds),
            "--epochs", str(epochs), "--base-model", base, "--save-dir", str(save), "--exist-ok",
            *[x for k, v in ARGS.items() for x in (f"--{k}", str(v))], *flags]
@@ -221,8 +223,8 @@ def federated(clients, test_yaml, rounds, epochs, base, work, name, extra=()):
     seconds = run_federated(clients, rounds, epochs, base, save, ["--evaluate", "false", *PLAIN, *extra])
     with (save / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
-    if any(int(row["updates"]) < len(clients) for row in rows):
-        raise RuntimeError(f"{name}: a round had fewer updates than clients; see {save / 'metrics.csv'}")
+    if any(int(row["updates"]) < int(row.get("sampled") or len(clients)) for row in rows):  # FRACTION_FIT: a sample
+        raise RuntimeError(f"{name}: a round had fewer updates than clients asked; see {save / 'metrics.csv'}")
     parts = [k for k in rows[0] if k.startswith(("time_", "train_time_")) and k != "time_s"]
     mean = {k: sum(float(x[k]) for x in rows if x[k] != "") / len(rows) for k in parts}  # per round (EVAL_EVERY)
     m, m50 = test_map(export(base, save / f"round{rounds}.npz"), test_yaml)
