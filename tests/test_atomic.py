@@ -47,3 +47,25 @@ def test_plot_of_a_run_without_evaluation_warns_nothing(tmp_path):
 
     assert [str(w.message) for w in caught] == []  # matplotlib's "No artists with labels found" among them before
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("clients, lines, bands", [(3, 4, 0), (12, 1, 2)], ids=["3clients", "12clients"])
+def test_plot_draws_a_line_per_client_up_to_ten_and_their_range_beyond(clients, lines, bands, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from utils.report import _spread
+
+    rows = [{"round": r, "map50_95": 0.5, **{f"map50_95_client{i}": i / 100 + r for i in range(clients)}}
+            for r in (1, 2)]
+    rows.append({**{k: "" for k in rows[0]}, "round": 3, "updates": 0})  # a round without scores, as metrics.csv has it
+    figs, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figs.append(fig), close(fig)))
+    plot(tmp_path / "results.png", rows)
+
+    ax = figs[0].axes[0]
+    assert (len(ax.lines), len(ax.collections)) == (lines, bands)
+    x, (low, q1, q3, high) = _spread(rows, [f"map50_95_client{i}" for i in range(clients)])
+    top = (clients - 1) / 100  # the clients score r + 0.00 ... r + top in round r
+    assert x == [1, 2] and list(low) == [1.0, 2.0] and list(high) == pytest.approx([1 + top, 2 + top])
+    assert list(q1) == pytest.approx([1 + top / 4, 2 + top / 4]) and list(q3) == pytest.approx([1 + top * 3 / 4,
+                                                                                                2 + top * 3 / 4])

@@ -4,6 +4,8 @@ import csv
 import io
 from pathlib import Path
 
+import numpy as np
+
 from utils.atomic import atomic_open
 
 FIXED = ["round", "time_s", "updates", "train_box_loss", "train_cls_loss", "train_dfl_loss",
@@ -39,9 +41,20 @@ def _fmt(v):
     return f"{v:.6g}" if isinstance(v, float) else v
 
 
+MAX_CLIENT_LINES = 10  # more clients than the colours of matplotlib's cycle: bands, not lines (64 lines: 1 s a round)
+
+
+def _spread(rows, keys):
+    """Return (rounds, [lowest, 25th percentile, 75th percentile, highest]) of the values under `keys` in each row that
+    has any; None if none has."""
+    pts = [(int(r["round"]), [float(r[k]) for k in keys if r.get(k) not in (None, "")]) for r in rows]
+    pts = [(x, np.percentile(v, [0, 25, 75, 100])) for x, v in pts if v]
+    return ([x for x, _ in pts], np.array([q for _, q in pts]).T) if pts else None
+
+
 def plot(path, rows, metric="map50_95", label="mAP50-95"):
-    """Draw the task's score `metric` (global and per client; `label` names it) and the train losses against round
-    into results.png, atomically."""
+    """Draw the task's score `metric` (global and per client, or for more than MAX_CLIENT_LINES clients their range;
+    `label` names it) and the train losses against round into results.png, atomically."""
     import matplotlib  # here: the Agg backend is chosen before pyplot is imported, and only a plot needs it
 
     matplotlib.use("Agg")
@@ -53,8 +66,13 @@ def plot(path, rows, metric="map50_95", label="mAP50-95"):
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     clients = [k for k in (rows[-1] if rows else {}) if k.startswith(f"{metric}_")]
-    for key in clients:
-        ax1.plot(*series(key), marker=".", lw=1, alpha=0.7, label=key.removeprefix(f"{metric}_"))
+    if len(clients) <= MAX_CLIENT_LINES:
+        for key in clients:
+            ax1.plot(*series(key), marker=".", lw=1, alpha=0.7, label=key.removeprefix(f"{metric}_"))
+    elif spread := _spread(rows, clients):  # many clients: the range of their scores as bands
+        (x, (low, q1, q3, high)), n = spread, len(clients)
+        ax1.fill_between(x, low, high, color="tab:blue", alpha=0.12, label=f"{n} clients: lowest to highest")
+        ax1.fill_between(x, q1, q3, color="tab:blue", alpha=0.35, label=f"{n} clients: middle half")
     if series(metric)[0]:
         ax1.plot(*series(metric), marker="o", lw=2.5, color="black", label="global (weighted)")
     if series(f"server_{metric}")[0]:
