@@ -104,6 +104,8 @@ KEEP_OPTIMIZER = True  # (bool) each client keeps its optimizer state (Adam mome
 #                         file of about twice the model's size per client; docs/training-schedule.md)
 AVG_MOMENTUM = False  # (bool) with KEEP_OPTIMIZER, every client starts a round from the clients' mean momentum of the
 #                       last round instead of its own (one more copy of the weights in each message each way)
+AVG_SECOND_MOMENT = 0  # (int) with AVG_MOMENTUM and Adam: clients also start from the second moment of a gradient
+#                        averaged over this many clients' batches (larger steps where batches disagree); 0: off
 FUSED_ADAM = True  # (bool) Adam and AdamW take torch's fused step on a CPU too (Ultralytics' own choice on CUDA): 4x
 #                     faster steps, the same arithmetic to float rounding; False: Ultralytics' CPU steps bit for bit
 # --- Advanced run ------------------------------------------------------------------------------------------------
@@ -191,8 +193,9 @@ class YoloClient(NumPyClient):
         if spec.get("min_steps"):  # the server always sends nbs with min_steps; 64 is Ultralytics' own default
             hyp.update(client_batch(hyp["batch"], hyp.get("nbs", 64), self.train_images, spec["min_steps"]))
         keep = spec["keep_optimizer"] and self.state is not None
-        state = momentum.receive(self.kept.optimizer(), config.get("momentum"), hyp.get("momentum", 0.937),
-                                 self.label) if keep else None
+        beta1 = hyp.get("momentum", 0.937)
+        state = momentum.receive(self.kept.optimizer(), config.get("momentum"), beta1, self.label,
+                                 config.get("momentum_sq")) if keep else None
         out = train_round(model, data_yaml, config["start-epoch"], config["epochs"], config["total-epochs"], hyp,
                           callbacks=stop_at(config["deadline"]) if "deadline" in config else None,
                           proximal_mu=float(config["proximal-mu"]), classes=classes,
@@ -202,8 +205,8 @@ class YoloClient(NumPyClient):
         keys, arrays = out.pop("optimizer_state")
         if keep and keys:
             self.kept.keep_optimizer(keys, arrays)
-            if spec.get("avg_momentum") and (mine := momentum.encode(keys, arrays)) is not None:
-                out["momentum"] = mine  # AVG_MOMENTUM: averaged by the server
+            if spec.get("avg_momentum"):  # AVG_MOMENTUM (and AVG_SECOND_MOMENT): averaged by the server
+                out.update(momentum.encode(keys, arrays, beta1, spec.get("avg_second_moment", 0)))
         t_trained, weights = time.time(), get_weights(model)
         if not all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
             raise RuntimeError("local training produced NaN/Inf weights; the update is withheld")
@@ -310,7 +313,7 @@ class SaveFedAvg(FedAvg):
         params = ndarrays_to_parameters(to_half(sent) if self.cfg["FP16"] == "both" else sent)
         clients = self._choose(server_round, client_manager, "fit")
         extra = self.aggregator.momentum.config() if self.aggregator.momentum else {}  # AVG_MOMENTUM: the clients' mean
-        self.record.note(bytes_down=sum(len(t) for t in params.tensors) + len(extra.get("momentum", b"")),
+        self.record.note(bytes_down=sum(len(t) for t in params.tensors) + sum(map(len, extra.values())),
                          sampled=len(clients),
                          time_configure=round(time.time() - t0, 3))
         self._open(server_round + self.run["offset"])

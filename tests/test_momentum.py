@@ -32,8 +32,8 @@ def test_the_mean_replaces_the_first_moments_only_and_what_does_not_fit_changes_
     mean = MomentumMean()
     assert mean.config() == {}  # round 1: nothing to send yet
     for state, n in ((a, 1), (b, 3)):
-        assert mean.check(momentum.encode(*state)) is None
-        mean.add(momentum.encode(*state), n)
+        assert mean.check(momentum.encode(*state)["momentum"]) is None
+        mean.add(momentum.encode(*state)["momentum"], n)
     mean.close()
     keys, got = momentum.receive(a, mean.config()["momentum"])
     for i in range(0, len(got), 3):  # per weight: exp_avg, exp_avg_sq, step
@@ -57,16 +57,16 @@ def test_the_mean_replaces_the_first_moments_only_and_what_does_not_fit_changes_
     assert momentum.receive(other, mean.config()["momentum"]) is other
     assert momentum.receive(None, mean.config()["momentum"]) is None  # no state of its own: it starts fresh
     assert momentum.receive(a, None) is a  # no mean sent (round 1, a resumed run's first round)
-    assert momentum.encode(["step"], [np.float32(1)]) is None  # an optimizer without momentum sends none
-    mean.add(momentum.encode(*a), 2)
-    assert "12 values, the other clients' 11" in mean.check(momentum.encode(*other))
+    assert momentum.encode(["step"], [np.float32(1)]) == {}  # an optimizer without momentum sends none
+    mean.add(momentum.encode(*a)["momentum"], 2)
+    assert "12 values, the other clients' 11" in mean.check(momentum.encode(*other)["momentum"])
     assert mean.check("not bytes") == mean.check(b"abc") == "its momentum is not a float32 buffer"
 
 
 def test_the_mean_is_resumed_only_from_the_round_the_run_continues_after(tmp_path):
     rng = np.random.default_rng(1)
     mean = MomentumMean(tmp_path)
-    mean.add(momentum.encode(*_state(rng)), 1)
+    mean.add(momentum.encode(*_state(rng))["momentum"], 1)
     mean.close()
     mean.save(4)
     assert MomentumMean(tmp_path, resumed=4).config() == mean.config()  # what round 5 would have been sent
@@ -81,8 +81,8 @@ def test_avg_momentum_clients_start_each_round_from_the_image_weighted_mean_of_t
     received = []
     receive = momentum.receive
 
-    def spy(state, data, beta1=0.9, who="a client"):
-        out = receive(state, data, beta1, who)
+    def spy(state, data, beta1=0.9, who="a client", data_sq=None):
+        out = receive(state, data, beta1, who, data_sq)
         received.append((who, state, data, out))
         return out
 
@@ -129,13 +129,91 @@ def test_avg_momentum_clients_start_each_round_from_the_image_weighted_mean_of_t
         assert own is not None and np.array_equal(np.frombuffer(data, np.float32), expected)
 
 
+def test_the_second_moment_sent_is_the_averaged_gradients_and_replaces_both_of_a_clients_moments():
+    rng = np.random.default_rng(2)
+    a, b = _state(rng), _state(rng, v=400.0)
+    a[1][2] = np.array(7.0, np.float32)  # another step count for the first weight: its own bias correction
+    mean = MomentumMean(second=4)
+    for state, n in ((a, 1), (b, 3)):
+        sent = momentum.encode(*state, 0.9, second=True)
+        assert mean.check(sent["momentum"], sent["momentum_sq"]) is None
+        mean.add(sent["momentum"], n, sent["momentum_sq"])
+    assert "none where they did" in mean.check(sent["momentum"])  # a client without a second moment among them
+    mean.close()
+
+    def corrected(state, key, beta):  # Adam's bias-corrected moment, float64
+        keys, arrays = state
+        j, t = keys.index(key), keys.index("step")
+        return [arrays[i + j].astype(np.float64) / (1 - beta ** float(arrays[i + t])) for i in range(0, 9, 3)]
+
+    m = [(x + 3 * y) / 4 for x, y in zip(corrected(a, "exp_avg", 0.9), corrected(b, "exp_avg", 0.9))]
+    v = [(x + 3 * y) / 4 for x, y in zip(corrected(a, "exp_avg_sq", momentum.BETA2),
+                                         corrected(b, "exp_avg_sq", momentum.BETA2))]
+    want = [mi**2 + np.clip(vi - mi**2, 0, None) / 4 for mi, vi in zip(m, v)]
+    got = {k: np.frombuffer(x, np.float32) for k, x in mean.config().items()}
+    np.testing.assert_allclose(got["momentum"], np.concatenate([x.ravel() for x in m]), rtol=1e-5)
+    np.testing.assert_allclose(got["momentum_sq"], np.concatenate([x.ravel() for x in want]), rtol=1e-5)
+    assert np.all(got["momentum_sq"] < np.concatenate([x.ravel() for x in v]))  # smaller than the clients' own
+
+    keys, out = momentum.receive(a, mean.config()["momentum"], 0.9, data_sq=mean.config()["momentum_sq"])
+    for w, i in enumerate(range(0, 9, 3)):  # back at this client's own step count; its step count kept
+        t = float(a[1][i + 2])
+        np.testing.assert_allclose(out[i], m[w] * (1 - 0.9**t), rtol=1e-5)
+        np.testing.assert_allclose(out[i + 1], want[w] * (1 - momentum.BETA2**t), rtol=1e-5)
+        assert out[i + 2] is a[1][i + 2]
+    assert momentum.receive(a, mean.config()["momentum"], 0.9, data_sq=b"\0" * 8) is a  # does not fit: its own
+    assert set(momentum.encode(*a, 0.9)) == {"momentum"}  # without AVG_SECOND_MOMENT: the first moment only
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--keep-optimizer", "false"], "it needs keep-optimizer"),
     (["--secagg"], "which secagg and dp-clip exist to protect"),
     (["--fedbn"], "which fedbn and share keep local"),
     (["--strategy", "krum"], "which strategy krum exists to prevent"),
+    (["--avg-second-moment", "4", "--optimizer", "SGD"], "which optimizer SGD does not keep"),
+    (["--avg-second-moment", "-1"], "avg-second-moment must be 0 (off) or more"),
 ])
 def test_avg_momentum_is_refused_where_it_cannot_work(tiny_fed, tmp_path, refused, flags, says):
     status, last = refused("--datasets", *tiny_fed[0], "--avg-momentum", *flags, "--save-dir", tmp_path / "run")
     assert status != 0 and says in last
     assert not (tmp_path / "run").exists()
+
+
+def test_avg_second_moment_needs_avg_momentum(tiny_fed, tmp_path, refused):
+    status, last = refused("--datasets", *tiny_fed[0], "--avg-second-moment", "4", "--save-dir", tmp_path / "run")
+    assert status != 0 and "it needs avg-momentum" in last
+
+
+def test_avg_second_moment_clients_start_round_two_from_the_averaged_gradients_moments(tiny_fed, tmp_path,
+                                                                                       monkeypatch):
+    received, receive = [], momentum.receive
+
+    def spy(state, data, beta1=0.9, who="a client", data_sq=None):
+        out = receive(state, data, beta1, who, data_sq)
+        received.append((data, data_sq, out))
+        return out
+
+    monkeypatch.setattr(federated.momentum, "receive", spy)
+    done = run_in_process({"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(tmp_path / "run"), **FED,
+                           "avg-momentum": True, "avg-second-moment": 2})
+    first = [res for _, res in done.fits[1]]
+    n = np.array([res.num_examples for res in first], np.float64)
+    m, v = ((sum(np.frombuffer(res.metrics[k], np.float32).astype(np.float64) * w for res, w in zip(first, n)) /
+             n.sum()).astype(np.float32).astype(np.float64) for k in ("momentum", "momentum_sq"))  # as averaged
+    want = (m**2 + np.clip(v - m**2, 0, None) / 2).astype(np.float32)
+    assert np.isfinite(m).all() and np.isfinite(v).all()  # the frozen weights (no step taken) send zeros
+    assert np.mean(want < 0.9 * v) > 0.5  # for most weights a smaller second moment than the clients' mean
+
+    assert [d for d, _, _ in received[:2]] == [None, None]  # round 1: no state, no mean
+    for data, data_sq, (keys, out) in received[2:]:
+        np.testing.assert_allclose(np.frombuffer(data_sq, np.float32), want, rtol=1e-6)  # float rounding
+        np.testing.assert_allclose(np.frombuffer(data, np.float32), m, rtol=1e-6)
+        k, t = keys.index("exp_avg_sq"), keys.index("step")
+        steps = np.concatenate([np.full(a.size, float(s)) for a, s in zip(out[k::len(keys)], out[t::len(keys)])])
+        v_own = np.concatenate([a.ravel() for a in out[k::len(keys)]])
+        np.testing.assert_allclose(v_own, want * (1 - momentum.BETA2**steps), rtol=1e-6)  # its optimizer's v
+    header, *rows = [r.split(",") for r in (done.save / "metrics.csv").read_text().splitlines()]
+    down = [int(float(r[header.index("bytes_down")])) for r in rows]
+    assert down[1] - down[0] == 2 * want.nbytes  # round 2's fit message carries both moments
+    saved = np.load(done.save / momentum.FILE)
+    assert len(saved.files) == 3  # the round, the mean first and second moments: what a resumed round 3 is sent

@@ -15,6 +15,8 @@ from utils.datasets import client_name
 from utils.params import decode_update, entry_mismatch, parameters_to_arrays
 from utils.share import expand
 
+MOMENTS = ("momentum", "momentum_sq")  # AVG_MOMENTUM's (and AVG_SECOND_MOMENT's) entries beside a reply's weights
+
 
 def check_update(arrays, reference, num_examples, metrics=None):
     """Return None if a client update fits the global model, else one sentence saying what is wrong with it."""
@@ -233,17 +235,17 @@ class RoundUpdates:
                 log(WARNING, "round %d: client %s reported %d train images, its dataset has %d; counted as %d",
                     self.r, proxy.cid, n, known, known)
                 n = known
-            momentum = res.metrics.get("momentum")  # AVG_MOMENTUM: sent beside the weights
+            moments = [res.metrics.get(k) for k in MOMENTS]  # AVG_MOMENTUM: sent beside the weights
             if self.private:
                 self.private.add(arrays)
             else:
-                self.aggregator.add(arrays, n, res.metrics.get("steps"), momentum)
-            metrics = {k: v for k, v in res.metrics.items() if k not in ("dataset", "momentum")}
+                self.aggregator.add(arrays, n, res.metrics.get("steps"), *moments)
+            metrics = {k: v for k, v in res.metrics.items() if k not in ("dataset", *MOMENTS)}
             scores = {k[5:]: metrics.pop(k) for k in list(metrics) if k.startswith("eval_")}
             if scores:  # EVAL_IN_FIT: its scores of the model it was sent, as an evaluate reply would carry them
                 self.evaluations.append((proxy, EvaluateRes(Status(Code.OK, ""), 0.0, int(scores.pop("images")),
                                                             {**scores, "dataset": res.metrics.get("dataset")})))
             self.valid.append((n, metrics, sum(len(t) for t in res.parameters.tensors) +
-                               (len(momentum) if isinstance(momentum, bytes) else 0)))
+                               sum(len(m) for m in moments if isinstance(m, bytes))))
             return arrived(res)
 

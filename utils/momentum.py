@@ -11,6 +11,17 @@ al. 2021): local steps that follow the federation's momentum.
 
 It costs one more float32 copy of the trainable weights in every fit message and reply. Measured:
 bench/learning.md ("The federation's mean momentum").
+
+AVG_SECOND_MOMENT = N (with Adam or AdamW) also replaces each client's second moment. Adam divides a step by the
+root of the second moment of the client's own small batches' gradients; where those batches disagree (noise), that
+second moment is large and the client's steps small, and the server then averages steps that were already shrunk.
+The federation's step is the mean gradient of many clients' batches, whose second moment is smaller: the mean
+first moment squared plus the clients' spread around it divided by N, m^2 + (v - m^2) / N (from the mean
+bias-corrected m and v of the round's clients). Every client starts its next round from that second moment and from
+the mean first moment (both at its own step count's bias correction): larger steps where the clients' batches
+disagree, so that the averaged step comes closer to the one a single optimizer would take on their combined batch.
+The second moment adds another copy of the weights to every message each way. Measured: bench/learning.md ("The
+second moment of the averaged gradient").
 """
 
 from logging import WARNING
@@ -18,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.aggregate import WeightedMean
+from utils.aggregate import MOMENTS, WeightedMean
 from utils.console import log
 from utils.params import load_round_state, save_round_state
 
@@ -29,14 +40,19 @@ FILE = "momentum.npz"  # in SAVE_DIR: the mean the next round's clients start fr
 
 def check(cfg):
     """Return None if AVG_MOMENTUM fits the run's other settings, else one sentence naming the one in the way."""
+    if cfg["AVG_SECOND_MOMENT"] < 0:
+        return f"avg-second-moment must be 0 (off) or more (got {cfg['AVG_SECOND_MOMENT']})"
     if not cfg["AVG_MOMENTUM"]:
-        return None
+        return "avg-second-moment travels with avg-momentum's mean: it needs avg-momentum" if cfg[
+            "AVG_SECOND_MOMENT"] else None
     if not cfg["KEEP_OPTIMIZER"]:
         return ("avg-momentum gives each client the clients' mean momentum beside its own kept optimizer state: it "
                 "needs keep-optimizer")
     if cfg["SECAGG"] or cfg["DP_CLIP"]:
         return ("avg-momentum sends each client's momentum in the clear beside its update, which secagg and dp-clip "
                 "exist to protect; turn one of them off")
+    if cfg["AVG_SECOND_MOMENT"] and "adam" not in cfg["OPTIMIZER"].lower() and cfg["OPTIMIZER"].lower() != "auto":
+        return f"avg-second-moment replaces Adam's second moment, which optimizer {cfg['OPTIMIZER']} does not keep"
     if cfg["FEDBN"] or cfg["SHARE"] != "all":
         return "avg-momentum averages the momentum of every trainable weight, which fedbn and share keep local"
     from utils.strategies import ROBUST  # here: strategies.py imports this module
@@ -52,26 +68,44 @@ def _first(keys):
     return next((keys.index(k) for k in KEYS if k in keys), None)
 
 
-def encode(keys, arrays):
-    """Return the first moments of an optimizer state (utils/train.py `get_optimizer_state`: `keys`, then per weight
-    one array per key) as one float32 buffer in the weights' order, or None if the state has none."""
+def encode(keys, arrays, beta1=0.9, second=False):
+    """Return what a client sends of its optimizer state (utils/train.py `get_optimizer_state`: `keys`, then per
+    weight one array per key): {"momentum": its first moments as one float32 buffer in the weights' order}; with
+    `second` (AVG_SECOND_MOMENT) and Adam's state, Adam's bias-corrected moments m / (1 - beta1^t) and
+    v / (1 - beta2^t) as "momentum" and "momentum_sq"; {} for an optimizer without momentum."""
     j = _first(keys)
     if j is None:
-        return None
-    return np.concatenate([np.asarray(a, np.float32).ravel() for a in arrays[j::len(keys)]]).tobytes()
+        return {}
+    firsts = arrays[j::len(keys)]
+    if not (second and "exp_avg_sq" in keys and "step" in keys):
+        return {"momentum": np.concatenate([np.asarray(a, np.float32).ravel() for a in firsts]).tobytes()}
+    t = [float(np.asarray(a)) for a in arrays[keys.index("step")::len(keys)]]
+    sq = arrays[keys.index("exp_avg_sq")::len(keys)]
+    return {"momentum": _join((a, 1 - beta1**s) for a, s in zip(firsts, t)),
+            "momentum_sq": _join((a, 1 - BETA2**s) for a, s in zip(sq, t))}
 
 
-def receive(state, data, beta1=0.9, who="a client"):
+def _join(pairs):
+    """Return the arrays of (array, divisor) pairs divided in float64 (a weight no step moved: t = 0, its moments 0)
+    and flattened into one float32 buffer."""
+    return np.concatenate([np.asarray(a, np.float64).ravel() / max(d, 1e-300) for a, d in pairs]).astype(
+        np.float32).tobytes()
+
+
+def receive(state, data, beta1=0.9, who="a client", data_sq=None):
     """Return the optimizer state `state` (keys, arrays) with its first moments replaced by the federation's mean
     `data` (a buffer from `MomentumMean.config`); unchanged where the client has no state (it starts fresh), the
-    server sent no mean (round 1, a resumed run's first round) or the mean does not fit (logged).
+    server sent no mean (round 1, a resumed run's first round) or the mean does not fit (logged). With `data_sq`
+    (AVG_SECOND_MOMENT) `data` and `data_sq` are the bias-corrected first and second moments of the federation's
+    averaged gradient, and both of the client's moments are replaced (at its own step count's bias correction).
 
     Adam's step is m_hat / sqrt(v_hat), and in its own state |m_hat| stays about within sqrt(v_hat), so no step is much
     larger than the learning rate. The mean of the others' first moments need not: a weight this client's images barely
     move (a tiny v of its own) may be one the others' move a lot. So each received value is clipped to what this
     client's own second moment allows, |m_hat| <= sqrt(v_hat) (with Adam's bias corrections at its own step count t:
     |m| <= sqrt(v) (1 - beta1^t) / sqrt(1 - beta2^t)). Without it, one of three runs from scratch at 16 clients diverged
-    in round 4 (bench/learning.md). SGD's momentum buffer, which has no second moment, is used as sent.
+    in round 4 (bench/learning.md). SGD's momentum buffer, which has no second moment, is used as sent. A second moment
+    sent with the mean is at least the mean's square, so no clip is needed there.
     """
     j = None if state is None or not data else _first(state[0])
     if j is None:
@@ -79,64 +113,84 @@ def receive(state, data, beta1=0.9, who="a client"):
     keys, arrays = state
     mean, idx = np.frombuffer(data, np.float32), range(j, len(arrays), len(keys))
     size = sum(arrays[i].size for i in idx)
-    if size != mean.size:
-        log(WARNING, "%s: the federation's momentum has %d values, its optimizer %d; it keeps its own", who,
-            mean.size, size)
-        return state
     sq, step = (keys.index(k) - j if k in keys else None for k in ("exp_avg_sq", "step"))
+    second = np.frombuffer(data_sq, np.float32) if data_sq and sq is not None and step is not None else None
+    if size != mean.size or (second is not None and second.size != size):
+        log(WARNING, "%s: the federation's momentum has %d values, its optimizer %d; it keeps its own", who,
+            mean.size if size != mean.size else second.size, size)
+        return state
     out, at = list(arrays), 0
     for i in idx:
         m = mean[at:at + arrays[i].size].reshape(arrays[i].shape)
-        at += arrays[i].size
-        if sq is not None and step is not None:
-            t = float(np.asarray(arrays[i + step]))
+        t = float(np.asarray(arrays[i + step])) if step is not None else 0.0
+        if second is not None:  # the averaged gradient's moments, bias-corrected: back to this client's step count
+            out[i + sq] = (second[at:at + m.size].reshape(m.shape) * (1 - BETA2**t)).astype(arrays[i + sq].dtype)
+            m = m.astype(np.float64) * (1 - beta1**t)
+        elif sq is not None and step is not None:
             bound = np.sqrt(arrays[i + sq].astype(np.float64)) * (1 - beta1**t) / np.sqrt(max(1 - BETA2**t, 1e-300))
             m = np.clip(m, -bound, bound)
+        at += m.size
         out[i] = m.astype(arrays[i].dtype)
     return keys, out
 
 
 class MomentumMean:
-    """The server's side: the image-weighted mean of a round's first moments, sent with the next round's fit.
+    """The server's side: the image-weighted mean of a round's first moments, sent with the next round's fit (with
+    AVG_SECOND_MOMENT = N, also the second moment of the N-client averaged gradient made from the mean moments).
 
-    With a `folder` (SAVE_DIR) the mean is also written there after every round (`save`), so a resumed run's first
-    round starts from the mean its last complete round made, as it would have without the stop.
+    With a `folder` (SAVE_DIR) what is sent is also written there after every round (`save`), so a resumed run's
+    first round starts from what its last complete round made, as it would have without the stop.
     """
 
-    def __init__(self, folder=None, resumed=0):
-        """Start with no mean to send; a run resumed after round `resumed` reads the mean that round made, if saved."""
-        self.path = Path(folder) / FILE if folder else None
-        saved = load_round_state(self.path, resumed, "the clients' mean momentum")
-        self.mean = np.asarray(saved[0], np.float32).tobytes() if saved else None
+    def __init__(self, folder=None, resumed=0, second=0):
+        """Start with nothing to send; a run resumed after round `resumed` reads what that round made, if saved."""
+        self.path, self.second = Path(folder) / FILE if folder else None, second
+        saved = load_round_state(self.path, resumed, "the clients' mean momentum") or []
+        self.sent = {k: np.asarray(a, np.float32).tobytes() for k, a in zip(MOMENTS, saved)}
+        self.warned = False
         self.begin()
 
     def begin(self):
         """Start a round with nothing added (the last round's mean is still the one sent)."""
         self.round = WeightedMean()
 
-    def check(self, data):
-        """Return None if `data` can be added to this round's mean, else one sentence."""
+    def check(self, data, data_sq=None):
+        """Return None if `data` (and `data_sq`) can be added to this round's mean, else one sentence."""
         if not isinstance(data, bytes) or not data or len(data) % 4:
             return "its momentum is not a float32 buffer"
+        if data_sq is not None and (not isinstance(data_sq, bytes) or len(data_sq) != len(data)):
+            return "its second moment is not a float32 buffer as long as its momentum"
         if self.round.sum is not None and len(data) // 4 != self.round.sum[0].size:
             return f"its momentum has {len(data) // 4} values, the other clients' {self.round.sum[0].size}"
+        if self.round.sum is not None and (data_sq is None) != (len(self.round.sum) == 1):
+            return "it sent a second moment where the other clients did not, or none where they did"
         return None
 
-    def add(self, data, n):
-        """Add one client's first moments (a buffer from `encode`, checked) with weight n (its train images)."""
-        self.round.add([np.frombuffer(data, np.float32)], n)
+    def add(self, data, n, data_sq=None):
+        """Add one client's first moments (a buffer from `encode`, checked) and its second, if sent, with weight n
+        (its train images)."""
+        self.round.add([np.frombuffer(x, np.float32) for x in (data, data_sq) if x is not None], n)
 
     def close(self):
         """End the round: its mean, if any client sent a momentum, is what the next round's clients start from."""
         if self.round.total:
-            self.mean = self.round.result([np.empty(0, np.float32)])[0].tobytes()
+            means = self.round.result([np.empty(0, np.float32)] * len(self.round.sum))
+            if len(means) == 2:  # the averaged gradient's second moment: m^2 + (v - m^2) / N
+                m, v = (a.astype(np.float64) for a in means)
+                means[1] = (m**2 + np.clip(v - m**2, 0, None) / self.second).astype(np.float32)
+            elif self.second and not self.warned:
+                self.warned = True
+                log(WARNING, "avg-second-moment: the clients' optimizer keeps no second moment (Adam's); they share "
+                    "only their mean momentum")
+            self.sent = {k: a.tobytes() for k, a in zip(MOMENTS, means)}
         self.begin()
 
     def save(self, r):
-        """Write the mean round `r` closed with (the one the next round is sent) to the folder, if any."""
-        if self.path is not None and self.mean is not None:
-            save_round_state(self.path, r, [np.frombuffer(self.mean, np.float32)])
+        """Write what round `r` closed with (what the next round is sent) to the folder, if any."""
+        if self.path is not None and self.sent:
+            save_round_state(self.path, r, [np.frombuffer(self.sent[k], np.float32) for k in MOMENTS
+                                            if k in self.sent])
 
     def config(self):
-        """Return the fit instructions' entry carrying the mean ({} before any round sent one)."""
-        return {"momentum": self.mean} if self.mean is not None else {}
+        """Return the fit instructions' entries carrying the mean ({} before any round sent one)."""
+        return dict(self.sent)

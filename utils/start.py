@@ -114,6 +114,7 @@ def prepare(cfg, defaults, given=None):
             "work": str((save_dir / "work").resolve()), "fedbn": cfg["FEDBN"], "partial_labels": cfg["PARTIAL_LABELS"],
             "keep_optimizer": cfg["KEEP_OPTIMIZER"], "min_steps": min_steps, "bn_recalibrate": cfg["BN_RECALIBRATE"],
             "fused_adam": cfg["FUSED_ADAM"], "fixed_bn": cfg["FIXED_BN"], "avg_momentum": cfg["AVG_MOMENTUM"],
+            "avg_second_moment": cfg["AVG_SECOND_MOMENT"],
             "personalize": personalize.resolve(cfg, len(names)),
             "share": cfg["SHARE"], "clients_dir": str((save_dir / "clients").resolve()),
             "client_models": [str(Path(m).resolve()) if Path(m).is_file() else m for m in cfg["CLIENT_MODELS"]]}

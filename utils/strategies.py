@@ -100,8 +100,8 @@ class Aggregator:
         self.m = self.v = None  # server momentum / Adam moments of the trainable entries
         self.fedexp = {}  # FEDEXP_MAX: the last round's ratio and server step (metrics.csv)
         self.t = 0  # server optimizer steps taken
-        self.momentum = MomentumMean(cfg.get("SAVE_DIR"), resumed) if cfg.get("AVG_MOMENTUM") else None  # the
-        # clients' mean first moment, written to SAVE_DIR every round (`save_round`)
+        self.momentum = MomentumMean(cfg.get("SAVE_DIR"), resumed, cfg.get("AVG_SECOND_MOMENT", 0)) if cfg.get(
+            "AVG_MOMENTUM") else None  # the clients' mean moments, written to SAVE_DIR every round (`save_round`)
         self.state_path = Path(cfg["SAVE_DIR"]) / STATE_FILE if cfg.get("SAVE_DIR") and self.name in STATEFUL else None
         self._resume_state(load_round_state(self.state_path, resumed, f"{self.name} server state"))
         self.begin()
@@ -137,17 +137,17 @@ class Aggregator:
         if self.name == "fednova" and (not isinstance(steps, int) or steps <= 0):
             return f"it reported {steps!r} optimizer steps (fednova needs a positive integer)"
         if self.momentum and "momentum" in metrics:
-            return self.momentum.check(metrics["momentum"])
+            return self.momentum.check(metrics["momentum"], metrics.get("momentum_sq"))
         return None
 
-    def add(self, arrays, n, steps=None, momentum=None):
+    def add(self, arrays, n, steps=None, momentum=None, momentum_sq=None):
         """Add one client's arrays with weight n (and, for fednova, the optimizer steps it took; with AVG_MOMENTUM
-        the first moment it ended with)."""
+        the first moment it ended with, and with AVG_SECOND_MOMENT its second)."""
         self.mean.add(arrays, n)
         if self.start is not None:
             self.spread += n * _squared_change(arrays, self.start, self.trainable)
         if self.momentum and momentum is not None:
-            self.momentum.add(momentum, n)
+            self.momentum.add(momentum, n, momentum_sq)
         if self.name == "fednova":
             self.nova.add([a for a, t in zip(arrays, self.trainable) if t], n / steps)
             self.steps += n * steps
