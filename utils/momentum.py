@@ -175,7 +175,7 @@ class MomentumMean:
         """End the round: its mean, if any client sent a momentum, is what the next round's clients start from."""
         if self.round.total:
             means = self.round.result([np.empty(0, np.float32)] * len(self.round.sum))
-            if len(means) == 2:  # the averaged gradient's second moment: m^2 + (v - m^2) / N
+            if len(means) == 2 and self.second:  # the averaged gradient's second moment: m^2 + (v - m^2) / N
                 m, v = (a.astype(np.float64) for a in means)
                 means[1] = (m**2 + np.clip(v - m**2, 0, None) / self.second).astype(np.float32)
             elif self.second and not self.warned:
@@ -188,8 +188,7 @@ class MomentumMean:
     def save(self, r):
         """Write what round `r` closed with (what the next round is sent) to the folder, if any."""
         if self.path is not None and self.sent:
-            save_round_state(self.path, r, [np.frombuffer(self.sent[k], np.float32) for k in MOMENTS
-                                            if k in self.sent])
+            save_round_state(self.path, r, [np.frombuffer(b, np.float32) for b in self.sent.values()])
 
     def config(self):
         """Return the fit instructions' entries carrying the mean ({} before any round sent one)."""
