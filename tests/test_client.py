@@ -108,6 +108,27 @@ def test_optimizer_state_file_round_trips_bit_for_bit_and_a_damaged_one_counts_a
         assert kept.optimizer() is None  # a fresh optimizer, with a warning, instead of a failed client
 
 
+def test_a_client_whose_optimizer_file_is_removed_mid_run_starts_fresh_and_says_so(tmp_path):
+    import logging
+
+    from utils.console import LOGGER
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    LOGGER.addHandler(handler)
+    try:
+        kept = KeptState(RecordDict(), tmp_path, "dark", resumed=True)
+        kept.keep_optimizer(["step"], [np.float32(3.0)])
+        assert kept.optimizer()[1][0] == 3.0 and not seen
+        (tmp_path / "dark.optimizer").unlink()
+        assert kept.optimizer() is None
+        assert len(seen) == 1 and "dark.optimizer is gone" in seen[0] and "starts fresh" in seen[0]
+        assert KeptState(RecordDict(), tmp_path, "new", resumed=True).optimizer() is None and len(seen) == 1
+    finally:
+        LOGGER.removeHandler(handler)
+
+
 def test_partial_sharing_keeps_the_clients_own_parts_bit_identical(tiny_fed, tmp_path):
     """SHARE=backbone: the client sends only backbone entries; in round 2 it starts from the sent backbone and its own
     neck and head exactly as it ended round 1; its personalized model file holds those."""

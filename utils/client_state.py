@@ -126,6 +126,9 @@ class KeptState:
                 self.seconds += time.time() - t0
         if self.has("optimizer"):
             return self.state["optimizer-keys"]["keys"].split(","), self.state["optimizer"].to_numpy_ndarrays()
+        if self.has("optimizer-file"):  # this run wrote one for this client, and it is gone: say so, not silently
+            log(WARNING, "%s: its optimizer state %s is gone (removed during the run?); it starts fresh",
+                client_name(self.label), self.state["optimizer-file"]["path"])
         return None
 
     def keep_optimizer(self, keys, arrays):
@@ -138,6 +141,8 @@ class KeptState:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_state(path, keys, arrays)
             self.seconds += time.time() - t0
+            if self.state is not None:  # what `optimizer` expects to find in the next round
+                self.state["optimizer-file"] = ConfigRecord({"path": str(path)})
             return
         self.state["optimizer"] = ArrayRecord(numpy_ndarrays=arrays)
         self.state["optimizer-keys"] = ConfigRecord({"keys": ",".join(keys)})
