@@ -150,6 +150,9 @@ def test_the_second_moment_sent_is_the_averaged_gradients_and_replaces_both_of_a
     v = [(x + 3 * y) / 4 for x, y in zip(corrected(a, "exp_avg_sq", momentum.BETA2),
                                          corrected(b, "exp_avg_sq", momentum.BETA2))]
     want = [mi**2 + np.clip(vi - mi**2, 0, None) / 4 for mi, vi in zip(m, v)]
+    sent = momentum.encode(*a, 0.9, second=True)  # to the bit: each moment divided in float64, rounded once
+    for key, beta, name in (("exp_avg", 0.9, "momentum"), ("exp_avg_sq", momentum.BETA2, "momentum_sq")):
+        assert sent[name] == np.concatenate([x.ravel() for x in corrected(a, key, beta)]).astype(np.float32).tobytes()
     got = {k: np.frombuffer(x, np.float32) for k, x in mean.config().items()}
     np.testing.assert_allclose(got["momentum"], np.concatenate([x.ravel() for x in m]), rtol=1e-5)
     np.testing.assert_allclose(got["momentum_sq"], np.concatenate([x.ravel() for x in want]), rtol=1e-5)
