@@ -128,7 +128,7 @@ class KeptState:
             return self.state["optimizer-keys"]["keys"].split(","), self.state["optimizer"].to_numpy_ndarrays()
         if self.has("optimizer-file"):  # this run wrote one for this client, and it is gone: say so, not silently
             log(WARNING, "%s: its optimizer state %s is gone (removed during the run?); it starts fresh",
-                client_name(self.label), self.state["optimizer-file"]["path"])
+                client_name(self.label), self.file(".optimizer"))
         return None
 
     def keep_optimizer(self, keys, arrays):
@@ -142,7 +142,7 @@ class KeptState:
             write_state(path, keys, arrays)
             self.seconds += time.time() - t0
             if self.state is not None:  # what `optimizer` expects to find in the next round
-                self.state["optimizer-file"] = ConfigRecord({"path": str(path)})
+                self.state["optimizer-file"] = ConfigRecord({"written": True})  # its path: `file`
             return
         self.state["optimizer"] = ArrayRecord(numpy_ndarrays=arrays)
         self.state["optimizer-keys"] = ConfigRecord({"keys": ",".join(keys)})
