@@ -102,9 +102,11 @@ CLOSE_MOSAIC = 10  # (int) turn mosaic off for the last CLOSE_MOSAIC epochs of t
 AMP = True  # (bool) mixed precision on CUDA
 KEEP_OPTIMIZER = True  # (bool) each client keeps its optimizer state (Adam moments) from round to round (a
 #                         file of about twice the model's size per client; docs/training-schedule.md)
-AVG_MOMENTUM = False  # (bool) with KEEP_OPTIMIZER, every client starts a round from the clients' mean momentum of the
-#                       last round instead of its own (one more copy of the weights in each message each way)
-AVG_SECOND_MOMENT = 0  # (int) with AVG_MOMENTUM and Adam: clients also start from the second moment of a gradient
+AVG_MOMENTUM = True  # (bool) every client starts a round from the clients' mean momentum of the last round instead
+#                      of its own (one more copy of the weights in each message each way); unless set, off by
+#                      itself beside what it does not fit: no keep-optimizer, secagg, dp-clip, fedbn, share, a
+#                      robust strategy, SGD
+AVG_SECOND_MOMENT = 4  # (int) with AVG_MOMENTUM and Adam: clients also start from the second moment of a gradient
 #                        averaged over this many clients' batches (larger steps where batches disagree); 0: off
 FUSED_ADAM = True  # (bool) Adam and AdamW take torch's fused step on a CPU too (Ultralytics' own choice on CUDA): 4x
 #                     faster steps, the same arithmetic to float rounding; False: Ultralytics' CPU steps bit for bit

@@ -1,5 +1,7 @@
 """AVG_MOMENTUM: the clients' first moments averaged by the server, every client's next round started from the mean."""
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -88,9 +90,9 @@ def test_avg_momentum_clients_start_each_round_from_the_image_weighted_mean_of_t
 
     monkeypatch.setattr(federated.momentum, "receive", spy)
     done = run_in_process({"datasets": [str(p) for p in tiny_fed[0][:2]], "save-dir": str(tmp_path / "run"), **FED,
-                           "avg-momentum": True})
+                           "avg-momentum": True, "avg-second-moment": 0})
     first = [res for _, res in done.fits[1]]
-    assert all(isinstance(res.metrics["momentum"], bytes) for res in first)
+    assert all(isinstance(res.metrics["momentum"], bytes) and "momentum_sq" not in res.metrics for res in first)
     n = np.array([res.num_examples for res in first], np.float64)
     sent = [np.frombuffer(res.metrics["momentum"], np.float32) for res in first]
     assert not np.array_equal(*sent)  # each its own images' momentum
@@ -183,7 +185,8 @@ def test_avg_momentum_is_refused_where_it_cannot_work(tiny_fed, tmp_path, refuse
 
 
 def test_avg_second_moment_needs_avg_momentum(tiny_fed, tmp_path, refused):
-    status, last = refused("--datasets", *tiny_fed[0], "--avg-second-moment", "4", "--save-dir", tmp_path / "run")
+    status, last = refused("--datasets", *tiny_fed[0], "--avg-momentum", "false", "--avg-second-moment", "4",
+                           "--save-dir", tmp_path / "run")
     assert status != 0 and "it needs avg-momentum" in last
 
 
@@ -220,3 +223,42 @@ def test_avg_second_moment_clients_start_round_two_from_the_averaged_gradients_m
     assert down[1] - down[0] == 2 * want.nbytes  # round 2's fit message carries both moments
     saved = np.load(done.save / momentum.FILE)
     assert len(saved.files) == 3  # the round, the mean first and second moments: what a resumed round 3 is sent
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"KEEP_OPTIMIZER": False}, "keep-optimizer is off"),
+    ({"SECAGG": True}, "secagg and dp-clip protect"),
+    ({"DP_CLIP": 1.0}, "secagg and dp-clip protect"),
+    ({"FEDBN": True}, "fedbn and share keep weights local"),
+    ({"SHARE": "backbone"}, "fedbn and share keep weights local"),
+    ({"STRATEGY": "krum"}, "strategy krum must not average"),
+    ({"OPTIMIZER": "SGD"}, "optimizer SGD has no Adam moments"),
+])
+def test_the_default_avg_momentum_turns_itself_off_beside_what_it_does_not_fit(change, why, caplog):
+    cfg = {**federated.DEFAULTS, **change}
+    with caplog.at_level(logging.INFO):
+        momentum.defaults_off(cfg, set(change))
+    assert (cfg["AVG_MOMENTUM"], cfg["AVG_SECOND_MOMENT"]) == (False, 0)
+    assert caplog.text.count("are off for this run") == 1 and why in caplog.text
+    assert momentum.check(cfg) is None  # the run goes on without them
+
+
+def test_the_default_avg_momentum_stays_on_where_it_fits_and_a_set_value_is_left_to_the_checks(caplog):
+    with caplog.at_level(logging.INFO):
+        cfg = dict(federated.DEFAULTS)
+        momentum.defaults_off(cfg, set(), "AdamW")
+        assert (cfg["AVG_MOMENTUM"], cfg["AVG_SECOND_MOMENT"]) == (True, 4) and not caplog.text
+        momentum.defaults_off(cfg, set(), "MuSGD")  # what OPTIMIZER=auto picks for a long run
+        assert (cfg["AVG_MOMENTUM"], cfg["AVG_SECOND_MOMENT"]) == (False, 0) and "optimizer MuSGD" in caplog.text
+    cfg = {**federated.DEFAULTS, "SECAGG": True}
+    momentum.defaults_off(cfg, {"SECAGG", "AVG_MOMENTUM"})  # asked for by name: refused, not dropped
+    assert cfg["AVG_MOMENTUM"] and "which secagg and dp-clip exist to protect" in momentum.check(cfg)
+    cfg = {**federated.DEFAULTS, "OPTIMIZER": "SGD"}
+    momentum.defaults_off(cfg, {"OPTIMIZER", "AVG_MOMENTUM"})  # SGD's momentum buffer: averaged, no second moment
+    assert (cfg["AVG_MOMENTUM"], cfg["AVG_SECOND_MOMENT"]) == (True, 0) and momentum.check(cfg) is None
+
+
+def test_avg_second_moment_asked_for_beside_secagg_is_refused_naming_why(tiny_fed, tmp_path, refused):
+    status, last = refused("--datasets", *tiny_fed[0], "--secagg", "--avg-second-moment", "4", "--save-dir",
+                           tmp_path / "run")
+    assert status != 0 and "which does not run here: secagg and dp-clip protect" in last

@@ -89,7 +89,7 @@ def test_a_fedexp_federation_steps_by_what_its_clients_sent_and_records_the_step
 
     monkeypatch.setattr(Aggregator, "add", spy)
     done = run_in_process({"datasets": [str(p) for p in tiny_fed[0]], "save-dir": str(tmp_path / "run"), **FED,
-                           "fedexp-max": 4.0})
+                           "fedexp-max": 4.0, "avg-momentum": False})  # each client's own momentum: they disagree
     start, new = load_npz(done.save / "round1.npz"), load_npz(done.save / "round2.npz")
     trainable = done.run["trainable"]
     sent = added[3:]  # round 2's three updates

@@ -20,11 +20,12 @@ from utils.share import check_client_models, check_share, shared_entries
 from utils.strategies import check_strategy
 
 
-def read_inputs(cfg, defaults, given=None):
+def read_inputs(cfg, given):
     """Check the settings, base model(s) and datasets (generating the demo when none are given); on RESUME fill cfg
     from the saved run. Return (architecture, base weights or None, task, clients' own models, dataset checks, saved
-    config.json or None); ValueError with one sentence if anything is off."""
+    config.json or None); ValueError with one sentence if anything is off. `given`: the settings the user set."""
     cfg["STRATEGY"], cfg["FP16"] = cfg["STRATEGY"].lower(), cfg["FP16"].lower()
+    momentum.defaults_off(cfg, given)  # on by default where nothing is in their way; set by the user: checked below
     problem = check_schedule(cfg) or personalize.check(cfg) or momentum.check(cfg) or \
         (cfg["FP16"] not in ("off", "up", "both") and f"fp16 must be off, up or both (got {cfg['FP16']!r})")
     if cfg["PATIENCE"] and not (cfg["EVALUATE"] or cfg["SERVER_DATA"]) or cfg["PATIENCE"] < 0:
@@ -42,7 +43,6 @@ def read_inputs(cfg, defaults, given=None):
         problem = problem or f"round-timeout must be 0 (no deadline) or more seconds (got {cfg['ROUND_TIMEOUT']})"
     if problem:
         raise ValueError(problem)
-    given = {k for k in cfg if cfg[k] != defaults.get(k)} if given is None else set(given)  # before resume fills cfg
     save_dir = Path(cfg["SAVE_DIR"])
     if save_dir.exists() and not save_dir.is_dir():
         raise ValueError(f"save-dir {save_dir} exists and is not a folder")
@@ -86,7 +86,8 @@ def prepare(cfg, defaults, given=None):
             (each known dataset's train image count, the most a client on it may claim) and `labels` (their names
             in metrics.csv).
     """
-    arch, base, task, own, checks, saved = read_inputs(cfg, defaults, given)
+    given = {k for k in cfg if cfg[k] != defaults.get(k)} if given is None else set(given)  # before resume fills cfg
+    arch, base, task, own, checks, saved = read_inputs(cfg, given)
     names = federation_names(checks, cfg["DATASETS"], cfg["NAMES"])
     if not checks and cfg["MIN_CLIENTS"] < 1:
         raise ValueError("without datasets on the server (a deployment), set min-clients to the number of SuperNodes")
@@ -105,6 +106,7 @@ def prepare(cfg, defaults, given=None):
     sizes = [c["train_images"] for c in checks]  # none in a deployment
     hyp, scale, min_steps = resolve_hyp(cfg, len(names), sizes, cfg["MIN_CLIENTS"] or len(cfg["DATASETS"]),
                                         trained=base is not None, saved=saved)
+    momentum.defaults_off(cfg, given, hyp["optimizer"])  # OPTIMIZER=auto may have picked MuSGD (a long run)
     keys = list(model.state_dict())
     problem = check_share(cfg, arch, keys) or check_client_models(cfg, arch, model.state_dict(), own, names)
     if problem:
