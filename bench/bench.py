@@ -66,9 +66,10 @@ VARIANTS = {  # name: federated.py flags (run on non-iid-3 unless --settings say
     "fedavg secagg dp clip 100 no noise": ["--secagg", "--dp-clip", "100", "--dp-noise", "0"],
 }
 # The settings the tables' cells were measured with: pooled BatchNorm variance, BatchNorm recalibration and the kept
-# optimizer state became federated.py's defaults on 2026-12-02, and a cached cell keeps its meaning only with them
-# off; a row turns them on by name (rcko in results.md, rc-ko in learning.md)
-PLAIN = ["--pooled-bn-var", "false", "--bn-recalibrate", "false", "--keep-optimizer", "false"]
+# optimizer state became federated.py's defaults on 2026-12-02, the federation's moments on 2026-12-08, and a cached
+# cell keeps its meaning only with them off; a row turns them on by name (rcko in results.md, rc-ko in learning.md)
+PLAIN = ["--pooled-bn-var", "false", "--bn-recalibrate", "false", "--keep-optimizer", "false",
+         "--avg-momentum", "false"]
 ARGS = {"imgsz": 64, "batch": 8, "nbs": 8, "workers": 0, "device": "cpu"}  # federated.py's defaults, for all
 
 
