@@ -138,11 +138,12 @@ def test_the_second_moment_sent_is_the_averaged_gradients_and_replaces_both_of_a
     rng = np.random.default_rng(2)
     a, b = _state(rng), _state(rng, v=400.0)
     a[1][2] = np.array(7.0, np.float32)  # another step count for the first weight: its own bias correction
-    mean = MomentumMean(second=4)
+    mean, arrived = MomentumMean(second=4), []
     for state, n in ((a, 1), (b, 3)):
         sent = momentum.encode(*state, 0.9, second=True)
         assert mean.check(sent["momentum"], sent["momentum_sq"]) is None
         mean.add(sent["momentum"], n, sent["momentum_sq"])
+        arrived.append({k: momentum.unpack(x).astype(np.float64) for k, x in sent.items()})  # as the server read it
     assert "none where they did" in mean.check(sent["momentum"])  # a client without a second moment among them
     mean.close()
 
@@ -151,24 +152,22 @@ def test_the_second_moment_sent_is_the_averaged_gradients_and_replaces_both_of_a
         j, t = keys.index(key), keys.index("step")
         return [arrays[i + j].astype(np.float64) / (1 - beta ** float(arrays[i + t])) for i in range(0, 9, 3)]
 
-    m = [(x + 3 * y) / 4 for x, y in zip(corrected(a, "exp_avg", 0.9), corrected(b, "exp_avg", 0.9))]
-    v = [(x + 3 * y) / 4 for x, y in zip(corrected(a, "exp_avg_sq", momentum.BETA2),
-                                         corrected(b, "exp_avg_sq", momentum.BETA2))]
-    want = [mi**2 + np.clip(vi - mi**2, 0, None) / 4 for mi, vi in zip(m, v)]
+    m, v = ((arrived[0][k] + 3 * arrived[1][k]) / 4 for k in ("momentum", "momentum_sq"))  # the clients' mean
+    want = m**2 + np.clip(v - m**2, 0, None) / 4
     sent = momentum.encode(*a, 0.9, second=True)  # to the bit: each moment divided in float64, rounded once
     for key, beta, name in (("exp_avg", 0.9, "momentum"), ("exp_avg_sq", momentum.BETA2, "momentum_sq")):
         assert sent[name] == momentum.pack(np.concatenate([x.ravel() for x in corrected(a, key, beta)]).astype(
             np.float32))
     got = {k: momentum.unpack(x) for k, x in mean.config().items()}
-    np.testing.assert_allclose(got["momentum"], np.concatenate([x.ravel() for x in m]), rtol=2 * BF16)
-    np.testing.assert_allclose(got["momentum_sq"], np.concatenate([x.ravel() for x in want]), rtol=2 * BF16)
-    assert np.all(got["momentum_sq"] < np.concatenate([x.ravel() for x in v]))  # smaller than the clients' own
+    np.testing.assert_allclose(got["momentum"], m, rtol=BF16)
+    np.testing.assert_allclose(got["momentum_sq"], want, rtol=BF16)
+    assert np.all(got["momentum_sq"] < v)  # smaller than the clients' own
 
     keys, out = momentum.receive(a, mean.config()["momentum"], 0.9, data_sq=mean.config()["momentum_sq"])
-    for w, i in enumerate(range(0, 9, 3)):  # back at this client's own step count; its step count kept
-        t = float(a[1][i + 2])
-        np.testing.assert_allclose(out[i], m[w] * (1 - 0.9**t), rtol=2 * BF16)
-        np.testing.assert_allclose(out[i + 1], want[w] * (1 - momentum.BETA2**t), rtol=2 * BF16)
+    for i, at in zip(range(0, 9, 3), np.cumsum([0] + [x.size for x in out[0:9:3]])):  # at its own step count
+        t, w = float(a[1][i + 2]), slice(at, at + out[i].size)
+        np.testing.assert_allclose(out[i].ravel(), m[w] * (1 - 0.9**t), rtol=2 * BF16)
+        np.testing.assert_allclose(out[i + 1].ravel(), want[w] * (1 - momentum.BETA2**t), rtol=2 * BF16)
         assert out[i + 2] is a[1][i + 2]
     assert momentum.receive(a, mean.config()["momentum"], 0.9, data_sq=b"\0" * 8) is a  # does not fit: its own
     assert set(momentum.encode(*a, 0.9)) == {"momentum"}  # without AVG_SECOND_MOMENT: the first moment only
