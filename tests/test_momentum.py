@@ -4,11 +4,14 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 import federated
 from tests.conftest import FED, run_in_process
 from utils import momentum
 from utils.momentum import MomentumMean
+
+BF16 = 2.0**-8  # the moments travel in bfloat16: 8 bits of mantissa, a relative rounding of at most 2^-9
 
 
 def _state(rng, shapes=((3, 2), (4,), ()), v=100.0):
@@ -39,7 +42,7 @@ def test_the_mean_replaces_the_first_moments_only_and_what_does_not_fit_changes_
     mean.close()
     keys, got = momentum.receive(a, mean.config()["momentum"])
     for i in range(0, len(got), 3):  # per weight: exp_avg, exp_avg_sq, step
-        np.testing.assert_allclose(got[i], (a[1][i] + 3 * b[1][i]) / 4, rtol=1e-6)
+        np.testing.assert_allclose(got[i], (a[1][i] + 3 * b[1][i]) / 4, rtol=BF16)
         assert got[i].dtype == np.float32 and got[i].shape == a[1][i].shape
         assert got[i + 1] is a[1][i + 1] and got[i + 2] is a[1][i + 2]  # its own second moments and step count
     assert keys == a[0]
@@ -53,7 +56,7 @@ def test_the_mean_replaces_the_first_moments_only_and_what_does_not_fit_changes_
         bound = _bound(small[1][i + 1], 5.0)
         assert np.all(np.abs(got[i]) <= bound * (1 + 1e-6)) and np.any(np.abs(got[i]) >= bound * (1 - 1e-6))
         wanted = np.clip((a[1][i] + 3 * b[1][i]) / 4, -bound, bound)
-        np.testing.assert_allclose(got[i], wanted, rtol=1e-5)
+        np.testing.assert_allclose(got[i], wanted, rtol=BF16)
 
     other = _state(rng, shapes=((3, 2), (5,), ()))  # another model: one value more
     assert momentum.receive(other, mean.config()["momentum"]) is other
@@ -62,7 +65,7 @@ def test_the_mean_replaces_the_first_moments_only_and_what_does_not_fit_changes_
     assert momentum.encode(["step"], [np.float32(1)]) == {}  # an optimizer without momentum sends none
     mean.add(momentum.encode(*a)["momentum"], 2)
     assert "12 values, the other clients' 11" in mean.check(momentum.encode(*other)["momentum"])
-    assert mean.check("not bytes") == mean.check(b"abc") == "its momentum is not a float32 buffer"
+    assert mean.check("not bytes") == mean.check(b"abc") == "its momentum is not a bfloat16 buffer"
 
 
 def test_the_mean_is_resumed_only_from_the_round_the_run_continues_after(tmp_path):
@@ -94,15 +97,15 @@ def test_avg_momentum_clients_start_each_round_from_the_image_weighted_mean_of_t
     first = [res for _, res in done.fits[1]]
     assert all(isinstance(res.metrics["momentum"], bytes) and "momentum_sq" not in res.metrics for res in first)
     n = np.array([res.num_examples for res in first], np.float64)
-    sent = [np.frombuffer(res.metrics["momentum"], np.float32) for res in first]
+    sent = [momentum.unpack(res.metrics["momentum"]) for res in first]
     assert not np.array_equal(*sent)  # each its own images' momentum
-    expected = (sum(m.astype(np.float64) * k for m, k in zip(sent, n)) / n.sum()).astype(np.float32)
+    expected = momentum.unpack(momentum.pack(sum(m.astype(np.float64) * k for m, k in zip(sent, n)) / n.sum()))
 
     assert [data for _, _, data, _ in received[:2]] == [None, None]  # round 1: no state, no mean
     second = received[2:]
     assert len(second) == 2
     for who, own, data, out in second:
-        assert np.array_equal(np.frombuffer(data, np.float32), expected)  # what the server sent: the mean
+        assert np.array_equal(momentum.unpack(data), expected)  # what the server sent: the mean, in bfloat16
         keys = out[0]
         j, k, t = keys.index("exp_avg"), keys.index("exp_avg_sq"), keys.index("step")
         firsts = np.concatenate([a.ravel() for a in out[1][j::len(keys)]])
@@ -116,30 +119,31 @@ def test_avg_momentum_clients_start_each_round_from_the_image_weighted_mean_of_t
     assert "momentum" not in rows[0].split(",")  # it travels, it is not a metric
     header = rows[0].split(",")
     down = [int(float(r.split(",")[header.index("bytes_down")])) for r in rows[1:]]
-    assert down[1] - down[0] == expected.nbytes  # round 2's fit message also carries the mean
+    assert down[1] - down[0] == expected.size * 2  # round 2's fit message also carries the mean, 2 bytes a value
 
     # resumed after round 2: round 3's clients start from the mean round 2 made, as they would without the stop
     last = [res for _, res in done.fits[2]]
     n = np.array([res.num_examples for res in last], np.float64)
-    expected = (sum(np.frombuffer(res.metrics["momentum"], np.float32).astype(np.float64) * k
-                    for res, k in zip(last, n)) / n.sum()).astype(np.float32)
+    expected = momentum.unpack(momentum.pack(sum(momentum.unpack(res.metrics["momentum"]).astype(np.float64) * k
+                                                 for res, k in zip(last, n)) / n.sum()))
     received.clear()
     run_in_process({"resume": True, "save-dir": str(done.save), "num-rounds": 3},
                    given={"RESUME", "SAVE_DIR", "NUM_ROUNDS"})
     assert len(received) == 2
     for _, own, data, _ in received:
-        assert own is not None and np.array_equal(np.frombuffer(data, np.float32), expected)
+        assert own is not None and np.array_equal(momentum.unpack(data), expected)
 
 
 def test_the_second_moment_sent_is_the_averaged_gradients_and_replaces_both_of_a_clients_moments():
     rng = np.random.default_rng(2)
     a, b = _state(rng), _state(rng, v=400.0)
     a[1][2] = np.array(7.0, np.float32)  # another step count for the first weight: its own bias correction
-    mean = MomentumMean(second=4)
+    mean, arrived = MomentumMean(second=4), []
     for state, n in ((a, 1), (b, 3)):
         sent = momentum.encode(*state, 0.9, second=True)
         assert mean.check(sent["momentum"], sent["momentum_sq"]) is None
         mean.add(sent["momentum"], n, sent["momentum_sq"])
+        arrived.append({k: momentum.unpack(x).astype(np.float64) for k, x in sent.items()})  # as the server read it
     assert "none where they did" in mean.check(sent["momentum"])  # a client without a second moment among them
     mean.close()
 
@@ -148,23 +152,22 @@ def test_the_second_moment_sent_is_the_averaged_gradients_and_replaces_both_of_a
         j, t = keys.index(key), keys.index("step")
         return [arrays[i + j].astype(np.float64) / (1 - beta ** float(arrays[i + t])) for i in range(0, 9, 3)]
 
-    m = [(x + 3 * y) / 4 for x, y in zip(corrected(a, "exp_avg", 0.9), corrected(b, "exp_avg", 0.9))]
-    v = [(x + 3 * y) / 4 for x, y in zip(corrected(a, "exp_avg_sq", momentum.BETA2),
-                                         corrected(b, "exp_avg_sq", momentum.BETA2))]
-    want = [mi**2 + np.clip(vi - mi**2, 0, None) / 4 for mi, vi in zip(m, v)]
+    m, v = ((arrived[0][k] + 3 * arrived[1][k]) / 4 for k in ("momentum", "momentum_sq"))  # the clients' mean
+    want = m**2 + np.clip(v - m**2, 0, None) / 4
     sent = momentum.encode(*a, 0.9, second=True)  # to the bit: each moment divided in float64, rounded once
     for key, beta, name in (("exp_avg", 0.9, "momentum"), ("exp_avg_sq", momentum.BETA2, "momentum_sq")):
-        assert sent[name] == np.concatenate([x.ravel() for x in corrected(a, key, beta)]).astype(np.float32).tobytes()
-    got = {k: np.frombuffer(x, np.float32) for k, x in mean.config().items()}
-    np.testing.assert_allclose(got["momentum"], np.concatenate([x.ravel() for x in m]), rtol=1e-5)
-    np.testing.assert_allclose(got["momentum_sq"], np.concatenate([x.ravel() for x in want]), rtol=1e-5)
-    assert np.all(got["momentum_sq"] < np.concatenate([x.ravel() for x in v]))  # smaller than the clients' own
+        assert sent[name] == momentum.pack(np.concatenate([x.ravel() for x in corrected(a, key, beta)]).astype(
+            np.float32))
+    got = {k: momentum.unpack(x) for k, x in mean.config().items()}
+    np.testing.assert_allclose(got["momentum"], m, rtol=BF16)
+    np.testing.assert_allclose(got["momentum_sq"], want, rtol=BF16)
+    assert np.all(got["momentum_sq"] < v)  # smaller than the clients' own
 
     keys, out = momentum.receive(a, mean.config()["momentum"], 0.9, data_sq=mean.config()["momentum_sq"])
-    for w, i in enumerate(range(0, 9, 3)):  # back at this client's own step count; its step count kept
-        t = float(a[1][i + 2])
-        np.testing.assert_allclose(out[i], m[w] * (1 - 0.9**t), rtol=1e-5)
-        np.testing.assert_allclose(out[i + 1], want[w] * (1 - momentum.BETA2**t), rtol=1e-5)
+    for i, at in zip(range(0, 9, 3), np.cumsum([0] + [x.size for x in out[0:9:3]])):  # at its own step count
+        t, w = float(a[1][i + 2]), slice(at, at + out[i].size)
+        np.testing.assert_allclose(out[i].ravel(), m[w] * (1 - 0.9**t), rtol=2 * BF16)
+        np.testing.assert_allclose(out[i + 1].ravel(), want[w] * (1 - momentum.BETA2**t), rtol=2 * BF16)
         assert out[i + 2] is a[1][i + 2]
     assert momentum.receive(a, mean.config()["momentum"], 0.9, data_sq=b"\0" * 8) is a  # does not fit: its own
     assert set(momentum.encode(*a, 0.9)) == {"momentum"}  # without AVG_SECOND_MOMENT: the first moment only
@@ -204,7 +207,7 @@ def test_avg_second_moment_clients_start_round_two_from_the_averaged_gradients_m
                            "avg-momentum": True, "avg-second-moment": 2})
     first = [res for _, res in done.fits[1]]
     n = np.array([res.num_examples for res in first], np.float64)
-    m, v = ((sum(np.frombuffer(res.metrics[k], np.float32).astype(np.float64) * w for res, w in zip(first, n)) /
+    m, v = ((sum(momentum.unpack(res.metrics[k]).astype(np.float64) * w for res, w in zip(first, n)) /
              n.sum()).astype(np.float32).astype(np.float64) for k in ("momentum", "momentum_sq"))  # as averaged
     want = (m**2 + np.clip(v - m**2, 0, None) / 2).astype(np.float32)
     assert np.isfinite(m).all() and np.isfinite(v).all()  # the frozen weights (no step taken) send zeros
@@ -212,15 +215,15 @@ def test_avg_second_moment_clients_start_round_two_from_the_averaged_gradients_m
 
     assert [d for d, _, _ in received[:2]] == [None, None]  # round 1: no state, no mean
     for data, data_sq, (keys, out) in received[2:]:
-        np.testing.assert_allclose(np.frombuffer(data_sq, np.float32), want, rtol=1e-6)  # float rounding
-        np.testing.assert_allclose(np.frombuffer(data, np.float32), m, rtol=1e-6)
+        np.testing.assert_allclose(momentum.unpack(data_sq), want, rtol=BF16)  # bfloat16 rounding
+        np.testing.assert_allclose(momentum.unpack(data), m, rtol=BF16)
         k, t = keys.index("exp_avg_sq"), keys.index("step")
         steps = np.concatenate([np.full(a.size, float(s)) for a, s in zip(out[k::len(keys)], out[t::len(keys)])])
         v_own = np.concatenate([a.ravel() for a in out[k::len(keys)]])
-        np.testing.assert_allclose(v_own, want * (1 - momentum.BETA2**steps), rtol=1e-6)  # its optimizer's v
+        np.testing.assert_allclose(v_own, momentum.unpack(data_sq) * (1 - momentum.BETA2**steps), rtol=1e-6)  # its v
     header, *rows = [r.split(",") for r in (done.save / "metrics.csv").read_text().splitlines()]
     down = [int(float(r[header.index("bytes_down")])) for r in rows]
-    assert down[1] - down[0] == 2 * want.nbytes  # round 2's fit message carries both moments
+    assert down[1] - down[0] == 2 * want.size * 2  # round 2's fit message carries both moments, 2 bytes a value
     saved = np.load(done.save / momentum.FILE)
     assert len(saved.files) == 3  # the round, the mean first and second moments: what a resumed round 3 is sent
 
@@ -262,3 +265,12 @@ def test_avg_second_moment_asked_for_beside_secagg_is_refused_naming_why(tiny_fe
     status, last = refused("--datasets", *tiny_fed[0], "--secagg", "--avg-second-moment", "4", "--save-dir",
                            tmp_path / "run")
     assert status != 0 and "which does not run here: secagg and dp-clip protect" in last
+
+
+def test_the_moments_travel_as_bfloat16_rounded_to_nearest_even_as_torch_rounds():
+    x = np.random.default_rng(3).standard_normal(10000).astype(np.float32) * np.float32(1e-7)
+    x[:4] = [0.0, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 1e-40]  # ties to even (down, then up), a subnormal
+    data = momentum.pack(x)
+    assert len(data) == 2 * x.size
+    assert np.array_equal(momentum.unpack(data), torch.from_numpy(x).to(torch.bfloat16).float().numpy())
+    assert momentum.unpack(data)[1:3].tolist() == [1.0, 1.0 + 4 * 2.0**-8]

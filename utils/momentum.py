@@ -102,6 +102,21 @@ def check(cfg):
     return None
 
 
+def pack(values):
+    """Return float32 `values` as the bytes of bfloat16 numbers (float32's upper half, rounded to nearest even): what
+    the moments travel as, half float32's size. A moment is a running estimate whose 3 significant digits (bfloat16
+    keeps 8 bits of mantissa and float32's range, so no small second moment flushes to 0 as in float16) are more than
+    it is known to; the weights themselves travel in float32."""
+    u = np.ascontiguousarray(values, np.float32).reshape(-1).view(np.uint32)
+    even = (u >> np.uint32(16)) & np.uint32(1)  # ties round to the even neighbour
+    return ((u + np.uint32(0x7FFF) + even) >> np.uint32(16)).astype(np.uint16).tobytes()
+
+
+def unpack(data):
+    """Return the float32 values of bfloat16 bytes from `pack`."""
+    return (np.frombuffer(data, np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
 def _first(keys):
     """Return the index in `keys` of the state's first moment; None for an optimizer without momentum."""
     return next((keys.index(k) for k in KEYS if k in keys), None)
@@ -117,7 +132,7 @@ def encode(keys, arrays, beta1=0.9, second=False):
         return {}
     firsts = arrays[j::len(keys)]
     if not (second and "exp_avg_sq" in keys and "step" in keys):
-        return {"momentum": np.concatenate([np.asarray(a, np.float32).ravel() for a in firsts]).tobytes()}
+        return {"momentum": pack(np.concatenate([np.asarray(a, np.float32).ravel() for a in firsts]))}
     t = [float(np.asarray(a)) for a in arrays[keys.index("step")::len(keys)]]
     sq = arrays[keys.index("exp_avg_sq")::len(keys)]
     return {"momentum": _join((a, 1 - beta1**s) for a, s in zip(firsts, t)),
@@ -133,7 +148,7 @@ def _join(pairs):
     for a, d in pairs:
         np.divide(a.reshape(-1), max(d, 1e-300), out=out[at:at + a.size], dtype=np.float64, casting="same_kind")
         at += a.size
-    return out.tobytes()
+    return pack(out)
 
 
 def receive(state, data, beta1=0.9, who="a client", data_sq=None):
@@ -155,10 +170,10 @@ def receive(state, data, beta1=0.9, who="a client", data_sq=None):
     if j is None:
         return state
     keys, arrays = state
-    mean, idx = np.frombuffer(data, np.float32), range(j, len(arrays), len(keys))
+    mean, idx = unpack(data), range(j, len(arrays), len(keys))
     size = sum(arrays[i].size for i in idx)
     sq, step = (keys.index(k) - j if k in keys else None for k in ("exp_avg_sq", "step"))
-    second = np.frombuffer(data_sq, np.float32) if data_sq and sq is not None and step is not None else None
+    second = unpack(data_sq) if data_sq and sq is not None and step is not None else None
     if size != mean.size or (second is not None and second.size != size):
         log(WARNING, "%s: the federation's momentum has %d values, its optimizer %d; it keeps its own", who,
             mean.size if size != mean.size else second.size, size)
@@ -190,7 +205,7 @@ class MomentumMean:
         """Start with nothing to send; a run resumed after round `resumed` reads what that round made, if saved."""
         self.path, self.second = Path(folder) / FILE if folder else None, second
         saved = load_round_state(self.path, resumed, "the clients' mean momentum") or []
-        self.sent = {k: np.asarray(a, np.float32).tobytes() for k, a in zip(MOMENTS, saved)}
+        self.sent = {k: pack(np.asarray(a, np.float32)) for k, a in zip(MOMENTS, saved)}
         self.warned = False
         self.begin()
 
@@ -200,12 +215,12 @@ class MomentumMean:
 
     def check(self, data, data_sq=None):
         """Return None if `data` (and `data_sq`) can be added to this round's mean, else one sentence."""
-        if not isinstance(data, bytes) or not data or len(data) % 4:
-            return "its momentum is not a float32 buffer"
+        if not isinstance(data, bytes) or not data or len(data) % 2:
+            return "its momentum is not a bfloat16 buffer"
         if data_sq is not None and (not isinstance(data_sq, bytes) or len(data_sq) != len(data)):
-            return "its second moment is not a float32 buffer as long as its momentum"
-        if self.round.sum is not None and len(data) // 4 != self.round.sum[0].size:
-            return f"its momentum has {len(data) // 4} values, the other clients' {self.round.sum[0].size}"
+            return "its second moment is not a bfloat16 buffer as long as its momentum"
+        if self.round.sum is not None and len(data) // 2 != self.round.sum[0].size:
+            return f"its momentum has {len(data) // 2} values, the other clients' {self.round.sum[0].size}"
         if self.round.sum is not None and (data_sq is None) != (len(self.round.sum) == 1):
             return "it sent a second moment where the other clients did not, or none where they did"
         return None
@@ -213,7 +228,7 @@ class MomentumMean:
     def add(self, data, n, data_sq=None):
         """Add one client's first moments (a buffer from `encode`, checked) and its second, if sent, with weight n
         (its train images)."""
-        self.round.add([np.frombuffer(x, np.float32) for x in (data, data_sq) if x is not None], n)
+        self.round.add([unpack(x) for x in (data, data_sq) if x is not None], n)
 
     def close(self):
         """End the round: its mean, if any client sent a momentum, is what the next round's clients start from."""
@@ -226,13 +241,13 @@ class MomentumMean:
                 self.warned = True
                 log(WARNING, "avg-second-moment: the clients' optimizer keeps no second moment (Adam's); they share "
                     "only their mean momentum")
-            self.sent = {k: a.tobytes() for k, a in zip(MOMENTS, means)}
+            self.sent = {k: pack(a) for k, a in zip(MOMENTS, means)}
         self.begin()
 
     def save(self, r):
         """Write what round `r` closed with (what the next round is sent) to the folder, if any."""
         if self.path is not None and self.sent:
-            save_round_state(self.path, r, [np.frombuffer(b, np.float32) for b in self.sent.values()])
+            save_round_state(self.path, r, [unpack(b) for b in self.sent.values()])
 
     def config(self):
         """Return the fit instructions' entries carrying the mean ({} before any round sent one)."""
