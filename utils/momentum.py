@@ -9,8 +9,8 @@ second moment allows, see `receive`), keeping its own second moments and step co
 own, in its first round, starts fresh as before). The idea is MimeLite's and FedCM's (Karimireddy et al. 2020; Xu et
 al. 2021): local steps that follow the federation's momentum.
 
-It costs one more float32 copy of the trainable weights in every fit message and reply. Measured:
-bench/learning.md ("The federation's mean momentum").
+It costs half a copy of the trainable weights in every fit message and reply (the moments travel in bfloat16:
+`pack`). Measured: bench/learning.md ("The federation's mean momentum").
 
 AVG_SECOND_MOMENT = N (with Adam or AdamW) also replaces each client's second moment. Adam divides a step by the
 root of the second moment of the client's own small batches' gradients; where those batches disagree (noise), that
@@ -20,7 +20,7 @@ first moment squared plus the clients' spread around it divided by N, m^2 + (v -
 bias-corrected m and v of the round's clients). Every client starts its next round from that second moment and from
 the mean first moment (both at its own step count's bias correction): larger steps where the clients' batches
 disagree, so that the averaged step comes closer to the one a single optimizer would take on their combined batch.
-The second moment adds another copy of the weights to every message each way. Measured: bench/learning.md ("The
+The second moment adds another half copy to every message each way. Measured: bench/learning.md ("The
 second moment of the averaged gradient").
 """
 
@@ -65,8 +65,8 @@ def defaults_off(cfg, given, optimizer=None):
     """Turn AVG_MOMENTUM and AVG_SECOND_MOMENT off where they are on by default (the user did not set them: `given`)
     and another setting is in their way (`in_the_way`), saying so in one line; a value the user set stays, for `check`
     to refuse. They are on by default because they learned more than without in all 18 runs measured (3, 8 and 16
-    clients, from a trained start and from scratch, 3 seeds: bench/learning.md), at the price of two more copies of
-    the weights in every message each way (docs/training-schedule.md)."""
+    clients, from a trained start and from scratch, 3 seeds: bench/learning.md), at the price of one more copy of
+    the weights' bytes in every message each way (two moments in bfloat16) (docs/training-schedule.md)."""
     why = "AVG_MOMENTUM" not in given and cfg["AVG_MOMENTUM"] and in_the_way(cfg, optimizer)
     if why:
         cfg["AVG_MOMENTUM"] = False
@@ -236,7 +236,12 @@ class MomentumMean:
             means = self.round.result([np.empty(0, np.float32)] * len(self.round.sum))
             if len(means) == 2 and self.second:  # the averaged gradient's second moment: m^2 + (v - m^2) / N
                 m, v = (a.astype(np.float64) for a in means)
-                means[1] = (m**2 + np.clip(v - m**2, 0, None) / self.second).astype(np.float32)
+                m2 = m**2  # in place from here: the same arithmetic with two temporaries of 8 bytes a weight, not five
+                v -= m2
+                np.clip(v, 0, None, out=v)
+                v /= self.second
+                v += m2
+                means[1] = v.astype(np.float32)
             elif self.second and not self.warned:
                 self.warned = True
                 log(WARNING, "avg-second-moment: the clients' optimizer keeps no second moment (Adam's); they share "
