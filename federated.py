@@ -103,7 +103,7 @@ AMP = True  # (bool) mixed precision on CUDA
 KEEP_OPTIMIZER = True  # (bool) each client keeps its optimizer state (Adam moments) from round to round (a
 #                         file of about twice the model's size per client; docs/training-schedule.md)
 AVG_MOMENTUM = True  # (bool) every client starts a round from the clients' mean momentum of the last round instead
-#                      of its own (one more copy of the weights in each message each way); unless set, off by
+#                      of its own (half a copy of the weights more in each message, bfloat16); unless set, off by
 #                      itself beside what it does not fit: no keep-optimizer, secagg, dp-clip, fedbn, share, a
 #                      robust strategy, SGD
 AVG_SECOND_MOMENT = 4  # (int) with AVG_MOMENTUM and Adam: clients also start from the second moment of a gradient
