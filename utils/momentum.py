@@ -66,8 +66,8 @@ def defaults_off(cfg, given, optimizer=None):
     """Turn AVG_MOMENTUM and AVG_SECOND_MOMENT off where they are on by default (the user did not set them: `given`)
     and another setting is in their way (`in_the_way`), saying so in one line; a value the user set stays, for `check`
     to refuse. They are on by default because they learned more than without in all 18 runs measured (3, 8 and 16
-    clients, from a trained start and from scratch, 3 seeds: bench/learning.md), at the price of one more copy of
-    the weights' bytes in every message each way (two moments in bfloat16) (docs/training-schedule.md)."""
+    clients, from a trained start and from scratch, 3 seeds: bench/learning.md), at the price of the weights' bytes
+    once more in every message each way (the two moments, in bfloat16; docs/training-schedule.md)."""
     why = "AVG_MOMENTUM" not in given and cfg["AVG_MOMENTUM"] and in_the_way(cfg, optimizer)
     if why:
         cfg["AVG_MOMENTUM"] = False
@@ -125,8 +125,8 @@ def _first(keys):
 
 def encode(keys, arrays, beta1=0.9, second=False):
     """Return what a client sends of its optimizer state (utils/train.py `get_optimizer_state`: `keys`, then per
-    weight one array per key): {"momentum": its first moments as one float32 buffer in the weights' order}; with
-    `second` (AVG_SECOND_MOMENT) and Adam's state, Adam's bias-corrected moments m / (1 - beta1^t) and
+    weight one array per key): {"momentum": its first moments as one bfloat16 buffer (`pack`) in the weights'
+    order}; with `second` (AVG_SECOND_MOMENT) and Adam's state, Adam's bias-corrected moments m / (1 - beta1^t) and
     v / (1 - beta2^t) as "momentum" and "momentum_sq"; {} for an optimizer without momentum."""
     j = _first(keys)
     if j is None:
@@ -142,8 +142,8 @@ def encode(keys, arrays, beta1=0.9, second=False):
 
 def _join(pairs):
     """Return the arrays of (array, divisor) pairs divided in float64 (a weight no step moved: t = 0, its moments 0)
-    and flattened into one float32 buffer (each array's float64 quotient written straight into it: a third less time
-    than concatenating the quotients first, the same bytes)."""
+    and flattened into one float32 array (each array's float64 quotient written straight into it: a third less time
+    than concatenating the quotients first, the same values), sent as bfloat16 (`pack`)."""
     pairs = [(np.asarray(a), d) for a, d in pairs]
     out, at = np.empty(sum(a.size for a, _ in pairs), np.float32), 0
     for a, d in pairs:
